@@ -1,0 +1,519 @@
+// SPDX-License-Identifier: Apache-2.0
+
+//! The 16550A UART behind the guest console (`console=ttyS0`).
+//!
+//! [`SerialDevice`] puts `vm_superio::Serial` on an [`ember_bus::Bus`]: it
+//! checks the access shape, keeps [`SerialMetrics`], feeds host input to the
+//! receive FIFO and tells the VMM when the guest has drained that FIFO.
+
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use vm_superio::serial::{Error as UartError, SerialEvents};
+use vm_superio::Serial;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::EventFdTrigger;
+
+/// Port-I/O base of COM1 (IBM PC/AT assignment, used by Linux's
+/// `earlycon=uart8250,io,0x3f8` and `console=ttyS0`).
+pub const COM1_BASE: u64 = 0x3f8;
+/// A 16550 decodes 8 consecutive ports (TI PC16550D datasheet, table 2).
+pub const COM1_LEN: u64 = 8;
+/// COM1 interrupts on ISA IRQ 4 (IBM PC/AT assignment).
+pub const COM1_GSI: u32 = 4;
+
+/// Receiver buffer / transmitter holding register (divisor latch low when
+/// LCR.DLAB is set). PC16550D datasheet, table 2.
+const RBR_THR_OFFSET: u8 = 0;
+/// Line control register.
+const LCR_OFFSET: u8 = 3;
+/// LCR bit 7, divisor latch access: offsets 0 and 1 address the baud
+/// divisor instead of the data and IER registers.
+const LCR_DLAB: u8 = 0x80;
+/// vm-superio's power-on LCR value (8 data bits, DLAB clear).
+const DEFAULT_LCR: u8 = 0x03;
+
+/// How many lost output bytes are logged at `warn` level before falling back
+/// to `debug`, so that a broken console cannot flood the log.
+const LOST_BYTE_WARN_LIMIT: u64 = 5;
+
+/// Counters kept by a [`SerialDevice`].
+#[derive(Debug, Default)]
+pub struct SerialMetrics {
+    bytes_written: AtomicU64,
+    bytes_read: AtomicU64,
+    missed_read_count: AtomicU64,
+    missed_write_count: AtomicU64,
+    invalid_access_count: AtomicU64,
+    error_count: AtomicU64,
+}
+
+impl SerialMetrics {
+    /// Bytes the guest wrote to the transmitter that reached the output.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of host input the guest read from the receive FIFO.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+
+    /// Guest reads of the receiver buffer while the receive FIFO was empty.
+    pub fn missed_read_count(&self) -> u64 {
+        self.missed_read_count.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the guest wrote to the transmitter that were lost because the
+    /// output failed.
+    pub fn missed_write_count(&self) -> u64 {
+        self.missed_write_count.load(Ordering::Relaxed)
+    }
+
+    /// Accesses that were not one byte wide or fell outside the 8 registers.
+    pub fn invalid_access_count(&self) -> u64 {
+        self.invalid_access_count.load(Ordering::Relaxed)
+    }
+
+    /// Interrupts (or input-ready notifications) that could not be signalled.
+    pub fn error_count(&self) -> u64 {
+        self.error_count.load(Ordering::Relaxed)
+    }
+
+    fn inc(counter: &AtomicU64) -> u64 {
+        counter.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// Receives vm-superio's serial events.
+struct UartEvents {
+    metrics: Arc<SerialMetrics>,
+    /// Set by `in_buffer_empty`, consumed after each guest read.
+    drained: AtomicBool,
+}
+
+impl SerialEvents for UartEvents {
+    fn buffer_read(&self) {}
+
+    fn out_byte(&self) {
+        SerialMetrics::inc(&self.metrics.bytes_written);
+    }
+
+    fn tx_lost_byte(&self) {
+        SerialMetrics::inc(&self.metrics.missed_write_count);
+    }
+
+    fn in_buffer_empty(&self) {
+        self.drained.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A 16550A UART: `vm_superio::Serial<EventFdTrigger, _, W>` as a
+/// [`BusDevice`](ember_bus::BusDevice).
+///
+/// Guest output goes to `out`, one `write_all` + `flush` per byte (done by
+/// vm-superio), so it shows up on the host promptly. Host input is fed with
+/// [`enqueue_input`](Self::enqueue_input).
+pub struct SerialDevice<W: Write + Send> {
+    serial: Serial<EventFdTrigger, UartEvents, W>,
+    metrics: Arc<SerialMetrics>,
+    input_ready: Option<EventFd>,
+    /// Copy of LCR, to tell receiver-buffer reads from divisor-latch reads.
+    line_control: u8,
+}
+
+impl<W: Write + Send> SerialDevice<W> {
+    /// A UART in its power-on state that raises `interrupt` and writes the
+    /// guest's output to `out`.
+    pub fn new(interrupt: EventFdTrigger, out: W) -> Self {
+        let metrics = Arc::new(SerialMetrics::default());
+        let events = UartEvents {
+            metrics: metrics.clone(),
+            drained: AtomicBool::new(false),
+        };
+        SerialDevice {
+            serial: Serial::with_events(interrupt, events, out),
+            metrics,
+            input_ready: None,
+            line_control: DEFAULT_LCR,
+        }
+    }
+
+    /// Signals `evt` each time the guest reads the last byte out of the
+    /// receive FIFO (vm-superio's `SerialEvents::in_buffer_empty`), so the
+    /// VMM knows it can feed more input.
+    pub fn with_input_ready(mut self, evt: EventFd) -> Self {
+        self.input_ready = Some(evt);
+        self
+    }
+
+    /// The device's counters, shared.
+    pub fn metrics(&self) -> Arc<SerialMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Queues host input for the guest and raises the receive interrupt if
+    /// the guest enabled it.
+    ///
+    /// Returns how many leading bytes of `bytes` fit in the FIFO; the caller
+    /// offers the rest again later (after `input_ready` fires). Returns 0
+    /// when the FIFO is full or the UART is in loopback mode. A failure to
+    /// signal the interrupt is logged and counted, not returned, since the
+    /// bytes are queued by then and must not be offered twice.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let room = self.serial.fifo_capacity();
+        if bytes.is_empty() || room == 0 {
+            return Ok(0);
+        }
+        match self.serial.enqueue_raw_bytes(bytes) {
+            Ok(queued) => Ok(queued),
+            Err(UartError::FullFifo) => Ok(0),
+            Err(UartError::Trigger(err)) => {
+                SerialMetrics::inc(&self.metrics.error_count);
+                log::error!("serial: could not raise the receive interrupt: {err}");
+                Ok(room.min(bytes.len()))
+            }
+            Err(UartError::IOError(err)) => Err(err),
+        }
+    }
+
+    /// Free space in the receive FIFO, in bytes.
+    pub fn fifo_capacity(&self) -> usize {
+        self.serial.fifo_capacity()
+    }
+
+    /// The guest output sink.
+    pub fn writer(&self) -> &W {
+        self.serial.writer()
+    }
+
+    /// The guest output sink, mutably.
+    pub fn writer_mut(&mut self) -> &mut W {
+        self.serial.writer_mut()
+    }
+
+    /// The register `offset` addresses, if it is one of the eight.
+    fn register(offset: u64) -> Option<u8> {
+        u8::try_from(offset)
+            .ok()
+            .filter(|reg| u64::from(*reg) < COM1_LEN)
+    }
+
+    fn read_register(&mut self, reg: u8) -> u8 {
+        let free_before = self.serial.fifo_capacity();
+        let value = self.serial.read(reg);
+        if reg != RBR_THR_OFFSET || self.line_control & LCR_DLAB != 0 {
+            return value;
+        }
+        let drained = self.serial.events().drained.swap(false, Ordering::Relaxed);
+        if self.serial.fifo_capacity() == free_before {
+            SerialMetrics::inc(&self.metrics.missed_read_count);
+            return value;
+        }
+        SerialMetrics::inc(&self.metrics.bytes_read);
+        if drained {
+            if let Some(evt) = &self.input_ready {
+                if let Err(err) = evt.write(1) {
+                    SerialMetrics::inc(&self.metrics.error_count);
+                    log::error!("serial: could not signal that input can be fed: {err}");
+                }
+            }
+        }
+        value
+    }
+
+    fn write_register(&mut self, reg: u8, value: u8) {
+        if reg == LCR_OFFSET {
+            self.line_control = value;
+        }
+        match self.serial.write(reg, value) {
+            Ok(()) => {}
+            // Already counted through `tx_lost_byte`.
+            Err(UartError::IOError(err)) => {
+                if self.metrics.missed_write_count() <= LOST_BYTE_WARN_LIMIT {
+                    log::warn!("serial: guest output byte {value:#04x} lost: {err}");
+                } else {
+                    log::debug!("serial: guest output byte {value:#04x} lost: {err}");
+                }
+            }
+            Err(UartError::Trigger(err)) => {
+                SerialMetrics::inc(&self.metrics.error_count);
+                log::error!(
+                    "serial: could not raise an interrupt after writing register {reg}: {err}"
+                );
+            }
+            Err(UartError::FullFifo) => {}
+        }
+    }
+
+    fn invalid_access(&self, what: &str, offset: u64, size: usize) {
+        let count = SerialMetrics::inc(&self.metrics.invalid_access_count);
+        log::debug!("serial: invalid {what} of {size} byte(s) at offset {offset:#x} (#{count})");
+    }
+}
+
+impl<W: Write + Send> ember_bus::BusDevice for SerialDevice<W> {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        match (Self::register(offset), &mut *data) {
+            (Some(reg), [byte]) => *byte = self.read_register(reg),
+            _ => {
+                data.fill(0xff);
+                self.invalid_access("read", offset, data.len());
+            }
+        }
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        match (Self::register(offset), data) {
+            (Some(reg), [byte]) => self.write_register(reg, *byte),
+            _ => self.invalid_access("write", offset, data.len()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use ember_bus::BusDevice;
+
+    use super::*;
+
+    const IER: u64 = 1;
+    const IIR: u64 = 2;
+    const LCR: u64 = 3;
+    const LSR: u64 = 5;
+    const SCR: u64 = 7;
+    const LSR_DATA_READY: u8 = 0x01;
+    const LSR_THR_EMPTY: u8 = 0x20;
+    const LSR_TX_IDLE: u8 = 0x40;
+    const IER_RDA: u8 = 0x01;
+    const IIR_RDA: u8 = 0x04;
+    const FIFO_SIZE: usize = 64;
+
+    /// A writer the test can still read after handing it to the device.
+    #[derive(Clone, Default)]
+    struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for SharedBuf {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A writer that always fails.
+    struct Broken;
+
+    impl Write for Broken {
+        fn write(&mut self, _buf: &[u8]) -> io::Result<usize> {
+            Err(io::Error::new(io::ErrorKind::BrokenPipe, "closed"))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn eventfd() -> EventFd {
+        EventFd::new(libc::EFD_NONBLOCK).unwrap()
+    }
+
+    /// Reads an eventfd counter without blocking; 0 when it was not signalled.
+    fn count(evt: &EventFd) -> u64 {
+        match evt.read() {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => panic!("eventfd read failed: {e}"),
+        }
+    }
+
+    fn serial<W: Write + Send>(out: W) -> (SerialDevice<W>, EventFd) {
+        let irq = eventfd();
+        let dev = SerialDevice::new(EventFdTrigger::new(irq.try_clone().unwrap()), out);
+        (dev, irq)
+    }
+
+    fn inb<W: Write + Send>(dev: &mut SerialDevice<W>, offset: u64) -> u8 {
+        let mut data = [0u8];
+        dev.read(COM1_BASE, offset, &mut data);
+        data[0]
+    }
+
+    fn outb<W: Write + Send>(dev: &mut SerialDevice<W>, offset: u64, value: u8) {
+        dev.write(COM1_BASE, offset, &[value]);
+    }
+
+    #[test]
+    fn thr_writes_reach_the_writer() {
+        let out = SharedBuf::default();
+        let (mut dev, _irq) = serial(out.clone());
+        for byte in b"hello\n" {
+            outb(&mut dev, 0, *byte);
+        }
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hello\n");
+        assert_eq!(dev.metrics().bytes_written(), 6);
+        assert_eq!(dev.metrics().missed_write_count(), 0);
+        assert_eq!(dev.writer().0.lock().unwrap().len(), 6);
+    }
+
+    #[test]
+    fn divisor_latch_writes_do_not_reach_the_writer() {
+        let out = SharedBuf::default();
+        let (mut dev, _irq) = serial(out.clone());
+        outb(&mut dev, LCR, 0x80 | 0x03);
+        outb(&mut dev, 0, 0x01); // divisor low byte: 115200 baud
+        assert_eq!(inb(&mut dev, 0), 0x01);
+        outb(&mut dev, LCR, 0x03);
+        assert!(out.0.lock().unwrap().is_empty());
+        assert_eq!(dev.metrics().missed_read_count(), 0);
+        outb(&mut dev, 0, b'x');
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"x");
+    }
+
+    #[test]
+    fn lost_output_is_counted() {
+        let (mut dev, _irq) = serial(Broken);
+        outb(&mut dev, 0, b'a');
+        outb(&mut dev, 0, b'b');
+        assert_eq!(dev.metrics().missed_write_count(), 2);
+        assert_eq!(dev.metrics().bytes_written(), 0);
+        // The transmitter still looks ready, so the guest is not stuck.
+        assert_ne!(inb(&mut dev, LSR) & LSR_THR_EMPTY, 0);
+    }
+
+    #[test]
+    fn lsr_reports_transmitter_empty() {
+        let (mut dev, _irq) = serial(io::sink());
+        let lsr = inb(&mut dev, LSR);
+        assert_eq!(
+            lsr & (LSR_THR_EMPTY | LSR_TX_IDLE),
+            LSR_THR_EMPTY | LSR_TX_IDLE
+        );
+        assert_eq!(lsr & LSR_DATA_READY, 0);
+        outb(&mut dev, 0, b'a');
+        assert_ne!(inb(&mut dev, LSR) & LSR_THR_EMPTY, 0);
+    }
+
+    #[test]
+    fn scratch_register_round_trip() {
+        let (mut dev, irq) = serial(io::sink());
+        for value in [0x00, 0x5a, 0xa5, 0xff] {
+            outb(&mut dev, SCR, value);
+            assert_eq!(inb(&mut dev, SCR), value);
+        }
+        assert_eq!(count(&irq), 0);
+        assert_eq!(dev.metrics().invalid_access_count(), 0);
+    }
+
+    #[test]
+    fn input_fifo_raises_the_interrupt() {
+        let (mut dev, irq) = serial(io::sink());
+        outb(&mut dev, IER, IER_RDA);
+        assert_eq!(count(&irq), 0);
+
+        assert_eq!(dev.enqueue_input(b"ok").unwrap(), 2);
+        assert_eq!(count(&irq), 1);
+        assert_eq!(dev.fifo_capacity(), FIFO_SIZE - 2);
+        assert_ne!(inb(&mut dev, LSR) & LSR_DATA_READY, 0);
+        assert_eq!(inb(&mut dev, IIR) & 0x0f, IIR_RDA);
+
+        assert_eq!(inb(&mut dev, 0), b'o');
+        assert_eq!(inb(&mut dev, 0), b'k');
+        assert_eq!(inb(&mut dev, LSR) & LSR_DATA_READY, 0);
+        assert_eq!(dev.metrics().bytes_read(), 2);
+        assert_eq!(dev.fifo_capacity(), FIFO_SIZE);
+
+        // Reading with nothing queued returns 0 and is counted as a miss.
+        assert_eq!(inb(&mut dev, 0), 0);
+        assert_eq!(dev.metrics().missed_read_count(), 1);
+        assert_eq!(dev.metrics().bytes_read(), 2);
+    }
+
+    #[test]
+    fn input_without_rx_interrupt_enabled_stays_quiet() {
+        let (mut dev, irq) = serial(io::sink());
+        assert_eq!(dev.enqueue_input(b"x").unwrap(), 1);
+        assert_eq!(count(&irq), 0);
+        assert_ne!(inb(&mut dev, LSR) & LSR_DATA_READY, 0);
+    }
+
+    #[test]
+    fn input_beyond_fifo_capacity_is_refused() {
+        let (mut dev, _irq) = serial(io::sink());
+        let input = [b'z'; FIFO_SIZE + 10];
+        assert_eq!(dev.enqueue_input(&input).unwrap(), FIFO_SIZE);
+        assert_eq!(dev.fifo_capacity(), 0);
+        assert_eq!(dev.enqueue_input(&input[FIFO_SIZE..]).unwrap(), 0);
+        assert_eq!(dev.enqueue_input(&[]).unwrap(), 0);
+        inb(&mut dev, 0);
+        assert_eq!(dev.enqueue_input(&input[FIFO_SIZE..]).unwrap(), 1);
+    }
+
+    #[test]
+    fn input_ready_fires_after_the_guest_drains() {
+        let ready = eventfd();
+        let (dev, _irq) = serial(io::sink());
+        let mut dev = dev.with_input_ready(ready.try_clone().unwrap());
+
+        dev.enqueue_input(b"abc").unwrap();
+        assert_eq!(inb(&mut dev, 0), b'a');
+        assert_eq!(inb(&mut dev, 0), b'b');
+        assert_eq!(count(&ready), 0);
+        assert_eq!(inb(&mut dev, 0), b'c');
+        assert_eq!(count(&ready), 1);
+
+        // Reading an already empty FIFO does not wake the VMM again.
+        inb(&mut dev, 0);
+        assert_eq!(count(&ready), 0);
+
+        dev.enqueue_input(b"d").unwrap();
+        assert_eq!(inb(&mut dev, 0), b'd');
+        assert_eq!(count(&ready), 1);
+    }
+
+    #[test]
+    fn invalid_offsets_and_sizes_are_counted() {
+        let out = SharedBuf::default();
+        let (mut dev, irq) = serial(out.clone());
+        let mut wide = [0u8; 2];
+        dev.read(COM1_BASE, 0, &mut wide);
+        assert_eq!(wide, [0xff; 2]);
+        let mut byte = [0u8];
+        dev.read(COM1_BASE, 8, &mut byte);
+        assert_eq!(byte, [0xff]);
+        dev.read(COM1_BASE, u64::MAX, &mut byte);
+        assert_eq!(byte, [0xff]);
+        dev.read(COM1_BASE, 0, &mut []);
+        dev.write(COM1_BASE, 0, b"ab");
+        dev.write(COM1_BASE, 0x100, b"a");
+        dev.write(COM1_BASE, 0, &[]);
+        assert_eq!(dev.metrics().invalid_access_count(), 7);
+        assert!(out.0.lock().unwrap().is_empty());
+        assert_eq!(count(&irq), 0);
+    }
+
+    #[test]
+    fn works_on_a_bus() {
+        let out = SharedBuf::default();
+        let (dev, _irq) = serial(out.clone());
+        let metrics = dev.metrics();
+        let mut bus = ember_bus::Bus::new(ember_bus::BusKind::Pio);
+        bus.insert(
+            ember_bus::BusRange::new(COM1_BASE, COM1_LEN).unwrap(),
+            Arc::new(Mutex::new(dev)),
+        )
+        .unwrap();
+        assert!(bus.write(COM1_BASE, b"!"));
+        assert!(bus.write(COM1_BASE + SCR, &[0x42]));
+        let mut data = [0u8];
+        assert!(bus.read(COM1_BASE + SCR, &mut data));
+        assert_eq!(data, [0x42]);
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"!");
+        assert_eq!(metrics.bytes_written(), 1);
+    }
+}

@@ -1,0 +1,183 @@
+// SPDX-License-Identifier: Apache-2.0
+
+//! The io_uring engine: operations are queued on the submission ring, sent
+//! in one `io_uring_enter` per batch, and complete through an EventFd
+//! registered with the ring.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use io_uring::{opcode, types, IoUring};
+use log::error;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{DiskOp, Engine, IoVecs, Submitted};
+
+/// Queues operations on an io_uring.
+pub(crate) struct AsyncEngine {
+    file: File,
+    ring: IoUring,
+    completion_evt: EventFd,
+    /// Buffers of every operation the kernel may still use, by token: they
+    /// must stay alive until the operation completes.
+    in_flight: HashMap<u64, IoVecs>,
+    /// Entries pushed since the last `io_uring_enter`.
+    unsubmitted: usize,
+    /// Most operations in flight at once: the submission ring size, so the
+    /// completion ring (twice as large) never overflows.
+    capacity: usize,
+}
+
+impl std::fmt::Debug for AsyncEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncEngine")
+            .field("file", &self.file)
+            .field("in_flight", &self.in_flight.len())
+            .field("unsubmitted", &self.unsubmitted)
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+fn retry_eintr<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+impl AsyncEngine {
+    /// Sets up a ring of `entries` (a power of two) submission entries
+    /// with a completion EventFd.
+    pub(crate) fn new(file: File, entries: u32) -> io::Result<Self> {
+        let ring = IoUring::new(entries)?;
+        let completion_evt = EventFd::new(EFD_NONBLOCK)?;
+        ring.submitter()
+            .register_eventfd(completion_evt.as_raw_fd())?;
+        let capacity = ring.params().sq_entries() as usize;
+        Ok(AsyncEngine {
+            file,
+            ring,
+            completion_evt,
+            in_flight: HashMap::with_capacity(capacity),
+            unsubmitted: 0,
+            capacity,
+        })
+    }
+}
+
+impl Engine for AsyncEngine {
+    fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn submit(&mut self, op: DiskOp, token: u64) -> Submitted {
+        if self.in_flight.len() >= self.capacity {
+            return Submitted::Full;
+        }
+        let fd = types::Fd(self.file.as_raw_fd());
+        let (entry, iovecs) = match op {
+            DiskOp::Read { offset, iovecs } => {
+                let Ok(count) = u32::try_from(iovecs.0.len()) else {
+                    return Submitted::Done(Err(io::Error::from_raw_os_error(libc::EINVAL)));
+                };
+                (
+                    opcode::Readv::new(fd, iovecs.0.as_ptr(), count)
+                        .offset(offset)
+                        .build(),
+                    iovecs,
+                )
+            }
+            DiskOp::Write { offset, iovecs } => {
+                let Ok(count) = u32::try_from(iovecs.0.len()) else {
+                    return Submitted::Done(Err(io::Error::from_raw_os_error(libc::EINVAL)));
+                };
+                (
+                    opcode::Writev::new(fd, iovecs.0.as_ptr(), count)
+                        .offset(offset)
+                        .build(),
+                    iovecs,
+                )
+            }
+            DiskOp::Flush => (
+                opcode::Fsync::new(fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build(),
+                IoVecs::default(),
+            ),
+        };
+        let entry = entry.user_data(token);
+        // SAFETY: the entry points at the iovec array of `iovecs` (its heap
+        // buffer does not move when the Vec is stored below) and the iovecs
+        // point into guest memory, which the device keeps mapped; both stay
+        // alive until the completion for `token` is reaped.
+        let mut pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
+        if !pushed && self.kick().is_ok() {
+            // SAFETY: as above.
+            pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
+        }
+        if !pushed {
+            return Submitted::Full;
+        }
+        self.in_flight.insert(token, iovecs);
+        self.unsubmitted += 1;
+        Submitted::Queued
+    }
+
+    fn kick(&mut self) -> io::Result<()> {
+        if self.unsubmitted == 0 {
+            return Ok(());
+        }
+        let submitted = retry_eintr(|| self.ring.submit())?;
+        self.unsubmitted = self.unsubmitted.saturating_sub(submitted);
+        Ok(())
+    }
+
+    fn reap(&mut self, done: &mut Vec<(u64, io::Result<u32>)>) {
+        for cqe in self.ring.completion() {
+            let token = cqe.user_data();
+            self.in_flight.remove(&token);
+            let res = cqe.result();
+            done.push((
+                token,
+                if res < 0 {
+                    Err(io::Error::from_raw_os_error(-res))
+                } else {
+                    Ok(res.unsigned_abs())
+                },
+            ));
+        }
+    }
+
+    fn completion_event(&self) -> Option<&EventFd> {
+        Some(&self.completion_evt)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    fn drain(&mut self, done: &mut Vec<(u64, io::Result<u32>)>) -> io::Result<()> {
+        while !self.in_flight.is_empty() {
+            self.kick()?;
+            retry_eintr(|| self.ring.submit_and_wait(1))?;
+            self.reap(done);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AsyncEngine {
+    fn drop(&mut self) {
+        // The kernel may still write into guest memory through the queued
+        // iovecs: wait for it before the buffers go away.
+        let mut done = Vec::new();
+        if let Err(e) = self.drain(&mut done) {
+            error!("virtio-blk: failed to drain the io_uring on drop: {e}");
+        }
+    }
+}

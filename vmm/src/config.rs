@@ -1,0 +1,631 @@
+//! Firecracker's JSON configuration file (`--config-file`), with the same
+//! section and field names, parsed strictly and validated once.
+//!
+//! Unknown fields and wrong types are rejected with serde's message, which
+//! names the field and the position in the file. Sections Ember does not
+//! implement yet are parsed (so they are still type-checked) and then
+//! rejected with an error that names them.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Boot arguments used when the configuration gives none.
+///
+/// Firecracker's defaults, plus a serial console: a microVM has no other
+/// place to show its console, and `8250.nr_uarts=0` would hide the UART.
+pub const DEFAULT_BOOT_ARGS: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// Largest vCPU count Firecracker accepts (its API schema's maximum).
+pub const MAX_VCPUS: u8 = 32;
+
+/// Errors of the configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The path given with `--config-file`.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The JSON does not match the schema (unknown field, wrong type, ...).
+    #[error("invalid config file: {0}")]
+    Parse(#[from] serde_json::Error),
+    /// `boot-source` is missing.
+    #[error("invalid config file: missing section `boot-source`")]
+    MissingBootSource,
+    /// A value is out of range or inconsistent.
+    #[error("invalid config file: {0}")]
+    Invalid(String),
+    /// A section that Ember does not implement yet.
+    #[error("config section `{0}` is not supported yet by Ember")]
+    NotSupported(&'static str),
+}
+
+/// `boot-source`: the kernel, initrd and command line.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    /// Host path of the kernel (ELF vmlinux, PVH ELF or bzImage).
+    pub kernel_image_path: PathBuf,
+    /// Host path of an initrd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<PathBuf>,
+    /// Kernel command line; [`DEFAULT_BOOT_ARGS`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+}
+
+/// `huge_pages` of `machine-config`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum HugePages {
+    /// Regular 4 KiB pages.
+    #[default]
+    None,
+    /// Transparent huge pages (madvise).
+    Transparent,
+    /// Explicit 2 MiB hugetlbfs pages.
+    #[serde(rename = "2M")]
+    Hugetlbfs2M,
+}
+
+/// `machine-config`: vCPUs and memory.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// Number of vCPUs, 1 to 32 (1 or even with SMT).
+    pub vcpu_count: u8,
+    /// Guest memory in MiB.
+    pub mem_size_mib: usize,
+    /// Simultaneous multithreading in the guest topology.
+    #[serde(default)]
+    pub smt: bool,
+    /// Dirty page tracking (KVM_MEM_LOG_DIRTY_PAGES) for diff snapshots.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// Firecracker's CPU template; only "None" is supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+    /// Huge pages backing guest memory; only "None" is supported.
+    #[serde(default)]
+    pub huge_pages: HugePages,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        // Firecracker's defaults when `machine-config` is absent.
+        Self {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            track_dirty_pages: false,
+            cpu_template: None,
+            huge_pages: HugePages::None,
+        }
+    }
+}
+
+/// `cache_type` of a drive.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum CacheType {
+    /// Flush requests are acknowledged without syncing.
+    #[default]
+    Unsafe,
+    /// Flush requests sync the backing file.
+    Writeback,
+}
+
+/// `io_engine` of a drive.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum IoEngine {
+    /// Blocking reads and writes.
+    #[default]
+    Sync,
+    /// io_uring.
+    Async,
+}
+
+/// Firecracker's token-bucket rate limiter (accepted for schema
+/// compatibility).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucket {
+    /// Bucket size.
+    pub size: u64,
+    /// Initial burst.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_time_burst: Option<u64>,
+    /// Refill time in ms.
+    pub refill_time: u64,
+}
+
+/// Firecracker's rate limiter object.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiter {
+    /// Bandwidth bucket (bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucket>,
+    /// Operations bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucket>,
+}
+
+/// One entry of `drives`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    /// Unique id of the drive; also its virtio-blk serial (GET_ID).
+    pub drive_id: String,
+    /// Host path of the raw image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<PathBuf>,
+    /// Adds `root=` to the command line.
+    pub is_root_device: bool,
+    /// Partition UUID for `root=PARTUUID=`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    /// Read-only drive.
+    #[serde(default)]
+    pub is_read_only: Option<bool>,
+    /// Flush behaviour.
+    #[serde(default)]
+    pub cache_type: CacheType,
+    /// I/O engine.
+    #[serde(default)]
+    pub io_engine: IoEngine,
+    /// Rate limiter (accepted, not applied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+    /// vhost-user socket (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+}
+
+/// One entry of `network-interfaces`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    /// Unique id of the interface.
+    pub iface_id: String,
+    /// Host TAP device name.
+    pub host_dev_name: String,
+    /// Guest MAC address, `xx:xx:xx:xx:xx:xx`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// MTU advertised with VIRTIO_NET_F_MTU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+    /// RX rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// TX rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+/// `vsock`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    /// Guest CID (>= 3).
+    pub guest_cid: u32,
+    /// Host Unix socket path.
+    pub uds_path: PathBuf,
+    /// Deprecated id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+}
+
+/// Log levels, Firecracker's names (case-insensitive on input).
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    #[default]
+    Warning,
+    /// Informational.
+    Info,
+    /// Debug.
+    Debug,
+    /// Trace.
+    Trace,
+    /// Nothing.
+    Off,
+}
+
+impl std::str::FromStr for LogLevel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "error" => LogLevel::Error,
+            "warning" | "warn" => LogLevel::Warning,
+            "info" => LogLevel::Info,
+            "debug" => LogLevel::Debug,
+            "trace" => LogLevel::Trace,
+            "off" => LogLevel::Off,
+            _ => return Err(format!(
+                "invalid log level `{s}`: expected one of Error, Warning, Info, Debug, Trace, Off"
+            )),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl LogLevel {
+    /// The `log` crate filter for this level.
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warning => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+            LogLevel::Off => log::LevelFilter::Off,
+        }
+    }
+}
+
+/// `logger`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Logger {
+    /// Path of a file or named pipe for the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<PathBuf>,
+    /// Level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<LogLevel>,
+    /// Print the level in each line.
+    #[serde(default)]
+    pub show_level: bool,
+    /// Print file and line in each line.
+    #[serde(default)]
+    pub show_log_origin: bool,
+    /// Module filter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+}
+
+/// `metrics`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// Path of a file or named pipe for metrics lines.
+    pub metrics_path: PathBuf,
+    /// Emit the instance id.
+    #[serde(default)]
+    pub emit_id: bool,
+    /// Extra properties.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// The whole configuration file: Firecracker's `VmmConfig`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// `boot-source`.
+    #[serde(
+        rename = "boot-source",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub boot_source: Option<BootSource>,
+    /// `machine-config`.
+    #[serde(rename = "machine-config", default)]
+    pub machine_config: MachineConfig,
+    /// `drives`.
+    #[serde(default)]
+    pub drives: Vec<Drive>,
+    /// `network-interfaces`.
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterface>,
+    /// `vsock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<Vsock>,
+    /// `logger`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logger: Option<Logger>,
+    /// `metrics`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+    /// `balloon` (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<serde_json::Value>,
+    /// `cpu-config` (not supported).
+    #[serde(
+        rename = "cpu-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cpu_config: Option<serde_json::Value>,
+    /// `mmds-config` (not supported).
+    #[serde(
+        rename = "mmds-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mmds_config: Option<serde_json::Value>,
+    /// `entropy` (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<serde_json::Value>,
+    /// `memory-hotplug` (not supported).
+    #[serde(
+        rename = "memory-hotplug",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub memory_hotplug: Option<serde_json::Value>,
+    /// `pmem` (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pmem: Option<serde_json::Value>,
+}
+
+impl VmConfig {
+    /// Parses a configuration from JSON text, then validates it.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let config: VmConfig = serde_json::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&text)
+    }
+
+    /// The boot source, which a bootable configuration must have.
+    pub fn boot_source(&self) -> Result<&BootSource, ConfigError> {
+        self.boot_source
+            .as_ref()
+            .ok_or(ConfigError::MissingBootSource)
+    }
+
+    /// The command line the guest gets (before device entries are added).
+    pub fn boot_args(&self) -> &str {
+        self.boot_source
+            .as_ref()
+            .and_then(|b| b.boot_args.as_deref())
+            .unwrap_or(DEFAULT_BOOT_ARGS)
+    }
+
+    /// Checks values and rejects what Ember does not implement.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.machine_config.validate()?;
+        if !self.drives.is_empty() {
+            return Err(ConfigError::NotSupported("drives"));
+        }
+        if !self.network_interfaces.is_empty() {
+            return Err(ConfigError::NotSupported("network-interfaces"));
+        }
+        let unsupported: [(&'static str, bool); 8] = [
+            ("vsock", self.vsock.is_some()),
+            ("metrics", self.metrics.is_some()),
+            ("balloon", self.balloon.is_some()),
+            ("cpu-config", self.cpu_config.is_some()),
+            ("mmds-config", self.mmds_config.is_some()),
+            ("entropy", self.entropy.is_some()),
+            ("memory-hotplug", self.memory_hotplug.is_some()),
+            ("pmem", self.pmem.is_some()),
+        ];
+        if let Some((name, _)) = unsupported.iter().find(|(_, present)| *present) {
+            return Err(ConfigError::NotSupported(name));
+        }
+        if let Some(boot) = &self.boot_source {
+            if boot.kernel_image_path.as_os_str().is_empty() {
+                return Err(ConfigError::Invalid(
+                    "boot-source.kernel_image_path is empty".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl MachineConfig {
+    /// Checks the vCPU count, SMT rule and memory size as Firecracker does.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpu_count == 0 || self.vcpu_count > MAX_VCPUS {
+            return Err(ConfigError::Invalid(format!(
+                "machine-config.vcpu_count is {}, it must be between 1 and {MAX_VCPUS}",
+                self.vcpu_count
+            )));
+        }
+        if self.smt && self.vcpu_count > 1 && self.vcpu_count % 2 == 1 {
+            return Err(ConfigError::Invalid(format!(
+                "machine-config.vcpu_count is {} with smt enabled: it must be 1 or an even number",
+                self.vcpu_count
+            )));
+        }
+        if self.mem_size_mib == 0 {
+            return Err(ConfigError::Invalid(
+                "machine-config.mem_size_mib must be greater than 0".into(),
+            ));
+        }
+        if let Some(t) = &self.cpu_template {
+            if t != "None" {
+                return Err(ConfigError::Invalid(format!(
+                    "machine-config.cpu_template `{t}` is not supported by Ember (only \"None\")"
+                )));
+            }
+        }
+        if self.huge_pages != HugePages::None {
+            return Err(ConfigError::Invalid(
+                "machine-config.huge_pages other than \"None\" is not supported yet by Ember"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"{"boot-source": {"kernel_image_path": "/k"}}"#;
+
+    #[test]
+    fn minimal_config_gets_firecracker_defaults() {
+        let c = VmConfig::from_json(MINIMAL).unwrap();
+        assert_eq!(c.machine_config.vcpu_count, 1);
+        assert_eq!(c.machine_config.mem_size_mib, 128);
+        assert!(!c.machine_config.smt);
+        assert_eq!(c.boot_args(), DEFAULT_BOOT_ARGS);
+        assert_eq!(c.boot_source().unwrap().kernel_image_path, Path::new("/k"));
+    }
+
+    #[test]
+    fn default_boot_args_carry_what_the_guest_expects() {
+        for word in ["console=ttyS0", "reboot=k", "panic=1", "pci=off"] {
+            assert!(DEFAULT_BOOT_ARGS.split(' ').any(|w| w == word), "{word}");
+        }
+    }
+
+    #[test]
+    fn full_machine_config() {
+        let c = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0", "initrd_path": "/i"},
+                "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": true, "track_dirty_pages": true}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.machine_config.vcpu_count, 2);
+        assert_eq!(c.machine_config.mem_size_mib, 256);
+        assert!(c.machine_config.smt && c.machine_config.track_dirty_pages);
+        assert_eq!(c.boot_args(), "console=ttyS0");
+        assert_eq!(
+            c.boot_source().unwrap().initrd_path.as_deref(),
+            Some(Path::new("/i"))
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = VmConfig::from_json(r#"{"boot-source": {"kernel_image_path": "/k", "kernel": 1}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `kernel`"), "{e}");
+        let e = VmConfig::from_json(r#"{"boot-sauce": {}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `boot-sauce`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": "two", "mem_size_mib": 1}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("invalid type") && e.contains("two"), "{e}");
+        let e = VmConfig::from_json(r#"{"boot-source": {"kernel_image_path": 5}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid type"), "{e}");
+        assert!(VmConfig::from_json("not json").is_err());
+        assert!(VmConfig::from_json("[]").is_err());
+    }
+
+    #[test]
+    fn vcpu_and_memory_limits() {
+        let mk = |v: u32, smt: bool, mem: u64| {
+            VmConfig::from_json(&format!(
+                r#"{{"boot-source": {{"kernel_image_path": "/k"}}, "machine-config": {{"vcpu_count": {v}, "mem_size_mib": {mem}, "smt": {smt}}}}}"#
+            ))
+        };
+        assert!(mk(0, false, 128)
+            .unwrap_err()
+            .to_string()
+            .contains("between 1 and 32"));
+        assert!(mk(33, false, 128).is_err());
+        assert!(mk(300, false, 128)
+            .unwrap_err()
+            .to_string()
+            .contains("invalid value"));
+        assert!(mk(3, true, 128).unwrap_err().to_string().contains("even"));
+        assert!(mk(3, false, 128).is_ok());
+        assert!(mk(1, true, 128).is_ok());
+        assert!(mk(1, false, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("mem_size_mib"));
+    }
+
+    #[test]
+    fn later_sections_parse_but_are_not_supported_yet() {
+        let e = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "drives": [{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true, "is_read_only": false}]}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::NotSupported("drives")), "{e}");
+        // Still type-checked before being rejected.
+        let e = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "drives": [{"drive_id": 1}]}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::Parse(_)), "{e}");
+        for (section, body) in [
+            (
+                "network-interfaces",
+                r#"[{"iface_id": "eth0", "host_dev_name": "tap0"}]"#,
+            ),
+            ("vsock", r#"{"guest_cid": 3, "uds_path": "/v.sock"}"#),
+            ("metrics", r#"{"metrics_path": "/m"}"#),
+            ("balloon", r#"{"amount_mib": 1, "deflate_on_oom": true}"#),
+        ] {
+            let e = VmConfig::from_json(&format!(
+                r#"{{"boot-source": {{"kernel_image_path": "/k"}}, "{section}": {body}}}"#
+            ))
+            .unwrap_err()
+            .to_string();
+            assert_eq!(
+                e,
+                format!("config section `{section}` is not supported yet by Ember")
+            );
+        }
+    }
+
+    #[test]
+    fn logger_section_is_accepted() {
+        let c = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "logger": {"log_path": "/l", "level": "debug", "show_level": true}}"#,
+        )
+        .unwrap();
+        let l = c.logger.unwrap();
+        assert_eq!(l.level, Some(LogLevel::Debug));
+        assert!(l.show_level);
+        let e = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "logger": {"level": "loud"}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("invalid log level `loud`"), "{e}");
+    }
+
+    #[test]
+    fn missing_boot_source_is_reported_when_booting() {
+        let c = VmConfig::from_json("{}").unwrap();
+        assert!(matches!(
+            c.boot_source(),
+            Err(ConfigError::MissingBootSource)
+        ));
+    }
+}

@@ -1,0 +1,12 @@
+//! The `ember` VMM: Firecracker's flags, configuration file and machine,
+//! assembled from the Ember crates. The binary in `main.rs` is a thin
+//! front-end over this library.
+
+#![deny(missing_docs)]
+
+pub mod boot_timer;
+pub mod config;
+pub mod event_loop;
+pub mod logger;
+pub mod terminal;
+pub mod vm;

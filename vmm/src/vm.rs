@@ -1,0 +1,352 @@
+//! Assembles a microVM from a validated [`VmConfig`]: KVM, guest memory, the
+//! in-kernel interrupt controllers, the legacy devices, the kernel and its
+//! boot structures, and the vCPU threads; then runs it to its end.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ember_boot::KernelEntry;
+use ember_bus::{Bus, BusKind, BusRange};
+use ember_legacy_devices::i8042::{I8042Device, I8042_BASE, I8042_KBD_GSI, I8042_LEN};
+use ember_legacy_devices::serial::{SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN};
+use ember_legacy_devices::EventFdTrigger;
+use ember_vcpu::{ExitReason, Vcpu, VcpuConfig, VcpuHandle, VmControl};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot_timer::BootTimer;
+use crate::config::VmConfig;
+use crate::event_loop;
+
+/// Everything that can stop a VM from being built.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A KVM capability Ember needs is missing, or the irqchip failed.
+    #[error(transparent)]
+    IrqChip(#[from] ember_irqchip::Error),
+    /// KVM_CREATE_VM failed.
+    #[error("KVM_CREATE_VM failed: {0}")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    /// Guest memory could not be created.
+    #[error("cannot create guest memory: {0}")]
+    Memory(#[source] ember_boot::Error),
+    /// KVM_SET_USER_MEMORY_REGION failed.
+    #[error("cannot register guest memory region {slot} with KVM: {source}")]
+    SetMemoryRegion {
+        /// Slot number.
+        slot: u32,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A file named by the configuration could not be opened.
+    #[error("cannot open {what} {path}: {source}")]
+    OpenFile {
+        /// "kernel image", "initrd".
+        what: &'static str,
+        /// The path from the configuration.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration has no `boot-source`.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Kernel, initrd, command line or boot structures.
+    #[error("{0}")]
+    Boot(#[source] ember_boot::Error),
+    /// The kernel command line is invalid or too long.
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    /// A device could not be placed on a bus.
+    #[error("cannot add {device} to the {bus} bus: {source}")]
+    Bus {
+        /// Device name.
+        device: &'static str,
+        /// Bus name.
+        bus: &'static str,
+        /// Cause.
+        #[source]
+        source: ember_bus::Error,
+    },
+    /// vCPU creation, set-up or start.
+    #[error(transparent)]
+    Vcpu(#[from] ember_vcpu::Error),
+    /// The event loop failed.
+    #[error("event loop: {0}")]
+    EventLoop(String),
+}
+
+/// Options that do not come from the configuration file.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Install the boot timer device (`--boot-timer`).
+    pub boot_timer: bool,
+    /// When the process started, for the boot timer.
+    pub start: Option<Instant>,
+    /// Process CPU time at start, microseconds.
+    pub start_cpu_us: u64,
+}
+
+/// A built, not yet running microVM.
+pub struct Vm {
+    // Kept alive for the VM's lifetime: the VM and vCPU fds depend on it.
+    _kvm: Kvm,
+    vm_fd: VmFd,
+    mem: GuestMemoryMmap,
+    control: Arc<VmControl>,
+    pio_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    vcpus: Vec<Vcpu>,
+    serial: Arc<Mutex<SerialDevice<Box<dyn Write + Send>>>>,
+    serial_input_ready: EventFd,
+    _i8042: Arc<Mutex<I8042Device<ResetTrigger, EventFdTrigger>>>,
+}
+
+/// The i8042 reset line: asks every vCPU to stop with [`ExitReason::GuestReset`].
+pub struct ResetTrigger(Arc<VmControl>);
+
+impl vm_superio::Trigger for ResetTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.request_stop(ExitReason::GuestReset);
+        Ok(())
+    }
+}
+
+fn eventfd() -> Result<EventFd, VmError> {
+    EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)
+}
+
+fn open(what: &'static str, path: &Path) -> Result<File, VmError> {
+    File::open(path).map_err(|source| VmError::OpenFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Registers every guest memory region with KVM.
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, track_dirty: bool) -> Result<(), VmError> {
+    let flags = if track_dirty {
+        kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+    } else {
+        0
+    };
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot,
+            flags,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region describes a live mapping owned by `mem`, which
+        // the `Vm` keeps for as long as the VM fd exists.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(|source| VmError::SetMemoryRegion { slot, source })?;
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Builds the VM described by `config`; nothing runs yet.
+    pub fn build(config: &VmConfig, opts: &RunOptions) -> Result<Vm, VmError> {
+        let boot_source = config.boot_source()?;
+        let machine = &config.machine_config;
+
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        ember_irqchip::check_capabilities(&kvm)?;
+        let vm_fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+
+        let mem = ember_boot::create_guest_memory(machine.mem_size_mib).map_err(VmError::Memory)?;
+        register_memory(&vm_fd, &mem, machine.track_dirty_pages)?;
+        // The in-kernel PIC/IOAPIC/PIT must exist before any vCPU.
+        ember_irqchip::setup(&vm_fd)?;
+
+        let entry = load_kernel(&mem, boot_source, config.boot_args(), machine.vcpu_count)?;
+
+        let control = VmControl::new()?;
+        let mut pio_bus = Bus::new(BusKind::Pio);
+        let mut mmio_bus = Bus::new(BusKind::Mmio);
+
+        // COM1, its interrupt delivered by KVM through an irqfd.
+        let serial_evt = eventfd()?;
+        ember_irqchip::register_irqfd(&vm_fd, &serial_evt, COM1_GSI)?;
+        let serial_input_ready = eventfd()?;
+        let out: Box<dyn Write + Send> = Box::new(std::io::stdout());
+        let serial = Arc::new(Mutex::new(
+            SerialDevice::new(EventFdTrigger::new(serial_evt), out)
+                .with_input_ready(serial_input_ready.try_clone().map_err(VmError::EventFd)?),
+        ));
+        insert(
+            &mut pio_bus,
+            "the serial port",
+            COM1_BASE,
+            COM1_LEN,
+            serial.clone(),
+        )?;
+
+        // i8042: 0xFE on port 0x64 resets (ends) the VM; keyboard IRQ 1.
+        let kbd_evt = eventfd()?;
+        ember_irqchip::register_irqfd(&vm_fd, &kbd_evt, I8042_KBD_GSI)?;
+        let i8042 = Arc::new(Mutex::new(I8042Device::new(
+            ResetTrigger(control.clone()),
+            EventFdTrigger::new(kbd_evt),
+        )));
+        insert(
+            &mut pio_bus,
+            "the i8042",
+            I8042_BASE,
+            I8042_LEN,
+            i8042.clone(),
+        )?;
+
+        if opts.boot_timer {
+            let timer = Arc::new(Mutex::new(BootTimer::new(
+                opts.start.unwrap_or_else(Instant::now),
+                opts.start_cpu_us,
+            )));
+            insert(
+                &mut mmio_bus,
+                "the boot timer",
+                ember_boot::layout::MMIO32_START,
+                crate::boot_timer::BOOT_TIMER_LEN,
+                timer,
+            )?;
+        }
+
+        let vcpu_config = VcpuConfig {
+            vcpu_count: machine.vcpu_count,
+            smt: machine.smt,
+        };
+        let mut vcpus = Vec::with_capacity(machine.vcpu_count as usize);
+        for index in 0..machine.vcpu_count {
+            let mut vcpu = Vcpu::new(index, &vm_fd)?;
+            vcpu.configure(&kvm, &mem, &entry, &vcpu_config)?;
+            vcpus.push(vcpu);
+        }
+
+        Ok(Vm {
+            _kvm: kvm,
+            vm_fd,
+            mem,
+            control,
+            pio_bus: Arc::new(pio_bus),
+            mmio_bus: Arc::new(mmio_bus),
+            vcpus,
+            serial,
+            serial_input_ready,
+            _i8042: i8042,
+        })
+    }
+
+    /// The VM file descriptor.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm_fd
+    }
+
+    /// Starts the vCPUs and serves stdin to the serial port until the VM
+    /// stops; returns why it stopped.
+    pub fn run(self) -> Result<ExitReason, VmError> {
+        ember_vcpu::register_kick_signal_handler()?;
+        let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
+        for vcpu in self.vcpus {
+            match vcpu.start(
+                self.pio_bus.clone(),
+                self.mmio_bus.clone(),
+                self.mem.clone(),
+                self.control.clone(),
+            ) {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    self.control.request_stop(ExitReason::Stopped);
+                    join_all(handles);
+                    return Err(e.into());
+                }
+            }
+        }
+
+        let loop_result = event_loop::run(
+            &self.control,
+            self.serial.clone(),
+            &self.serial_input_ready,
+            std::io::stdin().as_raw_fd(),
+        );
+        // Whatever ended the loop, every vCPU must leave KVM_RUN.
+        self.control.request_stop(ExitReason::Stopped);
+        join_all(handles);
+        loop_result.map_err(VmError::EventLoop)?;
+        let _ = std::io::stdout().flush();
+        Ok(self.control.exit_reason().unwrap_or(ExitReason::Stopped))
+    }
+}
+
+fn join_all(handles: Vec<VcpuHandle>) {
+    for h in handles {
+        let index = h.index();
+        if h.join().is_err() {
+            log::error!("vCPU {index} thread panicked");
+        }
+    }
+}
+
+fn insert(
+    bus: &mut Bus,
+    device: &'static str,
+    base: u64,
+    len: u64,
+    dev: Arc<dyn ember_bus::BusDeviceSync>,
+) -> Result<(), VmError> {
+    let bus_name = match bus.kind() {
+        BusKind::Pio => "PIO",
+        BusKind::Mmio => "MMIO",
+    };
+    let range = BusRange::new(base, len).map_err(|source| VmError::Bus {
+        device,
+        bus: bus_name,
+        source,
+    })?;
+    bus.insert(range, dev).map_err(|source| VmError::Bus {
+        device,
+        bus: bus_name,
+        source,
+    })
+}
+
+/// Loads the kernel and initrd and writes the boot structures.
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    boot: &crate::config::BootSource,
+    boot_args: &str,
+    vcpu_count: u8,
+) -> Result<KernelEntry, VmError> {
+    let mut kernel = open("kernel image", &boot.kernel_image_path)?;
+    let entry = ember_boot::load_kernel(mem, &mut kernel).map_err(VmError::Boot)?;
+    let initrd = match &boot.initrd_path {
+        Some(path) => {
+            let mut f = open("initrd", path)?;
+            Some(ember_boot::load_initrd(mem, &mut f).map_err(VmError::Boot)?)
+        }
+        None => None,
+    };
+    let mut cmdline = ember_boot::new_cmdline();
+    cmdline.insert_str(boot_args).map_err(VmError::Cmdline)?;
+    ember_boot::configure_system(mem, &entry, &cmdline, initrd.as_ref(), vcpu_count)
+        .map_err(VmError::Boot)?;
+    Ok(entry)
+}
