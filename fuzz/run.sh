@@ -9,7 +9,8 @@
 #
 # Prints one summary line per target (executions, exec/s from libFuzzer's
 # final stats) and exits non-zero if any target crashed, naming the crash
-# artifact. Set FUZZ_TARGETS="bus uart" to run a subset and FUZZ_JOBS to
+# artifact. A libFuzzer dictionary in dict/<target>.dict is used when present.
+# Set FUZZ_TARGETS="bus uart" to run a subset and FUZZ_JOBS to
 # change the build parallelism (default 1: other builds share the machine).
 
 set -euo pipefail
@@ -61,13 +62,20 @@ for target in "${TARGETS[@]}"; do
         cp -r "corpus/$target/." "$corpus/"
     fi
 
+    extra=()
+    if [ -f "dict/$target.dict" ]; then
+        extra+=(-dict="dict/$target.dict")
+    fi
+
     echo "== fuzzing $target for ${SECONDS_PER_TARGET}s (sanitizer: $SANITIZER, log: $log)"
     status=0
     "$BIN_DIR/$target" \
         -max_total_time="$SECONDS_PER_TARGET" \
         -rss_limit_mb=2048 \
+        -timeout=10 \
         -print_final_stats=1 \
         -artifact_prefix="$artifacts/" \
+        "${extra[@]}" \
         "$corpus" >"$log" 2>&1 || status=$?
 
     runs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n1)"

@@ -43,7 +43,9 @@ struct Ram {
 impl Ram {
     fn check(&self, base: u64, offset: u64, len: usize) {
         assert_eq!(base, self.range.base(), "device got the wrong base");
-        let end = offset.checked_add(len as u64).expect("offset + len overflows");
+        let end = offset
+            .checked_add(len as u64)
+            .expect("offset + len overflows");
         assert!(
             end <= self.range.len(),
             "access at offset {offset:#x} of {len} byte(s) leaves {}",
@@ -170,7 +172,11 @@ impl Model {
                 );
                 self.ranges.insert(range.base(), range);
             }
-            Err(Error::Overlap { kind, new, existing }) => {
+            Err(Error::Overlap {
+                kind,
+                new,
+                existing,
+            }) => {
                 assert_eq!(kind, BusKind::Mmio);
                 assert_eq!(new, range);
                 assert!(
@@ -204,12 +210,19 @@ fuzz_target!(|ops: Vec<Op>| {
                         assert!(handled, "read of {size} at {addr:#x} not dispatched");
                         for (i, byte) in data.iter().enumerate() {
                             let expected = model.bytes.get(&(addr + i as u64)).copied();
-                            assert_eq!(*byte, expected.unwrap_or(0), "byte {i} of read at {addr:#x}");
+                            assert_eq!(
+                                *byte,
+                                expected.unwrap_or(0),
+                                "byte {i} of read at {addr:#x}"
+                            );
                         }
                     }
                     None => {
                         assert!(!handled, "read of {size} at {addr:#x} dispatched");
-                        assert!(data.iter().all(|b| *b == 0xff), "unhandled read gave {data:x?}");
+                        assert!(
+                            data.iter().all(|b| *b == 0xff),
+                            "unhandled read gave {data:x?}"
+                        );
                         model.unhandled.reads += 1;
                     }
                 }

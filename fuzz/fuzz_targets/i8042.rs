@@ -84,8 +84,15 @@ impl Offset {
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Read { offset: Offset, size: Size },
-    Write { offset: Offset, size: Size, value: u64 },
+    Read {
+        offset: Offset,
+        size: Size,
+    },
+    Write {
+        offset: Offset,
+        size: Size,
+        value: u64,
+    },
     CtrlAltDel,
     Key(u16),
 }
@@ -214,7 +221,10 @@ fuzz_target!(|ops: Vec<Op>| {
                 let data = &mut data[..size.bytes()];
                 BusDevice::read(&mut i8042, I8042_BASE, offset, data);
                 if offset >= I8042_LEN || data.len() != 1 {
-                    assert!(data.iter().all(|b| *b == 0xff), "invalid read gave {data:x?}");
+                    assert!(
+                        data.iter().all(|b| *b == 0xff),
+                        "invalid read gave {data:x?}"
+                    );
                     model.invalid += 1;
                 } else {
                     let expected = match offset {

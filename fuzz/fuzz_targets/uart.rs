@@ -96,11 +96,21 @@ impl Offset {
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Read { offset: Offset, size: Size },
-    Write { offset: Offset, size: Size, value: u64 },
+    Read {
+        offset: Offset,
+        size: Size,
+    },
+    Write {
+        offset: Offset,
+        size: Size,
+        value: u64,
+    },
     /// Host input: `pattern` repeated to `len` bytes, so one call can
     /// overflow the 64-byte FIFO.
-    Enqueue { pattern: [u8; 4], len: u8 },
+    Enqueue {
+        pattern: [u8; 4],
+        len: u8,
+    },
     /// Make the output sink fail (or recover), like a closed stdout.
     SetOutputFailing(bool),
 }
@@ -153,7 +163,10 @@ fuzz_target!(|ops: Vec<Op>| {
                 let data = &mut data[..size.bytes()];
                 BusDevice::read(&mut uart, COM1_BASE, offset, data);
                 if offset >= COM1_LEN || data.len() != 1 {
-                    assert!(data.iter().all(|b| *b == 0xff), "invalid read gave {data:x?}");
+                    assert!(
+                        data.iter().all(|b| *b == 0xff),
+                        "invalid read gave {data:x?}"
+                    );
                     model.invalid += 1;
                     continue;
                 }
@@ -240,5 +253,9 @@ fuzz_target!(|ops: Vec<Op>| {
     }
 
     assert_eq!(uart.writer().bytes, model.output, "guest output");
-    assert_eq!(read_eventfd(&input_ready), model.input_ready, "input-ready signals");
+    assert_eq!(
+        read_eventfd(&input_ready),
+        model.input_ready,
+        "input-ready signals"
+    );
 });

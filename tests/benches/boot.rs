@@ -160,6 +160,10 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let wanted = |name: &str| only.is_empty() || only.iter().any(|a| a == name);
+    if wanted("hello") || wanted("storm") {
+        // Build (or find) the release binary before timing anything.
+        println!("ember: {}", ember_tests::ember_binary().display());
+    }
 
     let hello = wanted("hello").then(|| {
         let (wall, cpu) = hello();

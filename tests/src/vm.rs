@@ -307,9 +307,14 @@ impl RunningVm {
                 return Ok(line);
             }
             if self.stdout_closed {
-                let reaped = self.reap()?;
-                return Err(Error::Exited {
-                    output: Box::new(self.take_output(reaped)),
+                // Stdout closes when ember exits; should it close stdout
+                // and keep running, the deadline still applies.
+                let budget = deadline.saturating_duration_since(Instant::now());
+                return Err(match self.reap_within(budget)? {
+                    Some(reaped) => Error::Exited {
+                        output: Box::new(self.take_output(reaped)),
+                    },
+                    None => self.kill_for_timeout(timeout),
                 });
             }
             let now = Instant::now();
@@ -694,6 +699,15 @@ mod tests {
         assert!(
             matches!(err, Error::Timeout { ref output, .. } if output.stdout == "one\n"),
             "{err}"
+        );
+
+        let mut vm = fake("echo one; exec >&-; sleep 60").spawn().unwrap();
+        let err = vm
+            .wait_for_line(|l| l == "never", Duration::from_millis(300))
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Timeout { .. }),
+            "closing stdout is not exiting: {err}"
         );
 
         let mut vm = fake("echo one; printf last; exit 7").spawn().unwrap();

@@ -250,9 +250,11 @@ impl std::str::FromStr for LogLevel {
             "debug" => LogLevel::Debug,
             "trace" => LogLevel::Trace,
             "off" => LogLevel::Off,
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "invalid log level `{s}`: expected one of Error, Warning, Info, Debug, Trace, Off"
-            )),
+            ))
+            }
         })
     }
 }
@@ -377,6 +379,12 @@ pub struct VmConfig {
 impl VmConfig {
     /// Parses a configuration from JSON text, then validates it.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        // serde would also accept a JSON array in place of the object.
+        if text.trim_start().starts_with('[') {
+            return Err(ConfigError::Invalid(
+                "the top level must be a JSON object, not an array".into(),
+            ));
+        }
         let config: VmConfig = serde_json::from_str(text)?;
         config.validate()?;
         Ok(config)
@@ -409,9 +417,7 @@ impl VmConfig {
     /// Checks values and rejects what Ember does not implement.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.machine_config.validate()?;
-        if !self.drives.is_empty() {
-            return Err(ConfigError::NotSupported("drives"));
-        }
+        validate_drives(&self.drives)?;
         if !self.network_interfaces.is_empty() {
             return Err(ConfigError::NotSupported("network-interfaces"));
         }
@@ -437,6 +443,77 @@ impl VmConfig {
         }
         Ok(())
     }
+}
+
+/// Checks the `drives` list as Firecracker does: unique ids, at most one
+/// root device, a host path for every drive.
+pub fn validate_drives(drives: &[Drive]) -> Result<(), ConfigError> {
+    let mut roots = 0;
+    for (i, d) in drives.iter().enumerate() {
+        if d.drive_id.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "drives[{i}].drive_id is empty"
+            )));
+        }
+        if drives[..i].iter().any(|o| o.drive_id == d.drive_id) {
+            return Err(ConfigError::Invalid(format!(
+                "drives[{i}]: drive_id `{}` is used twice",
+                d.drive_id
+            )));
+        }
+        if d.socket.is_some() {
+            return Err(ConfigError::Invalid(format!(
+                "drive `{}`: vhost-user block devices (`socket`) are not supported by Ember",
+                d.drive_id
+            )));
+        }
+        if d.path_on_host
+            .as_ref()
+            .is_none_or(|p| p.as_os_str().is_empty())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "drive `{}`: path_on_host is required",
+                d.drive_id
+            )));
+        }
+        if d.is_root_device {
+            roots += 1;
+        }
+    }
+    if roots > 1 {
+        return Err(ConfigError::Invalid(
+            "a root block device already exists: only one drive can have is_root_device".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl Drive {
+    /// The kernel command line words for a root drive, as Firecracker adds
+    /// them: `root=/dev/vda` (or `root=PARTUUID=...`) then `ro` or `rw`.
+    pub fn root_args(&self) -> Option<String> {
+        if !self.is_root_device {
+            return None;
+        }
+        let root = match &self.partuuid {
+            Some(uuid) => format!("root=PARTUUID={uuid}"),
+            None => "root=/dev/vda".to_string(),
+        };
+        let mode = if self.is_read_only.unwrap_or(false) {
+            "ro"
+        } else {
+            "rw"
+        };
+        Some(format!("{root} {mode}"))
+    }
+}
+
+/// Drives in the order Firecracker attaches them: the root device first,
+/// then the others in configuration order.
+pub fn drives_in_attach_order(drives: &[Drive]) -> Vec<&Drive> {
+    let mut out: Vec<&Drive> = drives.iter().filter(|d| d.is_root_device).collect();
+    out.extend(drives.iter().filter(|d| !d.is_root_device));
+    out
 }
 
 impl MachineConfig {
@@ -570,18 +647,60 @@ mod tests {
     }
 
     #[test]
+    fn drives_follow_firecracker_rules() {
+        let c = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "drives": [
+                {"drive_id": "data", "path_on_host": "/d", "is_root_device": false},
+                {"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true, "is_read_only": true, "cache_type": "Writeback", "io_engine": "Async"}]}"#,
+        )
+        .unwrap();
+        let order: Vec<_> = drives_in_attach_order(&c.drives)
+            .iter()
+            .map(|d| d.drive_id.as_str())
+            .collect();
+        assert_eq!(order, ["rootfs", "data"]);
+        assert_eq!(c.drives[1].root_args().as_deref(), Some("root=/dev/vda ro"));
+        assert_eq!(c.drives[0].root_args(), None);
+        assert_eq!(c.drives[1].cache_type, CacheType::Writeback);
+        assert_eq!(c.drives[1].io_engine, IoEngine::Async);
+        let mut d = c.drives[1].clone();
+        d.partuuid = Some("0eaa91a0-01".into());
+        d.is_read_only = Some(false);
+        assert_eq!(
+            d.root_args().as_deref(),
+            Some("root=PARTUUID=0eaa91a0-01 rw")
+        );
+
+        for (body, needle) in [
+            (
+                r#"[{"drive_id": "a", "path_on_host": "/a", "is_root_device": true}, {"drive_id": "b", "path_on_host": "/b", "is_root_device": true}]"#,
+                "only one drive",
+            ),
+            (
+                r#"[{"drive_id": "a", "path_on_host": "/a", "is_root_device": false}, {"drive_id": "a", "path_on_host": "/b", "is_root_device": false}]"#,
+                "used twice",
+            ),
+            (
+                r#"[{"drive_id": "a", "is_root_device": false}]"#,
+                "path_on_host is required",
+            ),
+            (
+                r#"[{"drive_id": "a", "path_on_host": "/a", "is_root_device": false, "cache_type": "Fast"}]"#,
+                "unknown variant",
+            ),
+            (r#"[{"drive_id": 1}]"#, "invalid type"),
+        ] {
+            let e = VmConfig::from_json(&format!(
+                r#"{{"boot-source": {{"kernel_image_path": "/k"}}, "drives": {body}}}"#
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
     fn later_sections_parse_but_are_not_supported_yet() {
-        let e = VmConfig::from_json(
-            r#"{"boot-source": {"kernel_image_path": "/k"}, "drives": [{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true, "is_read_only": false}]}"#,
-        )
-        .unwrap_err();
-        assert!(matches!(e, ConfigError::NotSupported("drives")), "{e}");
-        // Still type-checked before being rejected.
-        let e = VmConfig::from_json(
-            r#"{"boot-source": {"kernel_image_path": "/k"}, "drives": [{"drive_id": 1}]}"#,
-        )
-        .unwrap_err();
-        assert!(matches!(e, ConfigError::Parse(_)), "{e}");
         for (section, body) in [
             (
                 "network-interfaces",

@@ -116,26 +116,8 @@ impl MutEventSubscriber for StdinToSerial {
     }
 }
 
-enum Subscriber {
-    Exit(ExitWatcher),
-    Stdin(StdinToSerial),
-}
-
-impl MutEventSubscriber for Subscriber {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match self {
-            Subscriber::Exit(s) => s.process(events, ops),
-            Subscriber::Stdin(s) => s.process(events, ops),
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        match self {
-            Subscriber::Exit(s) => s.init(ops),
-            Subscriber::Stdin(s) => s.init(ops),
-        }
-    }
-}
+/// A subscriber of the VMM thread's event loop.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// Runs until the VM's exit event fires.
 pub fn run(
@@ -143,6 +125,7 @@ pub fn run(
     serial: Serial,
     input_ready: &EventFd,
     stdin: RawFd,
+    devices: Vec<Subscriber>,
 ) -> Result<(), String> {
     use std::os::unix::io::AsRawFd;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -150,10 +133,10 @@ pub fn run(
     let mut manager: EventManager<Subscriber> =
         EventManager::new().map_err(|e| format!("cannot create the event manager: {e:?}"))?;
     let fired = Arc::new(AtomicBool::new(false));
-    manager.add_subscriber(Subscriber::Exit(ExitWatcher {
+    manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
         fd: control.exit_event().as_raw_fd(),
         fired: fired.clone(),
-    }));
+    })));
     // Non-blocking stdin so a spurious wake-up never stalls the loop.
     // SAFETY: fcntl on a file descriptor we were given; failure is harmless.
     unsafe {
@@ -162,13 +145,16 @@ pub fn run(
             libc::fcntl(stdin, libc::F_SETFL, flags | libc::O_NONBLOCK);
         }
     }
-    manager.add_subscriber(Subscriber::Stdin(StdinToSerial {
+    manager.add_subscriber(Arc::new(Mutex::new(StdinToSerial {
         stdin,
         input_ready: input_ready.as_raw_fd(),
         serial,
         pending: Vec::new(),
         stdin_open: false,
-    }));
+    })));
+    for device in devices {
+        manager.add_subscriber(device);
+    }
     while !fired.load(Ordering::SeqCst) && !control.is_exiting() {
         manager.run().map_err(|e| format!("epoll failed: {e:?}"))?;
     }

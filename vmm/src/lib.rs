@@ -6,6 +6,7 @@
 
 pub mod boot_timer;
 pub mod config;
+pub mod devices;
 pub mod event_loop;
 pub mod logger;
 pub mod terminal;

@@ -20,8 +20,11 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot_timer::BootTimer;
-use crate::config::VmConfig;
-use crate::event_loop;
+use crate::config::{drives_in_attach_order, CacheType, IoEngine, VmConfig};
+use crate::devices::{attach_virtio_device, BlockEvents, MmioAllocator, MmioSlot};
+use crate::event_loop::{self, Subscriber};
+use ember_virtio_blk::{Block, BlockConfig};
+use ember_virtio_mmio::MmioTransport;
 
 /// Everything that can stop a VM from being built.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +87,18 @@ pub enum VmError {
     /// vCPU creation, set-up or start.
     #[error(transparent)]
     Vcpu(#[from] ember_vcpu::Error),
+    /// A drive could not be opened.
+    #[error("drive `{id}`: {source}")]
+    Drive {
+        /// `drive_id`.
+        id: String,
+        /// Cause.
+        #[source]
+        source: ember_virtio_blk::Error,
+    },
+    /// A virtio device could not be attached.
+    #[error(transparent)]
+    Device(#[from] crate::devices::DeviceError),
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),
@@ -113,6 +128,19 @@ pub struct Vm {
     serial: Arc<Mutex<SerialDevice<Box<dyn Write + Send>>>>,
     serial_input_ready: EventFd,
     _i8042: Arc<Mutex<I8042Device<ResetTrigger, EventFdTrigger>>>,
+    subscribers: Vec<Subscriber>,
+    drives: Vec<DriveHandle>,
+    virtio_slots: Vec<MmioSlot>,
+}
+
+/// A block device of the VM.
+pub struct DriveHandle {
+    /// `drive_id`.
+    pub id: String,
+    /// The device.
+    pub block: Arc<Mutex<Block>>,
+    /// Its transport.
+    pub transport: Arc<Mutex<MmioTransport>>,
 }
 
 /// The i8042 reset line: asks every vCPU to stop with [`ExitReason::GuestReset`].
@@ -178,8 +206,6 @@ impl Vm {
         // The in-kernel PIC/IOAPIC/PIT must exist before any vCPU.
         ember_irqchip::setup(&vm_fd)?;
 
-        let entry = load_kernel(&mem, boot_source, config.boot_args(), machine.vcpu_count)?;
-
         let control = VmControl::new()?;
         let mut pio_bus = Bus::new(BusKind::Pio);
         let mut mmio_bus = Bus::new(BusKind::Mmio);
@@ -215,6 +241,69 @@ impl Vm {
             I8042_LEN,
             i8042.clone(),
         )?;
+
+        // virtio-mmio devices: slots from 0xC000_1000, GSIs from 5, root
+        // drive first, as Firecracker.
+        let mut slots = MmioAllocator::default();
+        let mut subscribers: Vec<Subscriber> = Vec::new();
+        let mut virtio_slots = Vec::new();
+        let mut extra_args = Vec::new();
+        let mut drives = Vec::new();
+        for drive in drives_in_attach_order(&config.drives) {
+            let block_config = BlockConfig {
+                drive_id: drive.drive_id.clone(),
+                path_on_host: drive.path_on_host.clone().unwrap_or_default(),
+                is_read_only: drive.is_read_only.unwrap_or(false),
+                cache_type: match drive.cache_type {
+                    CacheType::Unsafe => ember_virtio_blk::CacheType::Unsafe,
+                    CacheType::Writeback => ember_virtio_blk::CacheType::Writeback,
+                },
+                io_engine: match drive.io_engine {
+                    IoEngine::Sync => ember_virtio_blk::IoEngine::Sync,
+                    IoEngine::Async => ember_virtio_blk::IoEngine::Async,
+                },
+            };
+            let block = Block::new(&block_config).map_err(|source| VmError::Drive {
+                id: drive.drive_id.clone(),
+                source,
+            })?;
+            let block = Arc::new(Mutex::new(block));
+            let name = format!("drive `{}`", drive.drive_id);
+            let attached = attach_virtio_device(
+                &vm_fd,
+                &mem,
+                &mut mmio_bus,
+                &mut slots,
+                block.clone(),
+                &name,
+            )?;
+            let queue = attached
+                .queue_events
+                .first()
+                .ok_or_else(|| VmError::EventLoop(format!("{name} has no queue")))?
+                .try_clone()
+                .map_err(VmError::EventFd)?;
+            subscribers.push(Arc::new(Mutex::new(
+                BlockEvents::new(block.clone(), queue, name).map_err(VmError::EventFd)?,
+            )));
+            if let Some(root) = drive.root_args() {
+                extra_args.push(root);
+            }
+            extra_args.push(attached.slot.cmdline_entry());
+            virtio_slots.push(attached.slot);
+            drives.push(DriveHandle {
+                id: drive.drive_id.clone(),
+                block,
+                transport: attached.transport,
+            });
+        }
+
+        let mut boot_args = config.boot_args().to_string();
+        for arg in &extra_args {
+            boot_args.push(' ');
+            boot_args.push_str(arg);
+        }
+        let entry = load_kernel(&mem, boot_source, &boot_args, machine.vcpu_count)?;
 
         if opts.boot_timer {
             let timer = Arc::new(Mutex::new(BootTimer::new(
@@ -252,12 +341,25 @@ impl Vm {
             serial,
             serial_input_ready,
             _i8042: i8042,
+            subscribers,
+            drives,
+            virtio_slots,
         })
     }
 
     /// The VM file descriptor.
     pub fn vm_fd(&self) -> &VmFd {
         &self.vm_fd
+    }
+
+    /// The block devices, in attach order.
+    pub fn drives(&self) -> &[DriveHandle] {
+        &self.drives
+    }
+
+    /// The virtio-mmio slots in use, in attach order.
+    pub fn virtio_slots(&self) -> &[MmioSlot] {
+        &self.virtio_slots
     }
 
     /// Starts the vCPUs and serves stdin to the serial port until the VM
@@ -286,6 +388,7 @@ impl Vm {
             self.serial.clone(),
             &self.serial_input_ready,
             std::io::stdin().as_raw_fd(),
+            self.subscribers,
         );
         // Whatever ended the loop, every vCPU must leave KVM_RUN.
         self.control.request_stop(ExitReason::Stopped);

@@ -58,6 +58,7 @@ use std::io;
 
 use vm_memory::GuestAddress;
 
+pub mod acpi;
 pub mod gdt;
 pub mod layout;
 mod loader;
@@ -68,6 +69,7 @@ mod system;
 #[cfg(test)]
 mod test_images;
 
+pub use acpi::{create_acpi_tables, VirtioMmioDeviceInfo};
 pub use linux_loader::cmdline::Cmdline;
 pub use loader::{load_initrd, load_kernel, InitrdConfig};
 pub use memory::{arch_memory_regions, create_guest_memory};

@@ -4,7 +4,7 @@
 //! §5.2.6).
 //!
 //! The chain is read as two byte streams, as VIRTIO_F_ANY_LAYOUT (implied by
-//! VIRTIO_F_VERSION_1, virtio 1.2 §2.7.4.3) requires: the device-readable
+//! VIRTIO_F_VERSION_1, virtio 1.2 §2.7.4) requires: the device-readable
 //! descriptors carry the 16-byte header and then any driver-to-device data;
 //! the device-writable descriptors carry any device-to-driver data and end
 //! with the status byte. Linux puts header, data and status in separate
@@ -26,8 +26,8 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::{
-    MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, SEG_MAX,
-    SECTOR_SHIFT, SECTOR_SIZE,
+    MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG,
+    SECTOR_SHIFT, SECTOR_SIZE, SEG_MAX,
 };
 
 /// Size of the request header: `le32 type; le32 reserved; le64 sector`
@@ -382,12 +382,8 @@ impl Request {
             }
         }
 
-        let mut out = Stream {
-            segments: readable,
-        };
-        let mut inn = Stream {
-            segments: writable,
-        };
+        let mut out = Stream { segments: readable };
+        let mut inn = Stream { segments: writable };
         // The status byte is the last writable byte; it is the one computed
         // above, since the last descriptor is writable and non-empty.
         inn.pop_back_byte();
@@ -482,9 +478,7 @@ impl Request {
                         max: max_seg,
                     }));
                 }
-                let mut stream = Stream {
-                    segments: out_data,
-                };
+                let mut stream = Stream { segments: out_data };
                 for _ in 0..count {
                     let segs = stream.split_off_front(RANGE_SIZE);
                     let mut raw = [0u8; RANGE_SIZE as usize];

@@ -30,7 +30,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
+use crate::device::{ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
 
 /// Size of the MMIO window of one device: registers up to 0xff, configuration
 /// space from 0x100 (virtio 1.2 §4.2.2).
@@ -90,7 +90,10 @@ const FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
 /// [`ActiveQueue::index`] is a u16.
 const MAX_QUEUES: usize = u16::MAX as usize;
 
-/// Errors building an [`MmioTransport`].
+/// Errors of the transport: building an [`MmioTransport`], and why an
+/// activation at DRIVER_OK failed (reported through logs and
+/// [`MmioMetrics::activate_fails`], since the driver only sees
+/// DEVICE_NEEDS_RESET).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A queue maximum size that virtio-queue refuses.
@@ -104,7 +107,8 @@ pub enum Error {
     /// The device declares more queues than an index register can select.
     #[error("device declares {0} queues, more than the {MAX_QUEUES} a transport supports")]
     TooManyQueues(usize),
-    /// Creating the EventFd signalled by QueueNotify failed.
+    /// Creating (or, at activation, cloning) the EventFd signalled by
+    /// QueueNotify failed.
     #[error("failed to create the notify EventFd of queue {index}: {source}")]
     NotifyEventFd {
         /// Queue index.
@@ -113,6 +117,35 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A ready queue does not fit in guest memory.
+    #[error(
+        "queue {index} (size {size}, descriptors {desc:#x}, driver area {driver:#x}, device \
+         area {device:#x}) is not inside guest memory"
+    )]
+    QueueOutsideMemory {
+        /// Queue index.
+        index: usize,
+        /// QueueNum.
+        size: u16,
+        /// Descriptor table address.
+        desc: u64,
+        /// Driver area (available ring) address.
+        driver: u64,
+        /// Device area (used ring) address.
+        device: u64,
+    },
+    /// virtio-queue refused the queue configuration.
+    #[error("queue {index}: {source}")]
+    Queue {
+        /// Queue index.
+        index: usize,
+        /// What virtio-queue reported.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// The device refused to start.
+    #[error("device refused to activate: {0}")]
+    Activate(#[from] ActivateError),
 }
 
 /// Counters of what the driver did that the transport refused or noticed.
@@ -201,7 +234,7 @@ impl VirtioInterrupt for MmioInterrupt {
                 // A configuration change interrupt means the configuration
                 // changed: ConfigGeneration must change with it so that a
                 // driver reading a multi-field value notices (virtio 1.2
-                // §2.5.1, §4.2.2 "ConfigGeneration").
+                // §2.5, §4.2.2 "ConfigGeneration").
                 self.config_generation.fetch_add(1, Ordering::SeqCst);
                 self.raise(VIRTIO_MMIO_INT_CONFIG)
             }
@@ -369,11 +402,12 @@ impl MmioTransport {
     /// change notification.
     fn order_violation(&mut self, what: &str) {
         inc(&self.metrics.order_violations);
-        warn!(
-            "virtio-mmio (device type {}): {what} in status {:#x}; device needs reset",
-            self.device_type, self.status
-        );
+        // Logged once per reset: the guest must not be able to flood the log.
         if self.status & NEEDS_RESET == 0 {
+            warn!(
+                "virtio-mmio (device type {}): {what} in status {:#x}; device needs reset",
+                self.device_type, self.status
+            );
             self.status |= NEEDS_RESET;
             if let Err(e) = self.interrupt.raise(VIRTIO_MMIO_INT_CONFIG) {
                 warn!("virtio-mmio: failed to signal the device-needs-reset interrupt: {e}");
@@ -493,7 +527,7 @@ impl MmioTransport {
             REG_QUEUE_NUM => u16::try_from(value)
                 .ok()
                 .is_some_and(|size| queue.try_set_size(size).is_ok()),
-            // Alignments of virtio 1.2 §2.7.2 (16, 2 and 4 bytes) are
+            // Alignments of virtio 1.2 §2.7 (16, 2 and 4 bytes) are
             // checked by the try_set_* methods.
             REG_QUEUE_DESC_LOW => queue
                 .try_set_desc_table_address(GuestAddress(low(queue.desc_table())))
@@ -611,7 +645,7 @@ impl MmioTransport {
         let version_1 = 1u64 << VIRTIO_F_VERSION_1;
         if self.driver_features_beyond_64 || accepted & !offered != 0 || accepted & version_1 == 0 {
             inc(&self.metrics.features_rejected);
-            warn!(
+            debug!(
                 "virtio-mmio (device type {}): refusing features {accepted:#x} (offered \
                  {offered:#x}, bits past 63: {})",
                 self.device_type, self.driver_features_beyond_64
@@ -637,40 +671,44 @@ impl MmioTransport {
         }
     }
 
-    fn activate(&mut self) -> Result<(), String> {
+    fn activate(&mut self) -> Result<(), Error> {
         let event_idx = self.acked_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut active = Vec::new();
-        for (index, (queue, notify)) in self.queues.iter().zip(&self.notify_evts).enumerate() {
+        // MAX_QUEUES keeps every index inside u16.
+        let queues = (0u16..).zip(self.queues.iter().zip(&self.notify_evts));
+        for (index, (queue, notify)) in queues {
             if !queue.ready() {
                 continue;
             }
             if !queue.is_valid(&self.mem) {
-                return Err(format!(
-                    "queue {index} (size {}, desc {:#x}, driver {:#x}, device {:#x}) is not \
-                     inside guest memory",
-                    queue.size(),
-                    queue.desc_table(),
-                    queue.avail_ring(),
-                    queue.used_ring()
-                ));
+                return Err(Error::QueueOutsideMemory {
+                    index: usize::from(index),
+                    size: queue.size(),
+                    desc: queue.desc_table(),
+                    driver: queue.avail_ring(),
+                    device: queue.used_ring(),
+                });
             }
             let mut state = queue.state();
             state.event_idx_enabled = event_idx;
-            let queue = Queue::try_from(state).map_err(|e| format!("queue {index}: {e}"))?;
-            let notify = notify
-                .try_clone()
-                .map_err(|e| format!("queue {index}: cannot clone the notify EventFd: {e}"))?;
+            let queue = Queue::try_from(state).map_err(|source| Error::Queue {
+                index: usize::from(index),
+                source,
+            })?;
+            let notify = notify.try_clone().map_err(|source| Error::NotifyEventFd {
+                index: usize::from(index),
+                source,
+            })?;
             active.push(ActiveQueue {
-                // MAX_QUEUES bounds the number of queues, so this cannot fail.
-                index: u16::try_from(index).map_err(|e| e.to_string())?,
+                index,
                 queue,
                 notify,
             });
         }
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
         self.locked_device()
-            .activate(self.mem.clone(), active, interrupt)
-            .map_err(|e| e.to_string())
+            .activate(self.mem.clone(), active, interrupt)?;
+        Ok(())
     }
 
     fn reset(&mut self) {

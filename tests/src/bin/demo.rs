@@ -56,12 +56,16 @@ fn main() -> ExitCode {
 
     let ember = ember_binary();
     println!("config: {}", config_path.display());
-    println!(
-        "running: {} --no-api --config-file {} {}",
+    let mut shown = format!(
+        "{} --no-api --config-file {}",
         ember.display(),
-        config_path.display(),
-        ember_args.join(" ")
+        config_path.display()
     );
+    for arg in &ember_args {
+        shown.push(' ');
+        shown.push_str(arg);
+    }
+    println!("running: {shown}");
     let status = Command::new(&ember)
         .arg("--no-api")
         .arg("--config-file")

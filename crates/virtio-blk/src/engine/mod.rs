@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io;
 
 pub(crate) use async_io::AsyncEngine;
-pub(crate) use sync_io::SyncEngine;
+pub(crate) use sync_io::{transfer_all, SyncEngine};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Host iovecs pointing into guest memory.
@@ -28,13 +28,6 @@ pub(crate) struct IoVecs(pub(crate) Vec<libc::iovec>);
 // mapped (it holds a `GuestMemoryMmap`) while operations are in flight; they
 // carry no thread affinity.
 unsafe impl Send for IoVecs {}
-
-impl IoVecs {
-    /// Total number of bytes described.
-    pub(crate) fn total_len(&self) -> usize {
-        self.0.iter().map(|v| v.iov_len).sum()
-    }
-}
 
 /// One operation on the backing file.
 #[derive(Debug)]
@@ -75,9 +68,6 @@ pub(crate) trait Engine: Send {
 
     /// The EventFd signalled when operations finish, for engines that queue.
     fn completion_event(&self) -> Option<&EventFd>;
-
-    /// Number of operations queued or in flight.
-    fn in_flight(&self) -> usize;
 
     /// Waits until nothing is in flight, moving the results into `done`.
     fn drain(&mut self, done: &mut Vec<(u64, io::Result<u32>)>) -> io::Result<()>;

@@ -113,11 +113,64 @@ impl Engine for SyncEngine {
         None
     }
 
-    fn in_flight(&self) -> usize {
-        0
-    }
-
     fn drain(&mut self, _done: &mut Vec<(u64, io::Result<u32>)>) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn scattered_read_and_short_read_at_end_of_file() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(b"0123456789").unwrap();
+        let mut a = [0u8; 3];
+        let mut b = [0u8; 4];
+        let mut iovecs = [
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: a.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            },
+        ];
+        assert_eq!(transfer_all(&file, &mut iovecs, 1, false).unwrap(), 7);
+        assert_eq!(&a, b"123");
+        assert_eq!(&b, b"4567");
+
+        // Only 2 bytes left past offset 8.
+        let mut c = [0u8; 4];
+        let mut iovecs = [libc::iovec {
+            iov_base: c.as_mut_ptr().cast(),
+            iov_len: c.len(),
+        }];
+        assert_eq!(transfer_all(&file, &mut iovecs, 8, false).unwrap(), 2);
+        assert_eq!(&c[..2], b"89");
+    }
+
+    #[test]
+    fn write_then_flush() {
+        let file = tempfile::tempfile().unwrap();
+        let mut engine = SyncEngine::new(file);
+        let data = *b"abcd";
+        let iovecs = super::super::IoVecs(vec![libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        }]);
+        match engine.submit(DiskOp::Write { offset: 2, iovecs }, 0) {
+            Submitted::Done(Ok(4)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            engine.submit(DiskOp::Flush, 1),
+            Submitted::Done(Ok(0))
+        ));
+        assert_eq!(engine.file().metadata().unwrap().len(), 6);
     }
 }

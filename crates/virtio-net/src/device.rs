@@ -1,0 +1,762 @@
+// SPDX-License-Identifier: Apache-2.0
+
+//! The network device: configuration, feature negotiation, and the two data
+//! paths between the virtqueues and the TAP.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use ember_virtio_mmio::{ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
+use log::{error, warn};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::metrics::NetMetrics;
+use crate::tap::Tap;
+use crate::{
+    Error, NetConfig, CONFIG_SPACE_SIZE, MAX_BUFFER_SIZE, MIN_MTU, QUEUE_SIZE, RX_INDEX,
+    TX_INDEX, VNET_HDR_LEN,
+};
+
+/// Bytes of an Ethernet header (destination, source, EtherType). The TAP
+/// refuses shorter frames (Linux `tun_get_user`).
+const ETH_HLEN: usize = 14;
+/// Offset of `num_buffers` in `struct virtio_net_hdr_v1` (virtio 1.2
+/// §5.1.6).
+const NUM_BUFFERS_OFFSET: usize = 10;
+/// Offset of the source MAC address in a frame, header included.
+const SRC_MAC_OFFSET: usize = VNET_HDR_LEN + 6;
+
+const _: () = assert!(
+    std::mem::size_of::<virtio_bindings::virtio_net::virtio_net_hdr_v1>() == VNET_HDR_LEN
+);
+
+/// The TUN_F_* offload flags for the TAP, from the features the driver
+/// accepted.
+///
+/// They describe what the receiving side (the driver) handles: with
+/// VIRTIO_NET_F_GUEST_CSUM the TAP may hand over frames with a partial
+/// checksum, and with GUEST_TSO4/TSO6/UFO also segmentation offload frames
+/// (virtio 1.2 §5.1.6.4). Segmentation offloads need checksum offload
+/// (§5.1.3.1), and the TAP refuses them without it, so they are only set
+/// together with it.
+pub fn tap_offload_flags(features: u64) -> u32 {
+    let has = |bit: u32| features & (1u64 << bit) != 0;
+    if !has(VIRTIO_NET_F_GUEST_CSUM) {
+        return 0;
+    }
+    let mut flags = libc::TUN_F_CSUM;
+    if has(VIRTIO_NET_F_GUEST_TSO4) {
+        flags |= libc::TUN_F_TSO4;
+    }
+    if has(VIRTIO_NET_F_GUEST_TSO6) {
+        flags |= libc::TUN_F_TSO6;
+    }
+    if has(VIRTIO_NET_F_GUEST_UFO) {
+        flags |= libc::TUN_F_UFO;
+    }
+    flags
+}
+
+/// Why a transmit chain was dropped.
+#[derive(Debug, thiserror::Error)]
+enum TxChainError {
+    #[error("descriptor {index} is device-writable")]
+    WriteOnly { index: usize },
+    #[error("buffer of {len} bytes at {addr:#x} is outside guest memory")]
+    OutsideMemory { addr: u64, len: u32 },
+    #[error("the chain is broken (bad head or next index, or a loop)")]
+    Broken,
+    #[error("the frame is longer than {MAX_BUFFER_SIZE} bytes")]
+    TooLong,
+    #[error("the frame is {0} bytes, shorter than the virtio-net and Ethernet headers")]
+    TooShort(usize),
+}
+
+impl TxChainError {
+    /// Size problems are malformed frames; everything else is a bad chain
+    /// (Firecracker's `tx_malformed_frames` and `tx_fails`).
+    fn is_malformed_frame(&self) -> bool {
+        matches!(self, TxChainError::TooLong | TxChainError::TooShort(_))
+    }
+}
+
+/// Why a receive chain could not be used.
+#[derive(Debug, thiserror::Error)]
+enum RxChainError {
+    #[error("descriptor {index} is not device-writable")]
+    ReadOnly { index: usize },
+    #[error("buffer of {len} bytes at {addr:#x} is outside guest memory")]
+    OutsideMemory { addr: u64, len: u32 },
+    #[error("the chain is broken (bad head or next index, or a loop)")]
+    Broken,
+    #[error("the chain holds {0} bytes, less than the virtio-net and Ethernet headers")]
+    TooSmall(usize),
+}
+
+/// Gathers a transmit chain (device-readable descriptors only, virtio 1.2
+/// §5.1.6.2) into `buf`; returns the frame length, header included.
+fn read_tx_chain(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    buf: &mut [u8],
+) -> Result<usize, TxChainError> {
+    let mut len = 0usize;
+    let mut count = 0usize;
+    let mut last_has_next = false;
+    for desc in chain {
+        if desc.is_write_only() {
+            return Err(TxChainError::WriteOnly { index: count });
+        }
+        count += 1;
+        let end = len
+            .checked_add(desc.len() as usize)
+            .filter(|end| *end <= buf.len())
+            .ok_or(TxChainError::TooLong)?;
+        let dst = buf.get_mut(len..end).ok_or(TxChainError::TooLong)?;
+        mem.read_slice(dst, desc.addr())
+            .map_err(|_| TxChainError::OutsideMemory {
+                addr: desc.addr().0,
+                len: desc.len(),
+            })?;
+        len = end;
+        last_has_next = desc.has_next();
+    }
+    // virtio-queue ends the iteration quietly on a bad `next` index, an
+    // unreadable descriptor or a loop: the last descriptor then still says
+    // that another follows.
+    if count == 0 || last_has_next {
+        return Err(TxChainError::Broken);
+    }
+    if len < VNET_HDR_LEN + ETH_HLEN {
+        return Err(TxChainError::TooShort(len));
+    }
+    Ok(len)
+}
+
+/// Checks a receive chain (device-writable descriptors only, virtio 1.2
+/// §5.1.6.3) and lists its buffers; returns its capacity in bytes.
+fn parse_rx_chain(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    segments: &mut Vec<(GuestAddress, usize)>,
+) -> Result<usize, RxChainError> {
+    segments.clear();
+    let mut capacity = 0usize;
+    let mut count = 0usize;
+    let mut last_has_next = false;
+    for desc in chain {
+        if !desc.is_write_only() {
+            return Err(RxChainError::ReadOnly { index: count });
+        }
+        count += 1;
+        let len = desc.len() as usize;
+        if len > 0 {
+            if !mem.check_range(desc.addr(), len, Permissions::Write) {
+                return Err(RxChainError::OutsideMemory {
+                    addr: desc.addr().0,
+                    len: desc.len(),
+                });
+            }
+            segments.push((desc.addr(), len));
+            // Cannot overflow: virtio-queue stops a chain at 4 GiB.
+            capacity += len;
+        }
+        last_has_next = desc.has_next();
+    }
+    if count == 0 || last_has_next {
+        return Err(RxChainError::Broken);
+    }
+    if capacity < VNET_HDR_LEN + ETH_HLEN {
+        return Err(RxChainError::TooSmall(capacity));
+    }
+    Ok(capacity)
+}
+
+/// Writes `frame` over the buffers of a receive chain, in order.
+fn scatter(
+    mem: &GuestMemoryMmap,
+    segments: &[(GuestAddress, usize)],
+    frame: &[u8],
+) -> Result<(), GuestMemoryError> {
+    let mut rest = frame;
+    for &(addr, len) in segments {
+        if rest.is_empty() {
+            break;
+        }
+        let (now, later) = rest.split_at(len.min(rest.len()));
+        mem.write_slice(now, addr)?;
+        rest = later;
+    }
+    Ok(())
+}
+
+/// Pops the next chain; when the ring is empty, re-enables notifications
+/// and looks again, so that a chain the driver published meanwhile is not
+/// left without a notification (virtio 1.2 §2.7.10).
+fn pop_or_enable_notification<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, virtio_queue::Error> {
+    loop {
+        if let Some(chain) = queue.iter(mem)?.next() {
+            return Ok(Some(chain));
+        }
+        if !queue.enable_notification(mem)? {
+            return Ok(None);
+        }
+    }
+}
+
+fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32, metrics: &NetMetrics) {
+    if let Err(e) = queue.add_used(mem, head, len) {
+        metrics.event_fails.inc();
+        error!("virtio-net: failed to add head {head} to the used ring: {e}");
+    }
+}
+
+/// Interrupts the driver once for everything added to `queue`'s used ring
+/// since the last call, unless it asked not to be.
+fn signal_used(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &dyn VirtioInterrupt,
+    metrics: &NetMetrics,
+) {
+    match queue.needs_notification(mem) {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            // Better a spurious interrupt than a lost one.
+            metrics.event_fails.inc();
+            error!("virtio-net: cannot read the notification state: {e}");
+        }
+    }
+    if !queue.event_idx_enabled() {
+        // virtio 1.2 §2.7.7.2: without VIRTIO_F_EVENT_IDX the device SHOULD
+        // NOT interrupt while the driver sets VRING_AVAIL_F_NO_INTERRUPT
+        // (Linux does while its NAPI poll reaps used buffers).
+        // needs_notification above fenced the used ring writes.
+        let flags = mem
+            .load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Acquire)
+            .map(u16::from_le)
+            .unwrap_or(0);
+        if u32::from(flags) & VRING_AVAIL_F_NO_INTERRUPT != 0 {
+            return;
+        }
+    }
+    if let Err(e) = interrupt.trigger(InterruptKind::Vring) {
+        metrics.event_fails.inc();
+        error!("virtio-net: failed to signal the used-buffer interrupt: {e}");
+    }
+}
+
+fn drain_event(evt: &EventFd, metrics: &NetMetrics) {
+    match evt.read() {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) => {
+            metrics.event_fails.inc();
+            error!("virtio-net: failed to read an EventFd: {e}");
+        }
+    }
+}
+
+/// What an activated device holds.
+pub(crate) struct Active {
+    mem: GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+    pub(crate) rx_notify: EventFd,
+    pub(crate) tx_notify: EventFd,
+    interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+/// A virtio network device (virtio 1.2 §5.1) backed by a host TAP device.
+pub struct Net {
+    config: NetConfig,
+    tap: Tap,
+    avail_features: u64,
+    acked_features: u64,
+    config_space: [u8; CONFIG_SPACE_SIZE],
+    metrics: Arc<NetMetrics>,
+    pub(crate) active: Option<Active>,
+    /// Signalled at activation and reset, so that the event loop starts or
+    /// stops watching the queues and the TAP.
+    pub(crate) control_evt: EventFd,
+    /// Whether the device was added to an event loop.
+    pub(crate) subscribed: bool,
+    /// Descriptors registered with the event loop besides `control_evt`.
+    pub(crate) registered: Vec<RawFd>,
+    /// Notification EventFds of a previous activation, kept open until the
+    /// event loop has unregistered them.
+    pub(crate) retired: Vec<EventFd>,
+    rx_buf: Box<[u8]>,
+    rx_segments: Vec<(GuestAddress, usize)>,
+    tx_buf: Box<[u8]>,
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("config", &self.config)
+            .field("tap", &self.tap.name())
+            .field("avail_features", &self.avail_features)
+            .field("acked_features", &self.acked_features)
+            .field("activated", &self.active.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Net {
+    /// Opens the TAP device and builds the device.
+    ///
+    /// The TAP device is created if it does not exist (and then disappears
+    /// with the device); attaching to an existing one needs it not to be in
+    /// use by another process.
+    pub fn new(config: NetConfig) -> Result<Net, Error> {
+        if let Some(mtu) = config.mtu {
+            if mtu < MIN_MTU {
+                return Err(Error::InvalidMtu(mtu));
+            }
+        }
+        crate::tap::check_name(&config.host_dev_name)?;
+        let control_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::EventFd {
+            iface_id: config.iface_id.clone(),
+            source,
+        })?;
+        let tap = Tap::open(&config.host_dev_name)?;
+
+        // Firecracker's feature set, without VIRTIO_NET_F_MRG_RXBUF.
+        let mut avail_features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_RING_F_EVENT_IDX)
+            | (1u64 << VIRTIO_NET_F_CSUM)
+            | (1u64 << VIRTIO_NET_F_GUEST_CSUM)
+            | (1u64 << VIRTIO_NET_F_GUEST_TSO4)
+            | (1u64 << VIRTIO_NET_F_GUEST_TSO6)
+            | (1u64 << VIRTIO_NET_F_GUEST_UFO)
+            | (1u64 << VIRTIO_NET_F_HOST_TSO4)
+            | (1u64 << VIRTIO_NET_F_HOST_TSO6)
+            | (1u64 << VIRTIO_NET_F_HOST_UFO);
+        // struct virtio_net_config (virtio 1.2 §5.1.4): mac[6] at 0,
+        // status at 6, max_virtqueue_pairs at 8, mtu at 10, little-endian.
+        let mut config_space = [0u8; CONFIG_SPACE_SIZE];
+        if let Some(mac) = config.guest_mac {
+            avail_features |= 1u64 << VIRTIO_NET_F_MAC;
+            config_space[..6].copy_from_slice(&mac);
+        }
+        if let Some(mtu) = config.mtu {
+            avail_features |= 1u64 << VIRTIO_NET_F_MTU;
+            config_space[10..12].copy_from_slice(&mtu.to_le_bytes());
+        }
+
+        Ok(Net {
+            config,
+            tap,
+            avail_features,
+            acked_features: 0,
+            config_space,
+            metrics: Arc::new(NetMetrics::default()),
+            active: None,
+            control_evt,
+            subscribed: false,
+            registered: Vec::new(),
+            retired: Vec::new(),
+            rx_buf: vec![0u8; MAX_BUFFER_SIZE].into_boxed_slice(),
+            rx_segments: Vec::new(),
+            tx_buf: vec![0u8; MAX_BUFFER_SIZE].into_boxed_slice(),
+        })
+    }
+
+    /// The configuration the device was built from.
+    pub fn config(&self) -> &NetConfig {
+        &self.config
+    }
+
+    /// The interface's ID in the VMM's configuration.
+    pub fn iface_id(&self) -> &str {
+        &self.config.iface_id
+    }
+
+    /// The TAP device's name, as the kernel reported it.
+    pub fn tap_name(&self) -> &str {
+        self.tap.name()
+    }
+
+    /// The TAP's file descriptor, for a VMM that polls it itself: when it is
+    /// readable, call [`handle_tap_event`](Self::handle_tap_event). The
+    /// device reads until the TAP is empty or the guest has no buffers, so
+    /// edge-triggered polling is enough.
+    pub fn tap_fd(&self) -> RawFd {
+        self.tap.as_raw_fd()
+    }
+
+    /// The MAC address offered to the guest.
+    pub fn guest_mac(&self) -> Option<[u8; 6]> {
+        self.config.guest_mac
+    }
+
+    /// The MTU offered to the guest.
+    pub fn mtu(&self) -> Option<u16> {
+        self.config.mtu
+    }
+
+    /// Features the driver accepted (0 before negotiation and after a
+    /// reset).
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// The device's counters (shared: clone the `Arc` to read them from
+    /// another thread).
+    pub fn metrics(&self) -> &Arc<NetMetrics> {
+        &self.metrics
+    }
+
+    /// Whether the driver started the device and no reset happened since.
+    pub fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// Handles a notification of the receive queue (the driver posted
+    /// buffers): clears the EventFd and receives the frames waiting in the
+    /// TAP. A no-op before activation.
+    pub fn handle_rx_queue_event(&mut self) {
+        let Some(active) = &self.active else {
+            return;
+        };
+        self.metrics.rx_queue_event_count.inc();
+        drain_event(&active.rx_notify, &self.metrics);
+        if self.process_rx() {
+            self.signal(RX_INDEX);
+        }
+    }
+
+    /// Handles the TAP becoming readable: receives frames until the TAP is
+    /// empty or the driver has no buffers left. A no-op before activation.
+    pub fn handle_tap_event(&mut self) {
+        if self.active.is_none() {
+            return;
+        }
+        self.metrics.rx_tap_event_count.inc();
+        if self.process_rx() {
+            self.signal(RX_INDEX);
+        }
+    }
+
+    /// Handles a notification of the transmit queue: clears the EventFd and
+    /// sends every chain the driver published. A no-op before activation.
+    pub fn handle_tx_queue_event(&mut self) {
+        let Some(active) = &self.active else {
+            return;
+        };
+        self.metrics.tx_queue_event_count.inc();
+        drain_event(&active.tx_notify, &self.metrics);
+        if self.process_tx() {
+            self.signal(TX_INDEX);
+        }
+    }
+
+    fn signal(&mut self, index: u16) {
+        if let Some(active) = self.active.as_mut() {
+            let queue = if index == RX_INDEX {
+                &mut active.rx
+            } else {
+                &mut active.tx
+            };
+            signal_used(queue, &active.mem, &*active.interrupt, &self.metrics);
+        }
+    }
+
+    /// Moves frames from the TAP into receive chains. Returns whether any
+    /// chain was used.
+    fn process_rx(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let metrics = &*self.metrics;
+        let (mem, rx) = (&active.mem, &mut active.rx);
+        // Notifications are only wanted once the device runs out of buffers:
+        // pop_or_enable_notification turns them back on then.
+        if let Err(e) = rx.disable_notification(mem) {
+            metrics.event_fails.inc();
+            error!("virtio-net: cannot disable receive queue notifications: {e}");
+        }
+        let mut used_any = false;
+        loop {
+            let chain = match pop_or_enable_notification(rx, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => {
+                    // Frames stay in the TAP until the driver posts buffers
+                    // and notifies the queue.
+                    metrics.no_rx_avail_buffer.inc();
+                    break;
+                }
+                Err(e) => {
+                    metrics.event_fails.inc();
+                    error!("virtio-net: cannot read the receive queue: {e}");
+                    break;
+                }
+            };
+            let head = chain.head_index();
+            let capacity = match parse_rx_chain(mem, chain, &mut self.rx_segments) {
+                Ok(capacity) => capacity,
+                Err(e) => {
+                    metrics.rx_fails.inc();
+                    warn!("virtio-net: unusable receive chain (head {head}): {e}");
+                    add_used(rx, mem, head, 0, metrics);
+                    used_any = true;
+                    continue;
+                }
+            };
+            // Read frames until one fits in this chain.
+            let frame_len = loop {
+                match self.tap.read_frame(&mut self.rx_buf) {
+                    Ok(len) if len > capacity || len > self.rx_buf.len() => {
+                        metrics.rx_frames_too_big.inc();
+                        metrics.rx_fails.inc();
+                        warn!(
+                            "virtio-net: dropped a {len}-byte frame, larger than the \
+                             {capacity}-byte receive chain (head {head})"
+                        );
+                    }
+                    Ok(len) if len < VNET_HDR_LEN => {
+                        metrics.rx_fails.inc();
+                        warn!("virtio-net: dropped a {len}-byte frame read from the TAP");
+                    }
+                    Ok(len) => break Some(len),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break None,
+                    Err(e) => {
+                        metrics.tap_read_fails.inc();
+                        error!("virtio-net: failed to read from TAP {}: {e}", self.tap.name());
+                        break None;
+                    }
+                }
+            };
+            let Some(len) = frame_len else {
+                // Nothing to receive: the chain goes back to the available
+                // ring, untouched.
+                rx.go_to_previous_position();
+                break;
+            };
+            let frame = &mut self.rx_buf[..len];
+            // virtio 1.2 §5.1.6.4.1: without VIRTIO_NET_F_MRG_RXBUF the
+            // device MUST set num_buffers to 1. The TAP leaves the field
+            // as it was.
+            frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
+            match scatter(mem, &self.rx_segments, frame) {
+                Ok(()) => {
+                    // Cannot truncate: len <= MAX_BUFFER_SIZE.
+                    add_used(rx, mem, head, len as u32, metrics);
+                    metrics.rx_count.inc();
+                    metrics.rx_packets_count.inc();
+                    metrics.rx_bytes_count.add(len as u64);
+                }
+                Err(e) => {
+                    metrics.rx_fails.inc();
+                    error!("virtio-net: failed to write a frame to guest memory: {e}");
+                    add_used(rx, mem, head, 0, metrics);
+                }
+            }
+            used_any = true;
+        }
+        used_any
+    }
+
+    /// Sends every transmit chain to the TAP. Returns whether any chain was
+    /// used.
+    fn process_tx(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let metrics = &*self.metrics;
+        let (mem, tx) = (&active.mem, &mut active.tx);
+        // No notifications while the ring is being drained (virtio 1.2
+        // §2.7.10); pop_or_enable_notification turns them back on.
+        if let Err(e) = tx.disable_notification(mem) {
+            metrics.event_fails.inc();
+            error!("virtio-net: cannot disable transmit queue notifications: {e}");
+        }
+        let mut used_any = false;
+        loop {
+            let chain = match pop_or_enable_notification(tx, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => {
+                    metrics.event_fails.inc();
+                    error!("virtio-net: cannot read the transmit queue: {e}");
+                    break;
+                }
+            };
+            let head = chain.head_index();
+            match read_tx_chain(mem, chain, &mut self.tx_buf) {
+                Ok(len) => {
+                    let frame = &self.tx_buf[..len];
+                    if let Some(mac) = self.config.guest_mac {
+                        if frame.get(SRC_MAC_OFFSET..SRC_MAC_OFFSET + 6) != Some(&mac[..]) {
+                            metrics.tx_spoofed_mac_count.inc();
+                        }
+                    }
+                    match self.tap.write_frame(frame) {
+                        Ok(_) => {
+                            metrics.tx_count.inc();
+                            metrics.tx_packets_count.inc();
+                            metrics.tx_bytes_count.add(len as u64);
+                        }
+                        Err(e) => {
+                            metrics.tap_write_fails.inc();
+                            warn!(
+                                "virtio-net: failed to write a {len}-byte frame to TAP {}: {e}",
+                                self.tap.name()
+                            );
+                        }
+                    }
+                }
+                Err(e) => {
+                    if e.is_malformed_frame() {
+                        metrics.tx_malformed_frames.inc();
+                    } else {
+                        metrics.tx_fails.inc();
+                    }
+                    warn!("virtio-net: dropped transmit chain (head {head}): {e}");
+                }
+            }
+            // The device writes nothing into transmit buffers.
+            add_used(tx, mem, head, 0, metrics);
+            used_any = true;
+        }
+        if !used_any {
+            metrics.no_tx_avail_buffer.inc();
+        }
+        used_any
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn config_size(&self) -> u64 {
+        CONFIG_SPACE_SIZE as u64
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let src = usize::try_from(offset)
+            .ok()
+            .and_then(|start| self.config_space.get(start..start.checked_add(data.len())?));
+        match src {
+            Some(src) => data.copy_from_slice(src),
+            None => data.fill(0),
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // With VIRTIO_F_VERSION_1 the configuration is read-only for the
+        // driver (virtio 1.2 §5.1.4.2: the driver MUST NOT write `mac`).
+        self.metrics.cfg_fails.inc();
+        warn!(
+            "virtio-net: driver wrote {} bytes of configuration at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<ActiveQueue>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            self.metrics.activate_fails.inc();
+            return Err(ActivateError::AlreadyActivated);
+        }
+        let count = queues.len();
+        let mut queues = queues.into_iter();
+        let (Some(rx), Some(tx), None) = (queues.next(), queues.next(), queues.next()) else {
+            self.metrics.activate_fails.inc();
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                actual: count,
+            });
+        };
+        if rx.index != RX_INDEX {
+            self.metrics.activate_fails.inc();
+            return Err(ActivateError::QueueNotReady(RX_INDEX));
+        }
+        if tx.index != TX_INDEX {
+            self.metrics.activate_fails.inc();
+            return Err(ActivateError::QueueNotReady(TX_INDEX));
+        }
+        let flags = tap_offload_flags(self.acked_features);
+        if let Err(e) = self.tap.set_offload(flags) {
+            self.metrics.activate_fails.inc();
+            error!(
+                "virtio-net: cannot set offload flags {flags:#x} on TAP {}: {e}",
+                self.tap.name()
+            );
+            return Err(ActivateError::Io(e));
+        }
+        if let Err(e) = self.control_evt.write(1) {
+            self.metrics.activate_fails.inc();
+            return Err(ActivateError::Io(e));
+        }
+        self.active = Some(Active {
+            mem,
+            rx: rx.queue,
+            tx: tx.queue,
+            rx_notify: rx.notify,
+            tx_notify: tx.notify,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        if let Some(active) = self.active.take() {
+            if self.subscribed {
+                // The event loop may be watching these: they stay open
+                // until it has unregistered them.
+                self.retired.push(active.rx_notify);
+                self.retired.push(active.tx_notify);
+                if let Err(e) = self.control_evt.write(1) {
+                    self.metrics.event_fails.inc();
+                    error!("virtio-net: cannot signal the reset to the event loop: {e}");
+                }
+            }
+        }
+        self.acked_features = 0;
+        if let Err(e) = self.tap.set_offload(0) {
+            warn!(
+                "virtio-net: cannot clear offload flags on TAP {}: {e}",
+                self.tap.name()
+            );
+        }
+        true
+    }
+}
