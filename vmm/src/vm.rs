@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ember_boot::KernelEntry;
+use ember_boot::{KernelEntry, VirtioMmioDeviceInfo};
 use ember_bus::{Bus, BusKind, BusRange};
 use ember_legacy_devices::i8042::{I8042Device, I8042_BASE, I8042_KBD_GSI, I8042_LEN};
 use ember_legacy_devices::serial::{SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN};
@@ -67,6 +67,9 @@ pub enum VmError {
     /// Kernel, initrd, command line or boot structures.
     #[error("{0}")]
     Boot(#[source] ember_boot::Error),
+    /// The ACPI tables could not be written.
+    #[error("cannot write the ACPI tables: {0}")]
+    Acpi(#[source] ember_boot::acpi::Error),
     /// The kernel command line is invalid or too long.
     #[error("invalid kernel command line: {0}")]
     Cmdline(#[source] linux_loader::cmdline::Error),
@@ -303,7 +306,13 @@ impl Vm {
             boot_args.push(' ');
             boot_args.push_str(arg);
         }
-        let entry = load_kernel(&mem, boot_source, &boot_args, machine.vcpu_count)?;
+        let entry = load_kernel(
+            &mem,
+            boot_source,
+            &boot_args,
+            machine.vcpu_count,
+            &virtio_slots,
+        )?;
 
         if opts.boot_timer {
             let timer = Arc::new(Mutex::new(BootTimer::new(
@@ -437,6 +446,7 @@ fn load_kernel(
     boot: &crate::config::BootSource,
     boot_args: &str,
     vcpu_count: u8,
+    virtio_slots: &[MmioSlot],
 ) -> Result<KernelEntry, VmError> {
     let mut kernel = open("kernel image", &boot.kernel_image_path)?;
     let entry = ember_boot::load_kernel(mem, &mut kernel).map_err(VmError::Boot)?;
@@ -449,7 +459,25 @@ fn load_kernel(
     };
     let mut cmdline = ember_boot::new_cmdline();
     cmdline.insert_str(boot_args).map_err(VmError::Cmdline)?;
-    ember_boot::configure_system(mem, &entry, &cmdline, initrd.as_ref(), vcpu_count)
-        .map_err(VmError::Boot)?;
+    // ACPI tables describe the UART, the i8042 and every virtio-mmio device
+    // (how a kernel without VIRTIO_MMIO_CMDLINE_DEVICES finds them).
+    let devices: Vec<VirtioMmioDeviceInfo> = virtio_slots
+        .iter()
+        .map(|s| VirtioMmioDeviceInfo {
+            addr: s.addr,
+            len: s.len,
+            gsi: s.gsi,
+        })
+        .collect();
+    let rsdp = ember_boot::create_acpi_tables(mem, vcpu_count, &devices).map_err(VmError::Acpi)?;
+    ember_boot::configure_system_with_rsdp(
+        mem,
+        &entry,
+        &cmdline,
+        initrd.as_ref(),
+        vcpu_count,
+        Some(rsdp),
+    )
+    .map_err(VmError::Boot)?;
     Ok(entry)
 }

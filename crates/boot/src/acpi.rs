@@ -61,8 +61,8 @@ pub const OEM_ID: [u8; 6] = *b"EMBER ";
 pub const OEM_TABLE_ID: [u8; 8] = *b"EMBERVM ";
 /// OEM revision in every table header (Firecracker writes 0 too).
 pub const OEM_REVISION: u32 = 0;
-/// FADT `Hypervisor Vendor Identity` (ACPI 6.5 section 5.2.9, FADT minor
-/// version 4 and later), the place where Firecracker writes `FIRECKVM`.
+/// FADT `Hypervisor Vendor Identity` (ACPI 6.5 section 5.2.9, table 5.9;
+/// present since ACPI 6.0), where Firecracker writes `FIRECKVM`.
 pub const HYPERVISOR_VENDOR_ID: [u8; 8] = *b"EMBERVMM";
 
 /// `_HID` Linux matches to the virtio-mmio driver
@@ -80,25 +80,36 @@ pub const ACPI_TABLES_START: u64 = EBDA_START + EBDA_SIZE;
 /// 5.2.11.1).
 const DSDT_REVISION: u8 = 2;
 
-/// IA-PC boot architecture flags (ACPI 6.5 section 5.2.9.3, table 5.11):
-/// no VGA, no MSI, and the OS must not enable PCIe ASPM. Firecracker sets
-/// these three and leaves "legacy devices" and "8042" clear; Linux then
-/// finds the i8042 through its `PNP0303` device in the DSDT.
+// IA-PC boot architecture flags (ACPI 6.5 section 5.2.9.3, table 5.11).
+// Firecracker sets these three and leaves "legacy devices" and "8042"
+// clear; Linux then finds the i8042 through its `PNP0303` device in the
+// DSDT.
+/// No VGA hardware.
 const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+/// The OS must not enable MSIs.
 const IAPC_BOOT_ARCH_MSI_NOT_SUPPORTED: u16 = 1 << 3;
+/// The OS must not enable PCIe ASPM control.
 const IAPC_BOOT_ARCH_PCIE_ASPM_CONTROLS: u16 = 1 << 4;
+/// The FADT's `IAPC_BOOT_ARCH`.
 const IAPC_BOOT_ARCH: u16 = IAPC_BOOT_ARCH_VGA_NOT_PRESENT
     | IAPC_BOOT_ARCH_MSI_NOT_SUPPORTED
     | IAPC_BOOT_ARCH_PCIE_ASPM_CONTROLS;
 
-/// COM1: I/O ports and ISA IRQ (IBM PC/AT assignment; Ember's only UART).
+// COM1, Ember's only UART: I/O ports and ISA IRQ of the IBM PC/AT
+// assignment. The i8042: data and command/status ports and keyboard IRQ
+// (Linux `drivers/input/serio/i8042-io.h`). Same values as the
+// legacy-devices crate, which this crate does not depend on.
+/// COM1 I/O base.
 const COM1_PORT: u16 = 0x3f8;
+/// COM1 register count.
 const COM1_PORT_LEN: u8 = 8;
+/// COM1 interrupt.
 const COM1_GSI: u32 = 4;
-/// i8042 data and command/status ports and keyboard IRQ
-/// (Linux `drivers/input/serio/i8042-io.h`).
+/// i8042 data port.
 const I8042_DATA_PORT: u16 = 0x60;
+/// i8042 command and status port.
 const I8042_COMMAND_PORT: u16 = 0x64;
+/// i8042 keyboard interrupt.
 const I8042_KBD_GSI: u32 = 1;
 /// `_STA` value: present, enabled, shown in the UI, functioning (ACPI 6.5
 /// section 6.3.7).

@@ -60,7 +60,9 @@ pub enum ArgsError {
         len: usize,
     },
     /// `--id` holds a character other than an ASCII letter, digit or '-'.
-    #[error("invalid --id {id:?}: character {ch:?} at position {pos} is not a letter, a digit or '-'")]
+    #[error(
+        "invalid --id {id:?}: character {ch:?} at position {pos} is not a letter, a digit or '-'"
+    )]
     IdChar {
         /// The id given.
         id: String,
@@ -368,9 +370,13 @@ pub fn parse<S: Into<OsString> + Clone>(args: &[S]) -> Result<Action, ArgsError>
     }
 
     let uid_str = single("uid").ok_or(ArgsError::MissingArgument("uid"))?;
-    let uid = uid_str.parse::<u32>().map_err(|_| ArgsError::Uid(uid_str))?;
+    let uid = uid_str
+        .parse::<u32>()
+        .map_err(|_| ArgsError::Uid(uid_str))?;
     let gid_str = single("gid").ok_or(ArgsError::MissingArgument("gid"))?;
-    let gid = gid_str.parse::<u32>().map_err(|_| ArgsError::Gid(gid_str))?;
+    let gid = gid_str
+        .parse::<u32>()
+        .map_err(|_| ArgsError::Gid(gid_str))?;
 
     let chroot_base_dir =
         PathBuf::from(single("chroot-base-dir").unwrap_or_else(|| DEFAULT_CHROOT_BASE.into()));
@@ -640,7 +646,10 @@ mod tests {
                 matches!(err, ArgsError::MissingArgument(n) if n == *name),
                 "{err}"
             );
-            assert_eq!(err.to_string(), format!("missing required argument --{name}"));
+            assert_eq!(
+                err.to_string(),
+                format!("missing required argument --{name}")
+            );
         }
     }
 
@@ -726,7 +735,13 @@ mod tests {
                 "{bad}"
             );
         }
-        for bad in ["cpushares=1", ".shares=1", "cpu.=1", "cpu.x/../y=1", "../cpu.x=1"] {
+        for bad in [
+            "cpushares=1",
+            ".shares=1",
+            "cpu.=1",
+            "cpu.x/../y=1",
+            "../cpu.x=1",
+        ] {
             assert!(
                 matches!(parse_cgroup(bad), Err(ArgsError::CgroupFile(_))),
                 "{bad}"

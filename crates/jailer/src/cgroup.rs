@@ -454,10 +454,7 @@ fn attach(
         pid,
         source,
     })?;
-    undo.write_on_undo(
-        &original.join(procs_file_name(version)),
-        format!("{pid}\n"),
-    );
+    undo.write_on_undo(&original.join(procs_file_name(version)), format!("{pid}\n"));
     Ok(())
 }
 
@@ -613,7 +610,10 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nsdelegate 0 0
             cgs[0].original,
             PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/user.slice/session-1.scope")
         );
-        assert_eq!(cgs[1].location(), Path::new("/sys/fs/cgroup/cpuset/all/ember/vm1"));
+        assert_eq!(
+            cgs[1].location(),
+            Path::new("/sys/fs/cgroup/cpuset/all/ember/vm1")
+        );
 
         // Nothing to do without --cgroup.
         let none = CgroupPlan::new(
@@ -700,7 +700,10 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nsdelegate 0 0
             &["cpuset.cpus", "cpuset.mems", "tasks"],
         );
         make_cgroup_dirs(
-            &[tmp.path().join("cpu/ember"), tmp.path().join("cpu/ember/vm1")],
+            &[
+                tmp.path().join("cpu/ember"),
+                tmp.path().join("cpu/ember/vm1"),
+            ],
             &["cpu.shares", "tasks"],
         );
 
@@ -746,7 +749,9 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nsdelegate 0 0
             &["cpuset.mems"],
         );
         let err = inherit_from_parent(&root.join("a/vm"), "cpuset.mems", 1).unwrap_err();
-        assert!(matches!(err, CgroupError::InheritFromParent { ref file, .. } if file == "cpuset.mems"));
+        assert!(
+            matches!(err, CgroupError::InheritFromParent { ref file, .. } if file == "cpuset.mems")
+        );
         let err = inherit_from_parent(&root.join("a/vm"), "missing.file", 1).unwrap_err();
         assert!(matches!(err, CgroupError::Read { .. }), "{err}");
     }
@@ -759,7 +764,12 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nsdelegate 0 0
         fs::write(unified.join("cgroup.controllers"), "cpu hugetlb pids\n").unwrap();
         let mounts = format!("cgroup2 {} cgroup2 rw 0 0\n", unified.display());
         make_cgroup_dirs(
-            &[unified.clone(), unified.join("a"), unified.join("a/b"), unified.join("a/b/vm")],
+            &[
+                unified.clone(),
+                unified.join("a"),
+                unified.join("a/b"),
+                unified.join("a/b/vm"),
+            ],
             &["cgroup.subtree_control", "cgroup.procs"],
         );
 
@@ -772,7 +782,9 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nsdelegate 0 0
             "0::/\n",
         )
         .unwrap_err();
-        assert!(matches!(err, CgroupError::ControllerUnavailable { ref controller, .. } if controller == "memory"));
+        assert!(
+            matches!(err, CgroupError::ControllerUnavailable { ref controller, .. } if controller == "memory")
+        );
 
         let plan = CgroupPlan::new(
             CgroupVersion::V2,
@@ -784,7 +796,10 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nsdelegate 0 0
         )
         .unwrap()
         .unwrap();
-        assert_eq!(plan.cgroups()[0].procs_file(), unified.join("a/b/vm/cgroup.procs"));
+        assert_eq!(
+            plan.cgroups()[0].procs_file(),
+            unified.join("a/b/vm/cgroup.procs")
+        );
         plan.setup(7, &mut UndoLog::new()).unwrap();
         let read = |p: &str| fs::read_to_string(unified.join(p)).unwrap();
         assert_eq!(read("cgroup.subtree_control"), "+pids\n");

@@ -145,6 +145,8 @@ mod tests {
         // cannot exceed.
         let err = set_limit(Resource::NoFile, u64::MAX - 1).unwrap_err();
         assert_eq!(err.resource, Resource::NoFile);
-        assert!(err.to_string().starts_with("cannot set resource limit no-file="));
+        assert!(err
+            .to_string()
+            .starts_with("cannot set resource limit no-file="));
     }
 }

@@ -19,16 +19,14 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{
-    Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions,
-};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::metrics::NetMetrics;
 use crate::tap::Tap;
 use crate::{
-    Error, NetConfig, CONFIG_SPACE_SIZE, MAX_BUFFER_SIZE, MIN_MTU, QUEUE_SIZE, RX_INDEX,
-    TX_INDEX, VNET_HDR_LEN,
+    Error, NetConfig, CONFIG_SPACE_SIZE, MAX_BUFFER_SIZE, MIN_MTU, QUEUE_SIZE, RX_INDEX, TX_INDEX,
+    VNET_HDR_LEN,
 };
 
 /// Bytes of an Ethernet header (destination, source, EtherType). The TAP
@@ -40,9 +38,8 @@ const NUM_BUFFERS_OFFSET: usize = 10;
 /// Offset of the source MAC address in a frame, header included.
 const SRC_MAC_OFFSET: usize = VNET_HDR_LEN + 6;
 
-const _: () = assert!(
-    std::mem::size_of::<virtio_bindings::virtio_net::virtio_net_hdr_v1>() == VNET_HDR_LEN
-);
+const _: () =
+    assert!(std::mem::size_of::<virtio_bindings::virtio_net::virtio_net_hdr_v1>() == VNET_HDR_LEN);
 
 /// The TUN_F_* offload flags for the TAP, from the features the driver
 /// accepted.
@@ -541,7 +538,10 @@ impl Net {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break None,
                     Err(e) => {
                         metrics.tap_read_fails.inc();
-                        error!("virtio-net: failed to read from TAP {}: {e}", self.tap.name());
+                        error!(
+                            "virtio-net: failed to read from TAP {}: {e}",
+                            self.tap.name()
+                        );
                         break None;
                     }
                 }

@@ -135,7 +135,9 @@ pub struct NetConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A MAC address is not six colon-separated pairs of hex digits.
-    #[error("invalid MAC address {0:?}: expected six colon-separated hex bytes, like 06:00:ac:10:00:02")]
+    #[error(
+        "invalid MAC address {0:?}: expected six colon-separated hex bytes, like 06:00:ac:10:00:02"
+    )]
     InvalidMac(String),
     /// The configured MTU is below [`MIN_MTU`].
     #[error("MTU {0} of the network interface is out of range [{MIN_MTU}, 65535]")]

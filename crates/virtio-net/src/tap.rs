@@ -132,7 +132,8 @@ impl Tap {
         loop {
             // SAFETY: the kernel writes at most `buf.len()` bytes into the
             // buffer, which is valid for writes for its whole length.
-            let ret = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            let ret =
+                unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             if ret >= 0 {
                 return Ok(ret as usize);
             }
@@ -148,7 +149,8 @@ impl Tap {
         loop {
             // SAFETY: the kernel reads at most `frame.len()` bytes from the
             // slice.
-            let ret = unsafe { libc::write(self.file.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+            let ret =
+                unsafe { libc::write(self.file.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
             if ret >= 0 {
                 return Ok(ret as usize);
             }
