@@ -86,7 +86,7 @@ fn fetched_kernel_is_a_bzimage_and_a_pvh_vmlinux() {
 #[test]
 fn vmlinux_pvh_sees_the_command_line_and_e820_map() {
     let kernel = debian_cloud_kernel().expect("fetch the Debian cloud kernel");
-    let console = early_console(&kernel.vmlinux, Duration::from_secs(30));
+    let console = early_console(&kernel.vmlinux, Duration::from_secs(120));
     // On a PVH boot Linux builds boot_params itself and reserves the legacy
     // ISA hole (arch/x86/platform/pvh/enlighten.c).
     assert_boot_protocol(&console, &[ISA_HOLE]);
@@ -97,6 +97,6 @@ fn bzimage_sees_the_command_line_and_e820_map() {
     let kernel = debian_cloud_kernel().expect("fetch the Debian cloud kernel");
     // The decompressor runs with interrupts off, hence in KVM's instruction
     // emulator on this host: about two minutes before Linux prints anything.
-    let console = early_console(&kernel.bzimage, Duration::from_secs(240));
+    let console = early_console(&kernel.bzimage, Duration::from_secs(480));
     assert_boot_protocol(&console, &[]);
 }

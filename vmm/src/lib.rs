@@ -4,10 +4,12 @@
 
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod boot_timer;
 pub mod config;
 pub mod devices;
 pub mod event_loop;
 pub mod logger;
+pub mod metrics;
 pub mod terminal;
 pub mod vm;

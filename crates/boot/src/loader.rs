@@ -255,6 +255,15 @@ fn load_elf<F: Read + Seek>(
         if phdr.p_type != PT_LOAD || size == 0 {
             continue;
         }
+        // Below 1 MiB live the zero page, command line, page tables, MP and
+        // ACPI tables: a segment there would overwrite them (or be
+        // overwritten).
+        if phdr.p_paddr < HIMEM_START {
+            return Err(Error::UnsupportedElf(format!(
+                "segment {index} loads at {:#x}, below {HIMEM_START:#x} where the boot structures live",
+                phdr.p_paddr
+            )));
+        }
         // A segment without file data (pure bss) is not copied by
         // linux-loader, but the kernel still uses its memory.
         check_fits(mem, phdr.p_paddr, size)?;
@@ -413,6 +422,33 @@ mod tests {
 
     use super::*;
     use crate::test_images::{bzimage, bzimage_header, elf, mem, read, simple_elf, Segment};
+
+    #[test]
+    fn elf_segment_below_himem_is_refused() {
+        // Entry point above 1 MiB, but a segment over the zero page.
+        let image = elf(
+            0x100_0000,
+            &[
+                Segment {
+                    paddr: 0x7000,
+                    data: vec![0xaa; 16],
+                    memsz: 16,
+                },
+                Segment {
+                    paddr: 0x100_0000,
+                    data: vec![0x90; 16],
+                    memsz: 16,
+                },
+            ],
+            None,
+        );
+        let mem = mem(64);
+        let e = load_kernel(&mem, &mut Cursor::new(&image))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("loads at 0x7000"), "{e}");
+        assert_eq!(read(&mem, 0x7000, 16), vec![0; 16], "nothing was written");
+    }
 
     #[test]
     fn elf_without_pvh_note_boots_linux_protocol() {

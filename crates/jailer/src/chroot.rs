@@ -169,9 +169,8 @@ pub fn chroot(root: &Path) -> Result<(), ChrootError> {
 
     // SAFETY: `old_root` is NUL-terminated and relative to the jail root,
     // the current directory.
-    if let Err(source) =
-        check(unsafe { libc::mkdir(old_root.as_ptr(), libc::S_IRUSR | libc::S_IWUSR) })
-    {
+    let ret = unsafe { libc::mkdir(old_root.as_ptr(), libc::S_IRUSR | libc::S_IWUSR) };
+    if let Err(source) = check(ret) {
         undo_bind();
         return Err(ChrootError::MkdirOldRoot {
             path: old_root_host,

@@ -660,7 +660,8 @@ impl Env {
             let pid = unsafe {
                 libc::syscall(
                     libc::SYS_clone,
-                    libc::CLONE_NEWPID | libc::SIGCHLD,
+                    // The kernel takes the flags as an unsigned long.
+                    (libc::CLONE_NEWPID | libc::SIGCHLD) as libc::c_ulong,
                     0usize,
                     0usize,
                     0usize,

@@ -139,10 +139,9 @@ mod tests {
     }
 
     #[test]
-    fn raising_a_hard_limit_without_privilege_is_reported() {
-        // Lowering is always allowed; the error path is exercised with a
-        // value above the system-wide ceiling (fs.nr_open), which even root
-        // cannot exceed.
+    fn a_limit_above_the_system_ceiling_is_reported() {
+        // A value above fs.nr_open is refused even to root, so the error
+        // path runs without changing this process's limits.
         let err = set_limit(Resource::NoFile, u64::MAX - 1).unwrap_err();
         assert_eq!(err.resource, Resource::NoFile);
         assert!(err

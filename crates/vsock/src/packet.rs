@@ -530,9 +530,7 @@ fn send_iovecs(fd: RawFd, iov: &mut [libc::iovec]) -> io::Result<usize> {
         // SAFETY: `msg` points at `iov`, whose entries describe memory the
         // callers keep alive and readable for the call; MSG_NOSIGNAL turns a
         // closed peer into EPIPE instead of a process-killing SIGPIPE.
-        let ret = unsafe {
-            libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
-        };
+        let ret = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
         if ret >= 0 {
             return Ok(ret as usize);
         }
@@ -540,5 +538,209 @@ fn send_iovecs(fd: RawFd, iov: &mut [libc::iovec]) -> io::Result<usize> {
         if err.kind() != io::ErrorKind::Interrupted {
             return Err(err);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+
+    fn mem(ranges: &[(u64, usize)]) -> GuestMemoryMmap {
+        let ranges: Vec<_> = ranges.iter().map(|&(a, l)| (GuestAddress(a), l)).collect();
+        GuestMemoryMmap::from_ranges(&ranges).unwrap()
+    }
+
+    /// Runs `f` on a chain of (addr, len, flags) descriptors.
+    fn with_chain<R>(
+        mem: &GuestMemoryMmap,
+        descs: &[(u64, u32, u16)],
+        f: impl FnOnce(DescriptorChain<&GuestMemoryMmap>) -> R,
+    ) -> R {
+        let queue = MockSplitQueue::new(mem, 16);
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .map(|&(a, l, fl)| RawDescriptor::from(Descriptor::new(a, l, fl, 0)))
+            .collect();
+        f(queue.build_desc_chain(&raw).unwrap())
+    }
+
+    fn sample() -> VsockHeader {
+        VsockHeader {
+            src_cid: 0x0102_0304_0506_0708,
+            dst_cid: 2,
+            src_port: 0x1122_3344,
+            dst_port: 52,
+            len: 10,
+            type_: TYPE_STREAM,
+            op: OP_RW,
+            flags: SHUTDOWN_SEND,
+            buf_alloc: 65536,
+            fwd_cnt: 0xdead_beef,
+        }
+    }
+
+    #[test]
+    fn header_wire_format() {
+        let bytes = sample().to_bytes();
+        assert_eq!(bytes[0..8], [8, 7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(bytes[16..20], [0x44, 0x33, 0x22, 0x11]);
+        assert_eq!(bytes[24..28], [10, 0, 0, 0]);
+        assert_eq!(bytes[28..30], [1, 0]);
+        assert_eq!(bytes[30..32], [5, 0]);
+        assert_eq!(bytes[32..36], [2, 0, 0, 0]);
+        assert_eq!(bytes[40..44], [0xef, 0xbe, 0xad, 0xde]);
+        assert_eq!(VsockHeader::from_bytes(&bytes), sample());
+        let mut longer = bytes.to_vec();
+        longer.push(0xff);
+        assert_eq!(VsockHeader::parse(&longer), Ok(sample()));
+        assert_eq!(
+            VsockHeader::parse(&bytes[..43]),
+            Err(PacketError::HeaderTooShort(43))
+        );
+    }
+
+    #[test]
+    fn tx_header_and_payload_may_be_split_anywhere() {
+        let m = mem(&[(0, 0x10_0000)]);
+        m.write_slice(&sample().to_bytes(), GuestAddress(0x1000))
+            .unwrap();
+        m.write_slice(b"0123456789", GuestAddress(0x1000 + 44))
+            .unwrap();
+        // Header in 3 pieces, payload starting in the third and ending in a
+        // fourth, which holds more than needed.
+        let descs = [
+            (0x1000, 10, 0),
+            (0x100a, 30, 0),
+            (0x1028, 8, 0),
+            (0x1030, 100, 0),
+        ];
+        with_chain(&m, &descs, |chain| {
+            let pkt = TxPacket::parse(&m, chain).unwrap();
+            assert_eq!(*pkt.header(), sample());
+            assert_eq!(pkt.payload().len(), 2);
+            assert_eq!(pkt.payload_to_vec(), b"0123456789");
+        });
+    }
+
+    #[test]
+    fn tx_descriptor_straddling_memory_regions() {
+        let m = mem(&[(0, 0x1_0000), (0x1_0000, 0x1_0000)]);
+        let at = 0xfff0;
+        m.write_slice(&sample().to_bytes(), GuestAddress(at))
+            .unwrap();
+        m.write_slice(b"0123456789", GuestAddress(at + 44)).unwrap();
+        with_chain(&m, &[(at, 54, 0)], |chain| {
+            let pkt = TxPacket::parse(&m, chain).unwrap();
+            assert_eq!(pkt.payload_to_vec(), b"0123456789");
+        });
+        // A descriptor running into a hole is rejected.
+        let holed = mem(&[(0, 0x1_0000), (0x2_0000, 0x1_0000)]);
+        with_chain(&holed, &[(at, 54, 0)], |chain| {
+            assert_eq!(
+                TxPacket::parse(&holed, chain).unwrap_err(),
+                PacketError::OutsideMemory {
+                    index: 0,
+                    addr: at,
+                    len: 54
+                }
+            );
+        });
+    }
+
+    #[test]
+    fn tx_chains_are_validated() {
+        let m = mem(&[(0, 0x10_0000)]);
+        let mut hdr = sample();
+        let mut put = |len: u32| {
+            hdr.len = len;
+            m.write_slice(&hdr.to_bytes(), GuestAddress(0x1000))
+                .unwrap();
+        };
+        put(10);
+        let err = with_chain(&m, &[(0x1000, 44, 0), (0x2000, 10, W)], |c| {
+            TxPacket::parse(&m, c).unwrap_err()
+        });
+        assert_eq!(err, PacketError::WritableInTx { index: 1 });
+        let err = with_chain(&m, &[(0x1000, 43, 0)], |c| {
+            TxPacket::parse(&m, c).unwrap_err()
+        });
+        assert_eq!(err, PacketError::HeaderTooShort(43));
+        let err = with_chain(&m, &[(0x1000, 44, 0), (0x2000, 9, 0)], |c| {
+            TxPacket::parse(&m, c).unwrap_err()
+        });
+        assert_eq!(
+            err,
+            PacketError::PayloadExceedsBuffer {
+                len: 10,
+                available: 9
+            }
+        );
+        put(MAX_PKT_BUF_SIZE as u32 + 1);
+        let err = with_chain(&m, &[(0x1000, 44, 0), (0x2_0000, 0x2_0000, 0)], |c| {
+            TxPacket::parse(&m, c).unwrap_err()
+        });
+        assert_eq!(err, PacketError::PayloadTooLarge(65537));
+        put(MAX_PKT_BUF_SIZE as u32);
+        let pkt_len = with_chain(&m, &[(0x1000, 44, 0), (0x2_0000, 0x2_0000, 0)], |c| {
+            TxPacket::parse(&m, c).unwrap().payload_to_vec().len()
+        });
+        assert_eq!(pkt_len, MAX_PKT_BUF_SIZE);
+        let err = with_chain(&m, &[(0xff_fff0, 44, 0)], |c| {
+            TxPacket::parse(&m, c).unwrap_err()
+        });
+        assert!(matches!(err, PacketError::OutsideMemory { index: 0, .. }));
+        // A zero-length packet needs no payload descriptor.
+        put(0);
+        let empty = with_chain(&m, &[(0x1000, 44, 0)], |c| {
+            TxPacket::parse(&m, c).unwrap().payload().is_empty()
+        });
+        assert!(empty);
+    }
+
+    #[test]
+    fn rx_buffers() {
+        let m = mem(&[(0, 0x10_0000)]);
+        let err = with_chain(&m, &[(0x1000, 100, 0)], |c| {
+            RxBuffer::parse(&m, c).unwrap_err()
+        });
+        assert_eq!(err, PacketError::ReadableInRx { index: 0 });
+        let err = with_chain(&m, &[(0x1000, 20, W), (0x2000, 20, W)], |c| {
+            RxBuffer::parse(&m, c).unwrap_err()
+        });
+        assert_eq!(err, PacketError::HeaderTooShort(40));
+        // Capacity is clamped to 64 KiB.
+        let cap = with_chain(&m, &[(0x1_0000, 200_000, W)], |c| {
+            RxBuffer::parse(&m, c).unwrap().payload_capacity()
+        });
+        assert_eq!(cap, MAX_PKT_BUF_SIZE);
+        // Header and payload straddle descriptors.
+        with_chain(
+            &m,
+            &[(0x1000, 30, W), (0x2000, 20, W), (0x3000, 4, W)],
+            |c| {
+                let buf = RxBuffer::parse(&m, c).unwrap();
+                assert_eq!(buf.payload_capacity(), 10);
+                buf.write_header(&sample());
+                assert_eq!(buf.write_payload(b"abcdefghijklmnop"), 10);
+            },
+        );
+        let mut raw = [0u8; HEADER_SIZE];
+        m.read_slice(&mut raw[..30], GuestAddress(0x1000)).unwrap();
+        m.read_slice(&mut raw[30..], GuestAddress(0x2000)).unwrap();
+        assert_eq!(VsockHeader::from_bytes(&raw), sample());
+        let mut payload = [0u8; 10];
+        m.read_slice(&mut payload[..6], GuestAddress(0x2000 + 14))
+            .unwrap();
+        m.read_slice(&mut payload[6..], GuestAddress(0x3000))
+            .unwrap();
+        assert_eq!(&payload, b"abcdefghij");
     }
 }

@@ -191,7 +191,8 @@ mod tests {
         let mut src = *b"0123456789";
         let slice = VolatileSlice::from(&mut src[..]);
         let mut buf = TxBuf::new(16);
-        buf.push_slices(&[slice, slice.subslice(0, 4).unwrap()]).unwrap();
+        buf.push_slices(&[slice, slice.subslice(0, 4).unwrap()])
+            .unwrap();
         assert_eq!(buf.len(), 14);
         assert_eq!(buf.push_slices(&[slice]), Err(Full));
         assert_eq!(buf.len(), 14);

@@ -1,0 +1,291 @@
+//! What the API thread hands to the VMM thread ([`VmmAction`]) and what it
+//! gets back ([`VmmResponse`]).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{
+    BootSource, Drive, HugePages, Logger, MachineConfig, Metrics, NetworkInterface, RateLimiter,
+    VmConfig, Vsock,
+};
+
+/// The `app_name` of `GET /`.
+pub const APP_NAME: &str = "Ember";
+
+/// The Firecracker release whose API Ember speaks: the
+/// `firecracker_version` of `GET /version`, which tools read to decide what
+/// they may call.
+pub const FIRECRACKER_API_VERSION: &str = "1.17.0";
+
+/// Ember's own version: `vmm_version` of `GET /`, `ember_version` of
+/// `GET /version`.
+pub const EMBER_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// One API request, parsed and type-checked, for the VMM thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmmAction {
+    /// `GET /`.
+    GetInstanceInfo,
+    /// `GET /version`.
+    GetVersion,
+    /// `GET /vm/config`.
+    GetVmConfig,
+    /// `GET /machine-config`.
+    GetMachineConfig,
+    /// `PUT /boot-source`.
+    PutBootSource(BootSource),
+    /// `PUT /machine-config`: replaces the whole machine configuration
+    /// (absent optional fields take their defaults).
+    PutMachineConfig(MachineConfig),
+    /// `PATCH /machine-config`: changes only the given fields.
+    PatchMachineConfig(MachineConfigUpdate),
+    /// `PUT /drives/{drive_id}`: adds a drive or replaces the one with the
+    /// same id.
+    PutDrive(Drive),
+    /// `PATCH /drives/{drive_id}`: changes the backing file or rate limiter
+    /// of a running VM's drive.
+    PatchDrive(DriveUpdate),
+    /// `PUT /network-interfaces/{iface_id}`.
+    PutNetworkInterface(NetworkInterface),
+    /// `PUT /vsock`.
+    PutVsock(Vsock),
+    /// `PUT /logger`.
+    PutLogger(Logger),
+    /// `PUT /metrics`.
+    PutMetrics(Metrics),
+    /// `PUT /actions` `InstanceStart`.
+    InstanceStart,
+    /// `PUT /actions` `SendCtrlAltDel`.
+    SendCtrlAltDel,
+    /// `PUT /actions` `FlushMetrics`.
+    FlushMetrics,
+    /// `PATCH /vm` `{"state": "Paused"}`.
+    Pause,
+    /// `PATCH /vm` `{"state": "Resumed"}`.
+    Resume,
+}
+
+impl VmmAction {
+    /// Whether the action only reads state.
+    pub fn is_get(&self) -> bool {
+        matches!(
+            self,
+            VmmAction::GetInstanceInfo
+                | VmmAction::GetVersion
+                | VmmAction::GetVmConfig
+                | VmmAction::GetMachineConfig
+        )
+    }
+}
+
+/// `PATCH /machine-config`: every field optional, at least one present.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    /// New vCPU count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_count: Option<u8>,
+    /// New memory size in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_size_mib: Option<usize>,
+    /// New SMT setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smt: Option<bool>,
+    /// New CPU template; `"None"` clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+    /// New dirty page tracking setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_dirty_pages: Option<bool>,
+    /// New huge pages setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<HugePages>,
+}
+
+impl MachineConfigUpdate {
+    /// True when no field is given (Firecracker rejects such a PATCH).
+    pub fn is_empty(&self) -> bool {
+        self == &MachineConfigUpdate::default()
+    }
+
+    /// `base` with the given fields replaced. The result still has to be
+    /// validated.
+    pub fn apply(&self, base: &MachineConfig) -> MachineConfig {
+        let cpu_template = match self.cpu_template.as_deref() {
+            None => base.cpu_template.clone(),
+            // Firecracker: the "None" template clears any template set.
+            Some("None") => None,
+            Some(t) => Some(t.to_string()),
+        };
+        MachineConfig {
+            vcpu_count: self.vcpu_count.unwrap_or(base.vcpu_count),
+            mem_size_mib: self.mem_size_mib.unwrap_or(base.mem_size_mib),
+            smt: self.smt.unwrap_or(base.smt),
+            track_dirty_pages: self.track_dirty_pages.unwrap_or(base.track_dirty_pages),
+            cpu_template,
+            huge_pages: self.huge_pages.unwrap_or(base.huge_pages),
+        }
+    }
+}
+
+/// `PATCH /drives/{drive_id}`: Firecracker's `PartialDrive`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DriveUpdate {
+    /// The drive to change.
+    pub drive_id: String,
+    /// New backing file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<PathBuf>,
+    /// New rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// `state` of `GET /`, Firecracker's strings.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub enum InstanceState {
+    /// Before `InstanceStart`.
+    #[serde(rename = "Not started")]
+    NotStarted,
+    /// vCPUs running.
+    Running,
+    /// vCPUs paused with `PATCH /vm`.
+    Paused,
+}
+
+/// `GET /`: Firecracker's `InstanceInfo`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct InstanceInfo {
+    /// The `--id` of the microVM.
+    pub id: String,
+    /// Where the microVM is in its life.
+    pub state: InstanceState,
+    /// Ember's version.
+    pub vmm_version: String,
+    /// `"Ember"`.
+    pub app_name: String,
+}
+
+impl InstanceInfo {
+    /// The information for microVM `id` in `state`.
+    pub fn new(id: impl Into<String>, state: InstanceState) -> Self {
+        InstanceInfo {
+            id: id.into(),
+            state,
+            vmm_version: EMBER_VERSION.to_string(),
+            app_name: APP_NAME.to_string(),
+        }
+    }
+}
+
+/// What a successful action returns.
+// One value per API request: boxing the configuration would only add an
+// allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq)]
+pub enum VmmData {
+    /// Nothing: `204 No Content`.
+    Empty,
+    /// `GET /`.
+    InstanceInfo(InstanceInfo),
+    /// `GET /version`: the `firecracker_version` string (normally
+    /// [`FIRECRACKER_API_VERSION`]).
+    Version(String),
+    /// `GET /vm/config`.
+    VmConfig(VmConfig),
+    /// `GET /machine-config`.
+    MachineConfig(MachineConfig),
+}
+
+/// A failed request: an HTTP status and the `fault_message` of Firecracker's
+/// `Error` body.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// HTTP status code; 400 for everything the caller can fix.
+    pub status: u16,
+    /// Human-readable reason, sent as `{"fault_message": message}`.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with any status.
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// `400 Bad Request`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, message)
+    }
+
+    /// `500 Internal Server Error`: the VMM failed, not the request.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, message)
+    }
+
+    /// Firecracker's answer to a configuration call once the VM runs.
+    pub fn not_supported_post_boot() -> Self {
+        Self::bad_request("The requested operation is not supported after starting the microVM.")
+    }
+
+    /// Firecracker's answer to a runtime call before the VM runs.
+    pub fn not_supported_pre_boot() -> Self {
+        Self::bad_request("The requested operation is not supported before starting the microVM.")
+    }
+}
+
+/// The VMM thread's answer to one [`VmmAction`].
+pub type VmmResponse = Result<VmmData, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patch_merges_only_given_fields() {
+        let base = MachineConfig {
+            vcpu_count: 2,
+            mem_size_mib: 256,
+            smt: true,
+            track_dirty_pages: false,
+            cpu_template: Some("None".into()),
+            huge_pages: HugePages::None,
+        };
+        let u = MachineConfigUpdate {
+            mem_size_mib: Some(512),
+            ..Default::default()
+        };
+        let m = u.apply(&base);
+        assert_eq!(m.mem_size_mib, 512);
+        assert_eq!(m.vcpu_count, 2);
+        assert!(m.smt);
+        assert_eq!(m.cpu_template.as_deref(), Some("None"));
+        let clear = MachineConfigUpdate {
+            cpu_template: Some("None".into()),
+            ..Default::default()
+        };
+        assert_eq!(clear.apply(&base).cpu_template, None);
+        assert!(MachineConfigUpdate::default().is_empty());
+        assert!(!u.is_empty());
+    }
+
+    #[test]
+    fn instance_state_uses_firecracker_strings() {
+        let info = InstanceInfo::new("vm", InstanceState::NotStarted);
+        let v = serde_json::to_value(&info).unwrap();
+        assert_eq!(v["state"], "Not started");
+        assert_eq!(v["app_name"], "Ember");
+        assert_eq!(v["id"], "vm");
+        assert_eq!(v["vmm_version"], EMBER_VERSION);
+        assert_eq!(
+            serde_json::to_value(InstanceState::Paused).unwrap(),
+            "Paused"
+        );
+    }
+}

@@ -1,0 +1,759 @@
+//! What the VMM thread does with actions: which are allowed in which state
+//! ([`check_allowed`]), and the complete pre-boot configuration phase
+//! ([`PreBootResources`]), which builds the [`VmConfig`] the VM boots from
+//! with the same validation as the configuration file.
+
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+
+use super::action::{
+    ApiError, DriveUpdate, InstanceInfo, InstanceState, VmmAction, VmmData, VmmResponse,
+    FIRECRACKER_API_VERSION,
+};
+use crate::config::{ConfigError, Drive, NetworkInterface, VmConfig};
+
+/// Something that carries out actions: the VMM implements it for each phase
+/// of a microVM's life.
+pub trait ActionHandler {
+    /// Performs `action` and says how it went.
+    fn handle(&mut self, action: VmmAction) -> VmmResponse;
+}
+
+/// Firecracker's rule for what may be called when: configuration before
+/// `InstanceStart`; `PATCH /drives`, `PATCH /vm`, `SendCtrlAltDel` and
+/// `FlushMetrics` after it; GETs always.
+///
+/// The error is Firecracker's 400 "The requested operation is not supported
+/// before/after starting the microVM."
+pub fn check_allowed(action: &VmmAction, state: InstanceState) -> Result<(), ApiError> {
+    use VmmAction::*;
+    let runtime_only = matches!(
+        action,
+        PatchDrive(_) | SendCtrlAltDel | FlushMetrics | Pause | Resume
+    );
+    match state {
+        _ if action.is_get() => Ok(()),
+        InstanceState::NotStarted if runtime_only => Err(ApiError::not_supported_pre_boot()),
+        InstanceState::NotStarted => Ok(()),
+        InstanceState::Running | InstanceState::Paused if runtime_only => Ok(()),
+        InstanceState::Running | InstanceState::Paused => Err(ApiError::not_supported_post_boot()),
+    }
+}
+
+/// The microVM's configuration while it is built through the API.
+///
+/// Every change is applied to a copy that must pass
+/// [`VmConfig::validate`] (the configuration file's checks) before it
+/// replaces the current one, so the configuration is valid after every
+/// successful request and a failed request changes nothing.
+#[derive(Clone, Debug)]
+pub struct PreBootResources {
+    instance_id: String,
+    config: VmConfig,
+}
+
+/// The fault message for a configuration error, without the file-oriented
+/// prefix.
+fn config_error(prefix: &str, e: ConfigError) -> ApiError {
+    let detail = match e {
+        ConfigError::Invalid(detail) => detail,
+        other => other.to_string(),
+    };
+    ApiError::bad_request(format!("{prefix}: {detail}"))
+}
+
+/// Parses `xx:xx:xx:xx:xx:xx` (hexadecimal, either case).
+fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn check_openable(path: &Path, writable: bool) -> std::io::Result<File> {
+    OpenOptions::new().read(true).write(writable).open(path)
+}
+
+impl PreBootResources {
+    /// Firecracker's defaults: no boot source, 1 vCPU, 128 MiB, no devices.
+    pub fn new(instance_id: impl Into<String>) -> Self {
+        Self::with_config(instance_id, VmConfig::default())
+    }
+
+    /// Starts from a configuration that was already validated (a
+    /// `--config-file` given together with the API).
+    pub fn with_config(instance_id: impl Into<String>, config: VmConfig) -> Self {
+        PreBootResources {
+            instance_id: instance_id.into(),
+            config,
+        }
+    }
+
+    /// The configuration so far.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The configuration so far, taken out.
+    pub fn into_config(self) -> VmConfig {
+        self.config
+    }
+
+    /// `GET /` before the VM starts.
+    pub fn instance_info(&self) -> InstanceInfo {
+        InstanceInfo::new(self.instance_id.clone(), InstanceState::NotStarted)
+    }
+
+    /// The configuration to boot from on `InstanceStart`: it must have a
+    /// boot source. The error is Firecracker's message for a missing
+    /// kernel.
+    pub fn boot_config(&self) -> Result<VmConfig, ApiError> {
+        if self.config.boot_source.is_none() {
+            return Err(ApiError::bad_request(
+                "Start microvm error: Cannot start microvm without kernel configuration.",
+            ));
+        }
+        self.config
+            .validate()
+            .map_err(|e| config_error("Start microvm error", e))?;
+        Ok(self.config.clone())
+    }
+
+    /// Applies `change` to a copy, validates the copy and keeps it.
+    fn update(
+        &mut self,
+        prefix: &str,
+        change: impl FnOnce(&mut VmConfig) -> Result<(), ApiError>,
+    ) -> VmmResponse {
+        let mut candidate = self.config.clone();
+        change(&mut candidate)?;
+        candidate.validate().map_err(|e| config_error(prefix, e))?;
+        self.config = candidate;
+        Ok(VmmData::Empty)
+    }
+
+    fn put_drive(config: &mut VmConfig, drive: Drive) -> Result<(), ApiError> {
+        const P: &str = "Drive config error";
+        let existing = config
+            .drives
+            .iter()
+            .position(|d| d.drive_id == drive.drive_id);
+        let other_root = config
+            .drives
+            .iter()
+            .any(|d| d.is_root_device && d.drive_id != drive.drive_id);
+        if drive.is_root_device && other_root {
+            return Err(ApiError::bad_request(format!(
+                "{P}: A root block device already exists!"
+            )));
+        }
+        match (&drive.path_on_host, &drive.socket) {
+            (Some(path), _) => {
+                let writable = !drive.is_read_only.unwrap_or(false);
+                check_openable(path, writable).map_err(|e| {
+                    ApiError::bad_request(format!(
+                        "{P}: Unable to create the virtio block device: cannot open {}: {e}",
+                        path.display()
+                    ))
+                })?;
+            }
+            (None, Some(_)) => {}
+            (None, None) => {
+                return Err(ApiError::bad_request(format!(
+                    "{P}: Unable to create the virtio block device: path_on_host is missing"
+                )))
+            }
+        }
+        match existing {
+            Some(i) => config.drives[i] = drive,
+            None => config.drives.push(drive),
+        }
+        // Firecracker keeps the root device first: it becomes /dev/vda.
+        if let Some(root) = config.drives.iter().position(|d| d.is_root_device) {
+            let d = config.drives.remove(root);
+            config.drives.insert(0, d);
+        }
+        Ok(())
+    }
+
+    fn put_network_interface(
+        config: &mut VmConfig,
+        iface: NetworkInterface,
+    ) -> Result<(), ApiError> {
+        const P: &str = "Network config error";
+        if let Some(mac) = &iface.guest_mac {
+            if !valid_mac(mac) {
+                return Err(ApiError::bad_request(format!(
+                    "{P}: invalid guest_mac `{mac}`: expected six hexadecimal bytes separated by ':'"
+                )));
+            }
+        }
+        for other in config
+            .network_interfaces
+            .iter()
+            .filter(|n| n.iface_id != iface.iface_id)
+        {
+            if other.host_dev_name == iface.host_dev_name {
+                return Err(ApiError::bad_request(format!(
+                    "{P}: The host device name {} is already in use.",
+                    iface.host_dev_name
+                )));
+            }
+            if let (Some(a), Some(b)) = (&other.guest_mac, &iface.guest_mac) {
+                if a.eq_ignore_ascii_case(b) {
+                    return Err(ApiError::bad_request(format!(
+                        "{P}: The guest MAC address {b} is already in use."
+                    )));
+                }
+            }
+        }
+        match config
+            .network_interfaces
+            .iter()
+            .position(|n| n.iface_id == iface.iface_id)
+        {
+            Some(i) => config.network_interfaces[i] = iface,
+            None => config.network_interfaces.push(iface),
+        }
+        Ok(())
+    }
+}
+
+impl ActionHandler for PreBootResources {
+    /// Applies a pre-boot action with Firecracker's rules.
+    ///
+    /// `PUT /logger` and `PUT /metrics` are recorded in the configuration;
+    /// opening the log or metrics file is the VMM's part. `InstanceStart`
+    /// is the VMM's too (it builds the VM from
+    /// [`boot_config`](Self::boot_config)): handing it here is a bug and
+    /// answers 500.
+    fn handle(&mut self, action: VmmAction) -> VmmResponse {
+        check_allowed(&action, InstanceState::NotStarted)?;
+        match action {
+            VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(self.instance_info())),
+            VmmAction::GetVersion => Ok(VmmData::Version(FIRECRACKER_API_VERSION.to_string())),
+            VmmAction::GetVmConfig => Ok(VmmData::VmConfig(self.config.clone())),
+            VmmAction::GetMachineConfig => {
+                Ok(VmmData::MachineConfig(self.config.machine_config.clone()))
+            }
+            VmmAction::PutBootSource(boot) => self.update("Boot source error", |c| {
+                const P: &str = "Boot source error";
+                File::open(&boot.kernel_image_path).map_err(|e| {
+                    ApiError::bad_request(format!("{P}: The kernel file cannot be opened: {e}"))
+                })?;
+                if let Some(initrd) = &boot.initrd_path {
+                    File::open(initrd).map_err(|e| {
+                        ApiError::bad_request(format!(
+                            "{P}: The initrd file cannot be opened due to invalid path or invalid permissions. {e}"
+                        ))
+                    })?;
+                }
+                if let Some(args) = &boot.boot_args {
+                    ember_boot::cmdline_from_str(args).map_err(|e| {
+                        ApiError::bad_request(format!("{P}: The kernel command line is invalid: {e}"))
+                    })?;
+                }
+                c.boot_source = Some(boot);
+                Ok(())
+            }),
+            VmmAction::PutMachineConfig(m) => self.update("Machine config error", |c| {
+                c.machine_config = m;
+                Ok(())
+            }),
+            VmmAction::PatchMachineConfig(u) => {
+                if u.is_empty() {
+                    return Err(ApiError::bad_request("Empty PATCH request."));
+                }
+                self.update("Machine config error", |c| {
+                    c.machine_config = u.apply(&c.machine_config);
+                    Ok(())
+                })
+            }
+            VmmAction::PutDrive(d) => {
+                self.update("Drive config error", |c| Self::put_drive(c, d))
+            }
+            VmmAction::PutNetworkInterface(n) => self.update("Network config error", |c| {
+                Self::put_network_interface(c, n)
+            }),
+            VmmAction::PutVsock(v) => self.update("Vsock config error", |c| {
+                // virtio 1.2 §5.10.4: CIDs 0, 1, 2 and 0xffffffff are reserved.
+                if v.guest_cid < 3 || v.guest_cid == u32::MAX {
+                    return Err(ApiError::bad_request(format!(
+                        "Vsock config error: guest_cid {} is reserved: use 3 to {}",
+                        v.guest_cid,
+                        u32::MAX - 1
+                    )));
+                }
+                if v.uds_path.as_os_str().is_empty() {
+                    return Err(ApiError::bad_request("Vsock config error: uds_path is empty"));
+                }
+                c.vsock = Some(v);
+                Ok(())
+            }),
+            VmmAction::PutLogger(l) => self.update("Logger error", |c| {
+                c.logger = Some(l);
+                Ok(())
+            }),
+            VmmAction::PutMetrics(m) => self.update("Metrics error", |c| {
+                if c.metrics.is_some() {
+                    return Err(ApiError::bad_request(
+                        "Metrics error: Reinitialization of metrics not allowed.",
+                    ));
+                }
+                c.metrics = Some(m);
+                Ok(())
+            }),
+            VmmAction::InstanceStart => Err(ApiError::internal(
+                "InstanceStart reached the pre-boot configuration instead of the VMM",
+            )),
+            // Refused by `check_allowed` above.
+            VmmAction::PatchDrive(_)
+            | VmmAction::SendCtrlAltDel
+            | VmmAction::FlushMetrics
+            | VmmAction::Pause
+            | VmmAction::Resume => Err(ApiError::not_supported_pre_boot()),
+        }
+    }
+}
+
+/// `PATCH /drives/{id}` on a running VM: the drive as it is to become.
+///
+/// The VMM re-opens the backing file on the device, then stores the result
+/// in its configuration (for `GET /vm/config`).
+pub fn patch_drive(config: &VmConfig, update: &DriveUpdate) -> Result<Drive, ApiError> {
+    let Some(drive) = config.drives.iter().find(|d| d.drive_id == update.drive_id) else {
+        return Err(ApiError::bad_request(format!(
+            "Drive config error: Unable to patch the block device: no drive has the id `{}`. Please verify the request arguments.",
+            update.drive_id
+        )));
+    };
+    let mut drive = drive.clone();
+    if let Some(path) = &update.path_on_host {
+        let writable = !drive.is_read_only.unwrap_or(false);
+        check_openable(path, writable).map_err(|e| {
+            ApiError::bad_request(format!(
+                "Drive config error: Unable to patch the block device: cannot open {}: {e}. Please verify the request arguments.",
+                path.display()
+            ))
+        })?;
+        drive.path_on_host = Some(path.clone());
+    }
+    if let Some(rl) = &update.rate_limiter {
+        drive.rate_limiter = Some(rl.clone());
+    }
+    Ok(drive)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::api::action::MachineConfigUpdate;
+    use crate::config::{BootSource, Logger, MachineConfig, Metrics, Vsock};
+
+    fn kernel() -> tempfile::NamedTempFile {
+        tempfile::NamedTempFile::new().unwrap()
+    }
+
+    fn boot(path: &Path) -> VmmAction {
+        VmmAction::PutBootSource(BootSource {
+            kernel_image_path: path.to_path_buf(),
+            initrd_path: None,
+            boot_args: Some("console=ttyS0".into()),
+        })
+    }
+
+    fn err(r: VmmResponse) -> ApiError {
+        r.expect_err("expected an error")
+    }
+
+    #[test]
+    fn state_rules() {
+        let pre = InstanceState::NotStarted;
+        for a in [
+            VmmAction::GetInstanceInfo,
+            VmmAction::GetVmConfig,
+            VmmAction::InstanceStart,
+            VmmAction::PutLogger(Logger::default()),
+        ] {
+            assert!(check_allowed(&a, pre).is_ok(), "{a:?}");
+        }
+        for a in [
+            VmmAction::Pause,
+            VmmAction::FlushMetrics,
+            VmmAction::SendCtrlAltDel,
+        ] {
+            assert_eq!(
+                check_allowed(&a, pre).unwrap_err().message,
+                "The requested operation is not supported before starting the microVM."
+            );
+        }
+        for post in [InstanceState::Running, InstanceState::Paused] {
+            for a in [
+                VmmAction::Pause,
+                VmmAction::Resume,
+                VmmAction::FlushMetrics,
+                VmmAction::SendCtrlAltDel,
+                VmmAction::GetMachineConfig,
+                VmmAction::PatchDrive(DriveUpdate {
+                    drive_id: "d".into(),
+                    path_on_host: None,
+                    rate_limiter: None,
+                }),
+            ] {
+                assert!(check_allowed(&a, post).is_ok(), "{a:?}");
+            }
+            for a in [
+                VmmAction::InstanceStart,
+                VmmAction::PutMachineConfig(MachineConfig::default()),
+                VmmAction::PatchMachineConfig(MachineConfigUpdate {
+                    vcpu_count: Some(2),
+                    ..Default::default()
+                }),
+                VmmAction::PutLogger(Logger::default()),
+            ] {
+                let e = check_allowed(&a, post).unwrap_err();
+                assert_eq!(e.status, 400);
+                assert_eq!(
+                    e.message,
+                    "The requested operation is not supported after starting the microVM."
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_and_gets() {
+        let mut r = PreBootResources::new("vm-1");
+        assert_eq!(
+            r.handle(VmmAction::GetMachineConfig).unwrap(),
+            VmmData::MachineConfig(MachineConfig::default())
+        );
+        let Ok(VmmData::InstanceInfo(info)) = r.handle(VmmAction::GetInstanceInfo) else {
+            panic!()
+        };
+        assert_eq!(
+            (info.id.as_str(), info.state),
+            ("vm-1", InstanceState::NotStarted)
+        );
+        assert_eq!(
+            r.handle(VmmAction::GetVersion).unwrap(),
+            VmmData::Version(FIRECRACKER_API_VERSION.into())
+        );
+        assert_eq!(
+            r.handle(VmmAction::GetVmConfig).unwrap(),
+            VmmData::VmConfig(VmConfig::default())
+        );
+    }
+
+    #[test]
+    fn boot_source_is_checked_and_recorded() {
+        let k = kernel();
+        let mut r = PreBootResources::new("vm");
+        assert_eq!(
+            r.boot_config().unwrap_err().message,
+            "Start microvm error: Cannot start microvm without kernel configuration."
+        );
+        let e = err(r.handle(boot(Path::new("/nonexistent/kernel"))));
+        assert!(
+            e.message
+                .starts_with("Boot source error: The kernel file cannot be opened: "),
+            "{}",
+            e.message
+        );
+        assert!(
+            r.config().boot_source.is_none(),
+            "a failed PUT changes nothing"
+        );
+        let e = err(r.handle(VmmAction::PutBootSource(BootSource {
+            kernel_image_path: k.path().to_path_buf(),
+            initrd_path: Some(PathBuf::from("/nonexistent/initrd")),
+            boot_args: None,
+        })));
+        assert!(e.message.contains("initrd"), "{}", e.message);
+        let e = err(r.handle(VmmAction::PutBootSource(BootSource {
+            kernel_image_path: k.path().to_path_buf(),
+            initrd_path: None,
+            boot_args: Some("x".repeat(5000)),
+        })));
+        assert!(
+            e.message.contains("command line is invalid"),
+            "{}",
+            e.message
+        );
+
+        assert_eq!(r.handle(boot(k.path())).unwrap(), VmmData::Empty);
+        let cfg = r.boot_config().unwrap();
+        assert_eq!(cfg.boot_source.unwrap().kernel_image_path, k.path());
+    }
+
+    #[test]
+    fn machine_config_put_patch_and_validation() {
+        let mut r = PreBootResources::new("vm");
+        let m = MachineConfig {
+            vcpu_count: 2,
+            mem_size_mib: 256,
+            smt: true,
+            ..MachineConfig::default()
+        };
+        assert_eq!(
+            r.handle(VmmAction::PutMachineConfig(m.clone())).unwrap(),
+            VmmData::Empty
+        );
+        assert_eq!(r.config().machine_config, m);
+        // PATCH merges; the merged result is validated as a whole: 3 vCPUs
+        // with SMT on is odd.
+        let e = err(r.handle(VmmAction::PatchMachineConfig(MachineConfigUpdate {
+            vcpu_count: Some(3),
+            ..Default::default()
+        })));
+        assert_eq!(
+            e.message,
+            "Machine config error: machine-config.vcpu_count is 3 with smt enabled: it must be 1 or an even number"
+        );
+        assert_eq!(r.config().machine_config.vcpu_count, 2);
+        r.handle(VmmAction::PatchMachineConfig(MachineConfigUpdate {
+            smt: Some(false),
+            vcpu_count: Some(3),
+            ..Default::default()
+        }))
+        .unwrap();
+        let c = &r.config().machine_config;
+        assert_eq!((c.vcpu_count, c.mem_size_mib, c.smt), (3, 256, false));
+        let e = err(r.handle(VmmAction::PutMachineConfig(MachineConfig {
+            vcpu_count: 0,
+            ..MachineConfig::default()
+        })));
+        assert!(e.message.contains("between 1 and 32"), "{}", e.message);
+        let e = err(r.handle(VmmAction::PatchMachineConfig(MachineConfigUpdate::default())));
+        assert_eq!(e.message, "Empty PATCH request.");
+    }
+
+    #[test]
+    fn drive_rules_before_validation() {
+        // These rules are checked before the configuration is validated, so
+        // they hold whatever the configuration file supports.
+        let f = kernel();
+        let mut c = VmConfig::default();
+        let drive = |id: &str, root: bool| Drive {
+            drive_id: id.into(),
+            path_on_host: Some(f.path().to_path_buf()),
+            is_root_device: root,
+            partuuid: None,
+            is_read_only: Some(false),
+            cache_type: Default::default(),
+            io_engine: Default::default(),
+            rate_limiter: None,
+            socket: None,
+        };
+        PreBootResources::put_drive(&mut c, drive("data", false)).unwrap();
+        PreBootResources::put_drive(&mut c, drive("rootfs", true)).unwrap();
+        // The root device moves first.
+        let ids: Vec<&str> = c.drives.iter().map(|d| d.drive_id.as_str()).collect();
+        assert_eq!(ids, ["rootfs", "data"]);
+        let e = PreBootResources::put_drive(&mut c, drive("other", true)).unwrap_err();
+        assert_eq!(
+            e.message,
+            "Drive config error: A root block device already exists!"
+        );
+        // Replacing the root device by id is allowed, and so is demoting it.
+        PreBootResources::put_drive(&mut c, drive("rootfs", true)).unwrap();
+        PreBootResources::put_drive(&mut c, drive("rootfs", false)).unwrap();
+        PreBootResources::put_drive(&mut c, drive("other", true)).unwrap();
+        let ids: Vec<&str> = c.drives.iter().map(|d| d.drive_id.as_str()).collect();
+        assert_eq!(ids, ["other", "rootfs", "data"]);
+        let mut missing = drive("x", false);
+        missing.path_on_host = Some(PathBuf::from("/nonexistent/disk"));
+        let e = PreBootResources::put_drive(&mut c, missing).unwrap_err();
+        assert!(e.message.contains("/nonexistent/disk"), "{}", e.message);
+        assert_eq!(c.drives.len(), 3);
+    }
+
+    #[test]
+    fn network_rules_before_validation() {
+        let mut c = VmConfig::default();
+        let iface = |id: &str, tap: &str, mac: Option<&str>| NetworkInterface {
+            iface_id: id.into(),
+            host_dev_name: tap.into(),
+            guest_mac: mac.map(String::from),
+            mtu: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        };
+        PreBootResources::put_network_interface(
+            &mut c,
+            iface("eth0", "tap0", Some("06:00:00:00:00:01")),
+        )
+        .unwrap();
+        let e = PreBootResources::put_network_interface(&mut c, iface("eth1", "tap0", None))
+            .unwrap_err();
+        assert_eq!(
+            e.message,
+            "Network config error: The host device name tap0 is already in use."
+        );
+        let e = PreBootResources::put_network_interface(
+            &mut c,
+            iface("eth1", "tap1", Some("06:00:00:00:00:01")),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.message,
+            "Network config error: The guest MAC address 06:00:00:00:00:01 is already in use."
+        );
+        let e = PreBootResources::put_network_interface(&mut c, iface("eth1", "tap1", Some("zz")))
+            .unwrap_err();
+        assert!(e.message.contains("invalid guest_mac"), "{}", e.message);
+        // Same id: replaced, even with the same tap.
+        PreBootResources::put_network_interface(&mut c, iface("eth0", "tap0", None)).unwrap();
+        assert_eq!(c.network_interfaces.len(), 1);
+        assert_eq!(c.network_interfaces[0].guest_mac, None);
+    }
+
+    #[test]
+    fn sections_go_through_config_validation() {
+        // Whatever VmConfig::validate refuses, the API refuses with the same
+        // words, and the configuration stays unchanged.
+        let f = kernel();
+        let mut r = PreBootResources::new("vm");
+        let actions = [
+            VmmAction::PutDrive(Drive {
+                drive_id: "rootfs".into(),
+                path_on_host: Some(f.path().to_path_buf()),
+                is_root_device: true,
+                partuuid: None,
+                is_read_only: Some(true),
+                cache_type: Default::default(),
+                io_engine: Default::default(),
+                rate_limiter: None,
+                socket: None,
+            }),
+            VmmAction::PutVsock(Vsock {
+                guest_cid: 3,
+                uds_path: PathBuf::from("/tmp/v.sock"),
+                vsock_id: None,
+            }),
+            VmmAction::PutMetrics(Metrics {
+                metrics_path: PathBuf::from("/tmp/m"),
+                emit_id: false,
+                properties: None,
+            }),
+        ];
+        for a in actions {
+            let mut expected = r.config().clone();
+            match &a {
+                VmmAction::PutDrive(d) => expected.drives.push(d.clone()),
+                VmmAction::PutVsock(v) => expected.vsock = Some(v.clone()),
+                VmmAction::PutMetrics(m) => expected.metrics = Some(m.clone()),
+                _ => unreachable!(),
+            }
+            let before = r.config().clone();
+            match (r.handle(a), expected.validate()) {
+                (Ok(VmmData::Empty), Ok(())) => assert_eq!(r.config(), &expected),
+                (Err(e), Err(ce)) => {
+                    assert_eq!(e.status, 400);
+                    assert!(
+                        e.message
+                            .ends_with(&ce.to_string().replace("invalid config file: ", "")),
+                        "{} / {ce}",
+                        e.message
+                    );
+                    assert_eq!(r.config(), &before);
+                }
+                (got, want) => panic!("API {got:?} but config file {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn vsock_cid_and_metrics_once() {
+        let mut c = PreBootResources::new("vm");
+        let e = err(c.handle(VmmAction::PutVsock(Vsock {
+            guest_cid: 2,
+            uds_path: PathBuf::from("/v"),
+            vsock_id: None,
+        })));
+        assert!(
+            e.message.contains("guest_cid 2 is reserved"),
+            "{}",
+            e.message
+        );
+        // Metrics may be set once; simulate an accepted first PUT.
+        c.config.metrics = Some(Metrics {
+            metrics_path: PathBuf::from("/m"),
+            emit_id: false,
+            properties: None,
+        });
+        let e = err(c.handle(VmmAction::PutMetrics(Metrics {
+            metrics_path: PathBuf::from("/m2"),
+            emit_id: false,
+            properties: None,
+        })));
+        assert_eq!(
+            e.message,
+            "Metrics error: Reinitialization of metrics not allowed."
+        );
+    }
+
+    #[test]
+    fn logger_is_recorded_and_runtime_actions_refused() {
+        let mut r = PreBootResources::new("vm");
+        let l = Logger {
+            log_path: Some(PathBuf::from("/l")),
+            ..Logger::default()
+        };
+        r.handle(VmmAction::PutLogger(l.clone())).unwrap();
+        assert_eq!(r.config().logger.as_ref(), Some(&l));
+        for a in [
+            VmmAction::Pause,
+            VmmAction::Resume,
+            VmmAction::SendCtrlAltDel,
+        ] {
+            assert_eq!(
+                err(r.handle(a)).message,
+                "The requested operation is not supported before starting the microVM."
+            );
+        }
+        assert_eq!(err(r.handle(VmmAction::InstanceStart)).status, 500);
+    }
+
+    #[test]
+    fn patch_drive_after_boot() {
+        let f = kernel();
+        let g = kernel();
+        let mut c = VmConfig::default();
+        c.drives.push(Drive {
+            drive_id: "rootfs".into(),
+            path_on_host: Some(f.path().to_path_buf()),
+            is_root_device: true,
+            partuuid: None,
+            is_read_only: Some(true),
+            cache_type: Default::default(),
+            io_engine: Default::default(),
+            rate_limiter: None,
+            socket: None,
+        });
+        let d = patch_drive(
+            &c,
+            &DriveUpdate {
+                drive_id: "rootfs".into(),
+                path_on_host: Some(g.path().to_path_buf()),
+                rate_limiter: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(d.path_on_host.as_deref(), Some(g.path()));
+        assert!(d.is_root_device);
+        let e = patch_drive(
+            &c,
+            &DriveUpdate {
+                drive_id: "nope".into(),
+                path_on_host: None,
+                rate_limiter: None,
+            },
+        )
+        .unwrap_err();
+        assert!(e.message.contains("`nope`"), "{}", e.message);
+    }
+}

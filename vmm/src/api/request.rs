@@ -1,0 +1,732 @@
+//! Routing and parsing: method, path and body in, [`VmmAction`] or
+//! [`ApiError`] out. Pure functions, so they are unit-tested and fuzzed
+//! without a socket.
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use super::action::{ApiError, DriveUpdate, MachineConfigUpdate, VmmAction};
+use crate::config::{BootSource, Drive, Logger, MachineConfig, Metrics, NetworkInterface, Vsock};
+use crate::metrics::{ApiRequestMetrics, Counter};
+
+/// Firecracker's default for `--http-api-max-payload-size`, in bytes.
+pub const DEFAULT_MAX_PAYLOAD: usize = 51_200;
+
+/// One endpoint Ember serves: method and path template as in the OpenAPI
+/// document.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// `GET`, `PUT` or `PATCH`.
+    pub method: &'static str,
+    /// Path template, e.g. `/drives/{drive_id}`.
+    pub path: &'static str,
+}
+
+const fn route(method: &'static str, path: &'static str) -> Route {
+    Route { method, path }
+}
+
+/// Every endpoint Ember serves (checked against `docs/openapi.yaml`).
+pub const ROUTES: &[Route] = &[
+    route("GET", "/"),
+    route("GET", "/version"),
+    route("GET", "/machine-config"),
+    route("PUT", "/machine-config"),
+    route("PATCH", "/machine-config"),
+    route("PUT", "/boot-source"),
+    route("PUT", "/drives/{drive_id}"),
+    route("PATCH", "/drives/{drive_id}"),
+    route("PUT", "/network-interfaces/{iface_id}"),
+    route("PUT", "/vsock"),
+    route("PUT", "/actions"),
+    route("PATCH", "/vm"),
+    route("GET", "/vm/config"),
+    route("PUT", "/logger"),
+    route("PUT", "/metrics"),
+];
+
+/// Firecracker endpoints Ember does not implement: they answer 400 with a
+/// message saying so, not 404, because a Firecracker client may call them.
+pub const NOT_IMPLEMENTED: &[&str] = &[
+    "/balloon",
+    "/balloon/statistics",
+    "/balloon/hinting/start",
+    "/balloon/hinting/status",
+    "/balloon/hinting/stop",
+    "/cpu-config",
+    "/entropy",
+    "/hotplug/memory",
+    "/mmds",
+    "/mmds/config",
+    "/pmem/{id}",
+    "/serial",
+    "/snapshot/create",
+    "/snapshot/load",
+];
+
+/// The resource a path names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Resource<'a> {
+    Root,
+    Version,
+    MachineConfig,
+    BootSource,
+    /// `/drives` or `/drives/{id}`.
+    Drives(Option<&'a str>),
+    /// `/network-interfaces` or `/network-interfaces/{id}`.
+    NetworkInterfaces(Option<&'a str>),
+    Vsock,
+    Actions,
+    Vm,
+    VmConfig,
+    Logger,
+    Metrics,
+    /// A Firecracker endpoint Ember does not implement.
+    NotImplemented,
+}
+
+impl Resource<'_> {
+    fn methods(self) -> &'static [&'static str] {
+        match self {
+            Resource::Root | Resource::Version | Resource::VmConfig => &["GET"],
+            Resource::MachineConfig => &["GET", "PUT", "PATCH"],
+            Resource::Drives(_) => &["PUT", "PATCH"],
+            Resource::BootSource
+            | Resource::NetworkInterfaces(_)
+            | Resource::Vsock
+            | Resource::Actions
+            | Resource::Logger
+            | Resource::Metrics => &["PUT"],
+            Resource::Vm => &["PATCH"],
+            Resource::NotImplemented => &[],
+        }
+    }
+}
+
+/// The path part of a request target: no query or fragment, no
+/// `http://host` of the absolute form, no trailing slash.
+fn clean_path(target: &str) -> &str {
+    let mut path = target;
+    if let Some(rest) = path
+        .strip_prefix("http://")
+        .or_else(|| path.strip_prefix("https://"))
+    {
+        path = rest.find('/').map_or("/", |i| &rest[i..]);
+    }
+    if let Some(i) = path.find(['?', '#']) {
+        path = &path[..i];
+    }
+    if path.len() > 1 {
+        path = path.strip_suffix('/').unwrap_or(path);
+    }
+    path
+}
+
+fn resolve(path: &str) -> Option<Resource<'_>> {
+    let rest = path.strip_prefix('/')?;
+    let mut segments = rest.split('/');
+    let first = segments.next().unwrap_or("");
+    let second = segments.next();
+    let third = segments.next();
+    let resource = match (first, second, third) {
+        ("", None, None) => Resource::Root,
+        ("version", None, None) => Resource::Version,
+        ("machine-config", None, None) => Resource::MachineConfig,
+        ("boot-source", None, None) => Resource::BootSource,
+        ("drives", id, None) => Resource::Drives(id),
+        ("network-interfaces", id, None) => Resource::NetworkInterfaces(id),
+        ("vsock", None, None) => Resource::Vsock,
+        ("actions", None, None) => Resource::Actions,
+        ("vm", None, None) => Resource::Vm,
+        ("vm", Some("config"), None) => Resource::VmConfig,
+        ("logger", None, None) => Resource::Logger,
+        ("metrics", None, None) => Resource::Metrics,
+        ("balloon" | "cpu-config" | "entropy" | "mmds" | "serial", None, None)
+        | ("balloon", Some("statistics"), None)
+        | ("balloon", Some("hinting"), Some("start" | "status" | "stop"))
+        | ("hotplug", Some("memory"), None)
+        | ("mmds", Some("config"), None)
+        | ("pmem", Some(_), None)
+        | ("snapshot", Some("create" | "load"), None) => Resource::NotImplemented,
+        _ => return None,
+    };
+    Some(resource)
+}
+
+/// The methods `path` accepts, for the `Allow` header of a 405 answer.
+pub fn allowed_methods(path: &str) -> Option<&'static [&'static str]> {
+    resolve(clean_path(path)).map(Resource::methods)
+}
+
+fn invalid_path(method: &str, path: &str) -> String {
+    // Firecracker's words; its status is 400 where Ember's is 404 or 405.
+    format!("Invalid request method and/or path: {method} {path}.")
+}
+
+/// Firecracker's resource id rule: not empty, letters, digits and `_`.
+fn checked_id(id: Option<&str>) -> Result<&str, ApiError> {
+    match id {
+        None | Some("") => Err(ApiError::bad_request("The ID cannot be empty.")),
+        Some(id) if id.chars().all(|c| c == '_' || c.is_alphanumeric()) => Ok(id),
+        Some(_) => Err(ApiError::bad_request(
+            "API Resource IDs can only contain alphanumeric characters and underscores.",
+        )),
+    }
+}
+
+fn from_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let fail = |why: String| {
+        ApiError::bad_request(format!(
+            "An error occurred when deserializing the json body of a request: {why}."
+        ))
+    };
+    // serde would also read a struct from a JSON array of its fields.
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|b| *b != b'{') {
+        return Err(fail("expected a JSON object".to_string()));
+    }
+    serde_json::from_slice(body).map_err(|e| fail(e.to_string()))
+}
+
+fn id_mismatch() -> ApiError {
+    ApiError::bad_request("The id from the path does not match the id from the body!")
+}
+
+/// `action_type` of `PUT /actions`.
+#[derive(Deserialize)]
+enum ActionType {
+    FlushMetrics,
+    InstanceStart,
+    SendCtrlAltDel,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    action_type: ActionType,
+}
+
+/// `state` of `PATCH /vm`.
+#[derive(Deserialize)]
+enum VmStateName {
+    Paused,
+    Resumed,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmStateBody {
+    state: VmStateName,
+}
+
+/// Parses one request into the action the VMM thread performs.
+///
+/// `path` is the request target as sent (a query string is ignored).
+/// Errors carry Firecracker's status and `fault_message` (400), except an
+/// unknown path (404) and a method the path does not accept (405); both use
+/// Firecracker's message `Invalid request method and/or path: ...`.
+pub fn parse_request(
+    method: &str,
+    path: &str,
+    body: &[u8],
+    max_payload: usize,
+) -> Result<VmmAction, ApiError> {
+    if body.len() > max_payload {
+        return Err(payload_too_large(body.len(), max_payload));
+    }
+    let path = clean_path(path);
+    let resource = resolve(path).ok_or_else(|| ApiError::new(404, invalid_path(method, path)))?;
+    if resource == Resource::NotImplemented {
+        return Err(ApiError::bad_request(format!(
+            "The requested operation is not supported: {method} {path} is not implemented by Ember."
+        )));
+    }
+    if !resource.methods().contains(&method) {
+        return Err(ApiError::new(405, invalid_path(method, path)));
+    }
+    match method {
+        "GET" if !body.is_empty() => {
+            return Err(ApiError::bad_request("GET request cannot have a body."))
+        }
+        "PUT" if body.is_empty() => return Err(ApiError::bad_request("Empty PUT request.")),
+        "PATCH" if body.is_empty() => return Err(ApiError::bad_request("Empty PATCH request.")),
+        _ => {}
+    }
+
+    let action = match (method, resource) {
+        ("GET", Resource::Root) => VmmAction::GetInstanceInfo,
+        ("GET", Resource::Version) => VmmAction::GetVersion,
+        ("GET", Resource::VmConfig) => VmmAction::GetVmConfig,
+        ("GET", Resource::MachineConfig) => VmmAction::GetMachineConfig,
+        ("PUT", Resource::MachineConfig) => {
+            VmmAction::PutMachineConfig(from_body::<MachineConfig>(body)?)
+        }
+        ("PATCH", Resource::MachineConfig) => {
+            let update = from_body::<MachineConfigUpdate>(body)?;
+            if update.is_empty() {
+                return Err(ApiError::bad_request("Empty PATCH request."));
+            }
+            VmmAction::PatchMachineConfig(update)
+        }
+        ("PUT", Resource::BootSource) => VmmAction::PutBootSource(from_body::<BootSource>(body)?),
+        ("PUT", Resource::Drives(id)) => {
+            let id = checked_id(id)?;
+            let drive = from_body::<Drive>(body)?;
+            if drive.drive_id != id {
+                return Err(id_mismatch());
+            }
+            VmmAction::PutDrive(drive)
+        }
+        ("PATCH", Resource::Drives(id)) => {
+            let id = checked_id(id)?;
+            let update = from_body::<DriveUpdate>(body)?;
+            if update.drive_id != id {
+                return Err(id_mismatch());
+            }
+            VmmAction::PatchDrive(update)
+        }
+        ("PUT", Resource::NetworkInterfaces(id)) => {
+            let id = checked_id(id)?;
+            let iface = from_body::<NetworkInterface>(body)?;
+            if iface.iface_id != id {
+                return Err(id_mismatch());
+            }
+            VmmAction::PutNetworkInterface(iface)
+        }
+        ("PUT", Resource::Vsock) => VmmAction::PutVsock(from_body::<Vsock>(body)?),
+        ("PUT", Resource::Actions) => match from_body::<ActionBody>(body)?.action_type {
+            ActionType::InstanceStart => VmmAction::InstanceStart,
+            ActionType::SendCtrlAltDel => VmmAction::SendCtrlAltDel,
+            ActionType::FlushMetrics => VmmAction::FlushMetrics,
+        },
+        ("PATCH", Resource::Vm) => match from_body::<VmStateBody>(body)?.state {
+            VmStateName::Paused => VmmAction::Pause,
+            VmStateName::Resumed => VmmAction::Resume,
+        },
+        ("PUT", Resource::Logger) => VmmAction::PutLogger(from_body::<Logger>(body)?),
+        ("PUT", Resource::Metrics) => VmmAction::PutMetrics(from_body::<Metrics>(body)?),
+        // `methods()` and this match list the same pairs.
+        _ => return Err(ApiError::new(405, invalid_path(method, path))),
+    };
+    Ok(action)
+}
+
+/// The error for a body over `--http-api-max-payload-size`, with the words
+/// of Firecracker's HTTP server.
+pub fn payload_too_large(size: usize, max_payload: usize) -> ApiError {
+    ApiError::bad_request(format!(
+        "Request payload with size {size} is larger than the limit of {max_payload} allowed by server."
+    ))
+}
+
+/// The request counter (and failure counter) of Firecracker's
+/// `*_api_requests` groups that a request falls under, if any.
+pub(crate) fn request_counters<'m>(
+    metrics: &'m ApiRequestMetrics,
+    method: &str,
+    path: &str,
+) -> Option<(&'m Counter, Option<&'m Counter>)> {
+    let (g, p, pa) = (&metrics.get, &metrics.put, &metrics.patch);
+    let counters = match (method, resolve(clean_path(path))?) {
+        ("GET", Resource::Root) => (&g.instance_info_count, None),
+        ("GET", Resource::Version) => (&g.vmm_version_count, None),
+        ("GET", Resource::MachineConfig) => (&g.machine_cfg_count, None),
+        ("PUT", Resource::Actions) => (&p.actions_count, Some(&p.actions_fails)),
+        ("PUT", Resource::BootSource) => (&p.boot_source_count, Some(&p.boot_source_fails)),
+        ("PUT", Resource::Drives(_)) => (&p.drive_count, Some(&p.drive_fails)),
+        ("PUT", Resource::Logger) => (&p.logger_count, Some(&p.logger_fails)),
+        ("PUT", Resource::MachineConfig) => (&p.machine_cfg_count, Some(&p.machine_cfg_fails)),
+        ("PUT", Resource::Metrics) => (&p.metrics_count, Some(&p.metrics_fails)),
+        ("PUT", Resource::NetworkInterfaces(_)) => (&p.network_count, Some(&p.network_fails)),
+        ("PUT", Resource::Vsock) => (&p.vsock_count, Some(&p.vsock_fails)),
+        ("PATCH", Resource::Drives(_)) => (&pa.drive_count, Some(&pa.drive_fails)),
+        ("PATCH", Resource::MachineConfig) => (&pa.machine_cfg_count, Some(&pa.machine_cfg_fails)),
+        _ => return None,
+    };
+    Some(counters)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::config::{CacheType, HugePages, IoEngine, LogLevel};
+
+    const MAX: usize = DEFAULT_MAX_PAYLOAD;
+
+    fn ok(method: &str, path: &str, body: &str) -> VmmAction {
+        parse_request(method, path, body.as_bytes(), MAX)
+            .unwrap_or_else(|e| panic!("{method} {path} {body}: {e:?}"))
+    }
+
+    fn err(method: &str, path: &str, body: &str) -> ApiError {
+        parse_request(method, path, body.as_bytes(), MAX).expect_err(body)
+    }
+
+    #[test]
+    fn gets() {
+        assert_eq!(ok("GET", "/", ""), VmmAction::GetInstanceInfo);
+        assert_eq!(ok("GET", "/version", ""), VmmAction::GetVersion);
+        assert_eq!(ok("GET", "/vm/config", ""), VmmAction::GetVmConfig);
+        assert_eq!(
+            ok("GET", "/machine-config", ""),
+            VmmAction::GetMachineConfig
+        );
+        // Query strings, a trailing slash and the absolute form are accepted.
+        assert_eq!(ok("GET", "/version?x=1", ""), VmmAction::GetVersion);
+        assert_eq!(
+            ok("GET", "/machine-config/", ""),
+            VmmAction::GetMachineConfig
+        );
+        assert_eq!(
+            ok("GET", "http://localhost/vm/config", ""),
+            VmmAction::GetVmConfig
+        );
+        assert_eq!(
+            ok("GET", "http://localhost", ""),
+            VmmAction::GetInstanceInfo
+        );
+    }
+
+    #[test]
+    fn get_with_body_is_rejected() {
+        let e = err("GET", "/", "{}");
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (400, "GET request cannot have a body.")
+        );
+    }
+
+    #[test]
+    fn boot_source() {
+        assert_eq!(
+            ok(
+                "PUT",
+                "/boot-source",
+                r#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0", "initrd_path": "/i"}"#
+            ),
+            VmmAction::PutBootSource(BootSource {
+                kernel_image_path: PathBuf::from("/k"),
+                initrd_path: Some(PathBuf::from("/i")),
+                boot_args: Some("console=ttyS0".into()),
+            })
+        );
+        let e = err("PUT", "/boot-source", r#"{"boot_args": "x"}"#);
+        assert_eq!(e.status, 400);
+        assert!(
+            e.message.starts_with(
+                "An error occurred when deserializing the json body of a request: missing field `kernel_image_path`"
+            ),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn machine_config_put_and_patch() {
+        let a = ok(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 2, "mem_size_mib": 256, "huge_pages": "2M"}"#,
+        );
+        let VmmAction::PutMachineConfig(m) = a else {
+            panic!("{a:?}")
+        };
+        assert_eq!((m.vcpu_count, m.mem_size_mib, m.smt), (2, 256, false));
+        assert_eq!(m.huge_pages, HugePages::Hugetlbfs2M);
+        // PUT needs both required fields.
+        let e = err("PUT", "/machine-config", r#"{"vcpu_count": 2}"#);
+        assert!(
+            e.message.contains("missing field `mem_size_mib`"),
+            "{}",
+            e.message
+        );
+
+        assert_eq!(
+            ok("PATCH", "/machine-config", r#"{"mem_size_mib": 512}"#),
+            VmmAction::PatchMachineConfig(MachineConfigUpdate {
+                mem_size_mib: Some(512),
+                ..Default::default()
+            })
+        );
+        let e = err("PATCH", "/machine-config", "{}");
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (400, "Empty PATCH request.")
+        );
+    }
+
+    #[test]
+    fn drives() {
+        let body = r#"{"drive_id": "rootfs", "path_on_host": "/r.ext4", "is_root_device": true,
+                       "is_read_only": false, "cache_type": "Writeback", "io_engine": "Async"}"#;
+        let a = ok("PUT", "/drives/rootfs", body);
+        let VmmAction::PutDrive(d) = a else {
+            panic!("{a:?}")
+        };
+        assert_eq!(d.drive_id, "rootfs");
+        assert!(d.is_root_device);
+        assert_eq!(d.cache_type, CacheType::Writeback);
+        assert_eq!(d.io_engine, IoEngine::Async);
+
+        let e = err("PUT", "/drives/other", body);
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (
+                400,
+                "The id from the path does not match the id from the body!"
+            )
+        );
+        let e = err("PUT", "/drives", body);
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (400, "The ID cannot be empty.")
+        );
+        let e = err("PUT", "/drives/a-b", body);
+        assert_eq!(
+            e.message,
+            "API Resource IDs can only contain alphanumeric characters and underscores."
+        );
+
+        assert_eq!(
+            ok(
+                "PATCH",
+                "/drives/rootfs",
+                r#"{"drive_id": "rootfs", "path_on_host": "/new"}"#
+            ),
+            VmmAction::PatchDrive(DriveUpdate {
+                drive_id: "rootfs".into(),
+                path_on_host: Some(PathBuf::from("/new")),
+                rate_limiter: None,
+            })
+        );
+        // PATCH accepts only PartialDrive's fields.
+        let e = err(
+            "PATCH",
+            "/drives/rootfs",
+            r#"{"drive_id": "rootfs", "is_read_only": true}"#,
+        );
+        assert!(
+            e.message.contains("unknown field `is_read_only`"),
+            "{}",
+            e.message
+        );
+        let e = err("PATCH", "/drives/x", r#"{"drive_id": "rootfs"}"#);
+        assert_eq!(
+            e.message,
+            "The id from the path does not match the id from the body!"
+        );
+    }
+
+    #[test]
+    fn network_interface() {
+        let a = ok(
+            "PUT",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02", "mtu": 1500}"#,
+        );
+        let VmmAction::PutNetworkInterface(n) = a else {
+            panic!("{a:?}")
+        };
+        assert_eq!(
+            (n.iface_id.as_str(), n.host_dev_name.as_str()),
+            ("eth0", "tap0")
+        );
+        assert_eq!(n.mtu, Some(1500));
+        let e = err(
+            "PUT",
+            "/network-interfaces/eth1",
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#,
+        );
+        assert_eq!(
+            e.message,
+            "The id from the path does not match the id from the body!"
+        );
+    }
+
+    #[test]
+    fn vsock_logger_metrics() {
+        assert_eq!(
+            ok(
+                "PUT",
+                "/vsock",
+                r#"{"guest_cid": 3, "uds_path": "/v.sock"}"#
+            ),
+            VmmAction::PutVsock(Vsock {
+                guest_cid: 3,
+                uds_path: PathBuf::from("/v.sock"),
+                vsock_id: None,
+            })
+        );
+        let a = ok("PUT", "/logger", r#"{"log_path": "/l", "level": "debug"}"#);
+        let VmmAction::PutLogger(l) = a else {
+            panic!("{a:?}")
+        };
+        assert_eq!(l.level, Some(LogLevel::Debug));
+        let a = ok("PUT", "/metrics", r#"{"metrics_path": "/m"}"#);
+        assert!(matches!(a, VmmAction::PutMetrics(m) if m.metrics_path == Path::new("/m")));
+    }
+
+    #[test]
+    fn actions_and_vm_state() {
+        for (t, a) in [
+            ("InstanceStart", VmmAction::InstanceStart),
+            ("SendCtrlAltDel", VmmAction::SendCtrlAltDel),
+            ("FlushMetrics", VmmAction::FlushMetrics),
+        ] {
+            assert_eq!(
+                ok("PUT", "/actions", &format!(r#"{{"action_type": "{t}"}}"#)),
+                a
+            );
+        }
+        let e = err("PUT", "/actions", r#"{"action_type": "Reboot"}"#);
+        assert!(
+            e.message.contains("unknown variant `Reboot`"),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            ok("PATCH", "/vm", r#"{"state": "Paused"}"#),
+            VmmAction::Pause
+        );
+        assert_eq!(
+            ok("PATCH", "/vm", r#"{"state": "Resumed"}"#),
+            VmmAction::Resume
+        );
+        let e = err("PATCH", "/vm", r#"{"state": "Stopped"}"#);
+        assert_eq!(e.status, 400);
+    }
+
+    #[test]
+    fn malformed_json_unknown_fields_and_wrong_types() {
+        let e = err("PUT", "/boot-source", "{not json");
+        assert_eq!(e.status, 400);
+        assert!(
+            e.message
+                .starts_with("An error occurred when deserializing the json body of a request: "),
+            "{}",
+            e.message
+        );
+        let e = err(
+            "PUT",
+            "/boot-source",
+            r#"{"kernel_image_path": "/k", "kernel": 1}"#,
+        );
+        assert!(
+            e.message.contains("unknown field `kernel`"),
+            "{}",
+            e.message
+        );
+        let e = err(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": "two", "mem_size_mib": 1}"#,
+        );
+        assert!(e.message.contains("invalid type"), "{}", e.message);
+        let e = err(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 300, "mem_size_mib": 1}"#,
+        );
+        assert!(e.message.contains("invalid value"), "{}", e.message);
+        // A JSON array is not an object, even with the right fields.
+        let e = err("PUT", "/boot-source", r#"["/k"]"#);
+        assert!(
+            e.message.contains("expected a JSON object"),
+            "{}",
+            e.message
+        );
+        let e = err("PUT", "/actions", "null");
+        assert_eq!(e.status, 400);
+    }
+
+    #[test]
+    fn missing_body() {
+        let e = err("PUT", "/boot-source", "");
+        assert_eq!((e.status, e.message.as_str()), (400, "Empty PUT request."));
+        let e = err("PATCH", "/vm", "");
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (400, "Empty PATCH request.")
+        );
+    }
+
+    #[test]
+    fn payload_limit() {
+        let body = format!(r#"{{"kernel_image_path": "{}"}}"#, "k".repeat(100));
+        assert!(parse_request("PUT", "/boot-source", body.as_bytes(), body.len()).is_ok());
+        let e = parse_request("PUT", "/boot-source", body.as_bytes(), body.len() - 1).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert_eq!(
+            e.message,
+            format!(
+                "Request payload with size {} is larger than the limit of {} allowed by server.",
+                body.len(),
+                body.len() - 1
+            )
+        );
+    }
+
+    #[test]
+    fn unknown_path_is_404_and_wrong_method_405() {
+        let e = err("GET", "/nope", "");
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (404, "Invalid request method and/or path: GET /nope.")
+        );
+        assert_eq!(err("PUT", "/drives/a/b", "{}").status, 404);
+        assert_eq!(err("GET", "vm", "").status, 404);
+        let e = err("GET", "/boot-source", "");
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (405, "Invalid request method and/or path: GET /boot-source.")
+        );
+        assert_eq!(err("DELETE", "/drives/x", "").status, 405);
+        assert_eq!(err("POST", "/actions", "{}").status, 405);
+        assert_eq!(allowed_methods("/drives/x"), Some(&["PUT", "PATCH"][..]));
+        assert_eq!(
+            allowed_methods("/machine-config?a"),
+            Some(&["GET", "PUT", "PATCH"][..])
+        );
+        assert_eq!(allowed_methods("/nope"), None);
+    }
+
+    #[test]
+    fn firecracker_endpoints_ember_lacks_say_so() {
+        for (m, p) in [
+            ("PUT", "/snapshot/create"),
+            ("GET", "/balloon"),
+            ("PUT", "/mmds"),
+            ("PATCH", "/balloon/hinting/start"),
+            ("PUT", "/pmem/p0"),
+        ] {
+            let e = err(m, p, "{}");
+            assert_eq!(e.status, 400, "{m} {p}");
+            assert!(
+                e.message.contains("not implemented by Ember"),
+                "{}",
+                e.message
+            );
+        }
+    }
+
+    #[test]
+    fn every_route_parses_and_counts() {
+        let metrics = ApiRequestMetrics::default();
+        for r in ROUTES {
+            let path = r.path.replace("{drive_id}", "d").replace("{iface_id}", "i");
+            assert!(allowed_methods(&path).unwrap().contains(&r.method));
+            let counted = request_counters(&metrics, r.method, &path).is_some();
+            // Firecracker counts every route except PATCH /vm and GET /vm/config.
+            assert_eq!(counted, !matches!(r.path, "/vm" | "/vm/config"), "{r:?}");
+        }
+        for p in NOT_IMPLEMENTED {
+            assert_eq!(
+                allowed_methods(&p.replace("{id}", "x")),
+                Some(&[][..]),
+                "{p}"
+            );
+        }
+    }
+}
