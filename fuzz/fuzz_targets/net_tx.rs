@@ -75,7 +75,11 @@ struct CountingInterrupt(AtomicUsize);
 
 impl VirtioInterrupt for CountingInterrupt {
     fn trigger(&self, kind: InterruptKind) -> std::io::Result<()> {
-        assert_eq!(kind, InterruptKind::Vring, "the device raised a config interrupt");
+        assert_eq!(
+            kind,
+            InterruptKind::Vring,
+            "the device raised a config interrupt"
+        );
         self.0.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -280,7 +284,10 @@ fn model(mem: &GuestMemoryMmap, size: u16, head: u16) -> Outcome {
         }
         let start = bytes.len();
         bytes.resize(end, 0);
-        if mem.read_slice(&mut bytes[start..], GuestAddress(desc.addr)).is_err() {
+        if mem
+            .read_slice(&mut bytes[start..], GuestAddress(desc.addr))
+            .is_err()
+        {
             return Outcome::BadChain;
         }
         if desc.len > 0 && desc.addr < used_end && desc.addr + u64::from(desc.len) > TX_USED {
@@ -360,20 +367,28 @@ fuzz_target!(|data: &[u8]| {
     for (i, d) in table.iter().enumerate() {
         let addr = GuestAddress(TX_DESC + 16 * i as u64);
         mem.write_obj(d.addr.to_le(), addr).unwrap();
-        mem.write_obj(d.len.to_le(), GuestAddress(addr.0 + 8)).unwrap();
-        mem.write_obj(d.flags.to_le(), GuestAddress(addr.0 + 12)).unwrap();
-        mem.write_obj(d.next.to_le(), GuestAddress(addr.0 + 14)).unwrap();
+        mem.write_obj(d.len.to_le(), GuestAddress(addr.0 + 8))
+            .unwrap();
+        mem.write_obj(d.flags.to_le(), GuestAddress(addr.0 + 12))
+            .unwrap();
+        mem.write_obj(d.next.to_le(), GuestAddress(addr.0 + 14))
+            .unwrap();
     }
     for (i, head) in heads.iter().enumerate() {
         let slot = TX_AVAIL + 4 + 2 * (i as u64 % u64::from(size));
         mem.write_obj(head.to_le(), GuestAddress(slot)).unwrap();
     }
     let avail_idx = avail_override.unwrap_or(u16::from(navail));
-    mem.write_obj(avail_idx.to_le(), GuestAddress(TX_AVAIL + 2)).unwrap();
+    mem.write_obj(avail_idx.to_le(), GuestAddress(TX_AVAIL + 2))
+        .unwrap();
 
     // What the device should do, computed before it runs (it does not write
     // to the buffers, but a chain may point at the rings it updates).
-    let published = if avail_idx > size { None } else { Some(avail_idx) };
+    let published = if avail_idx > size {
+        None
+    } else {
+        Some(avail_idx)
+    };
     let expected: Vec<(u16, Outcome)> = (0..published.unwrap_or(0))
         .map(|i| {
             let slot = TX_AVAIL + 4 + 2 * (u64::from(i) % u64::from(size));
@@ -400,7 +415,8 @@ fuzz_target!(|data: &[u8]| {
             notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         },
     ];
-    net.activate(mem.clone(), queues, irq.clone()).expect("activate");
+    net.activate(mem.clone(), queues, irq.clone())
+        .expect("activate");
 
     let m = net.metrics().clone();
     let before = [
@@ -425,14 +441,23 @@ fuzz_target!(|data: &[u8]| {
         assert!(event_fails >= 1);
     } else {
         let known = |o: &Outcome| !matches!(o, Outcome::Unknown);
-        let count = |f: &dyn Fn(&Outcome) -> bool| expected.iter().filter(|(_, o)| f(o)).count() as u64;
+        let count =
+            |f: &dyn Fn(&Outcome) -> bool| expected.iter().filter(|(_, o)| f(o)).count() as u64;
         let frames = count(&|o| matches!(o, Outcome::Frame { .. }));
         let unknown = count(&|o| !known(o));
         let total = sent + write_fails + bad_chains + bad_sizes;
-        assert_eq!(total, expected.len() as u64, "every chain is accounted for once");
+        assert_eq!(
+            total,
+            expected.len() as u64,
+            "every chain is accounted for once"
+        );
         if unknown == 0 {
             assert_eq!(sent + write_fails, frames, "frames");
-            assert_eq!(bad_sizes, count(&|o| matches!(o, Outcome::BadSize)), "bad sizes");
+            assert_eq!(
+                bad_sizes,
+                count(&|o| matches!(o, Outcome::BadSize)),
+                "bad sizes"
+            );
         }
         // Used ring: every head the device could return, in order, length 0.
         let bad_heads = expected.iter().filter(|(h, _)| *h >= size).count() as u64;
@@ -466,7 +491,8 @@ fuzz_target!(|data: &[u8]| {
                 _ => None,
             })
             .filter(|bytes| {
-                let ethertype = u16::from_be_bytes([bytes[VNET_HDR_LEN + 12], bytes[VNET_HDR_LEN + 13]]);
+                let ethertype =
+                    u16::from_be_bytes([bytes[VNET_HDR_LEN + 12], bytes[VNET_HDR_LEN + 13]]);
                 bytes[..VNET_HDR_LEN].iter().all(|b| *b == 0)
                     && !matches!(ethertype, 0x8100 | 0x88a8 | 0x9100)
             })

@@ -418,9 +418,7 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.machine_config.validate()?;
         validate_drives(&self.drives)?;
-        if !self.network_interfaces.is_empty() {
-            return Err(ConfigError::NotSupported("network-interfaces"));
-        }
+        validate_network_interfaces(&self.network_interfaces)?;
         let unsupported: [(&'static str, bool); 8] = [
             ("vsock", self.vsock.is_some()),
             ("metrics", self.metrics.is_some()),
@@ -506,6 +504,53 @@ impl Drive {
         };
         Some(format!("{root} {mode}"))
     }
+}
+
+/// Checks `network-interfaces`: unique ids and TAP names, a well-formed
+/// MAC, an MTU in Firecracker's range.
+pub fn validate_network_interfaces(ifaces: &[NetworkInterface]) -> Result<(), ConfigError> {
+    for (i, n) in ifaces.iter().enumerate() {
+        if n.iface_id.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "network-interfaces[{i}].iface_id is empty"
+            )));
+        }
+        if ifaces[..i].iter().any(|o| o.iface_id == n.iface_id) {
+            return Err(ConfigError::Invalid(format!(
+                "network-interfaces[{i}]: iface_id `{}` is used twice",
+                n.iface_id
+            )));
+        }
+        if ifaces[..i]
+            .iter()
+            .any(|o| o.host_dev_name == n.host_dev_name)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "network-interfaces[{i}]: host_dev_name `{}` is already used by another interface",
+                n.host_dev_name
+            )));
+        }
+        if let Some(mac) = &n.guest_mac {
+            ember_virtio_net::parse_mac(mac).map_err(|e| {
+                ConfigError::Invalid(format!("network interface `{}`: {e}", n.iface_id))
+            })?;
+        }
+        if let Some(mtu) = n.mtu {
+            if mtu < 68 {
+                return Err(ConfigError::Invalid(format!(
+                    "network interface `{}`: mtu {mtu} is below the minimum of 68",
+                    n.iface_id
+                )));
+            }
+        }
+        if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
+            log::warn!(
+                "network interface `{}`: rate limiters are accepted but not applied",
+                n.iface_id
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Drives in the order Firecracker attaches them: the root device first,
@@ -700,12 +745,44 @@ mod tests {
     }
 
     #[test]
+    fn network_interfaces_are_validated() {
+        let ok = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "network-interfaces": [
+                {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:AC:10:00:02", "mtu": 1500}]}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.network_interfaces[0].mtu, Some(1500));
+        for (body, needle) in [
+            (
+                r#"[{"iface_id": "a", "host_dev_name": "t0"}, {"iface_id": "a", "host_dev_name": "t1"}]"#,
+                "used twice",
+            ),
+            (
+                r#"[{"iface_id": "a", "host_dev_name": "t0"}, {"iface_id": "b", "host_dev_name": "t0"}]"#,
+                "already used",
+            ),
+            (
+                r#"[{"iface_id": "a", "host_dev_name": "t0", "guest_mac": "06:00:zz:10:00:02"}]"#,
+                "network interface `a`",
+            ),
+            (
+                r#"[{"iface_id": "a", "host_dev_name": "t0", "mtu": 20}]"#,
+                "minimum of 68",
+            ),
+            (r#"[{"iface_id": "a"}]"#, "missing field `host_dev_name`"),
+        ] {
+            let e = VmConfig::from_json(&format!(
+                r#"{{"boot-source": {{"kernel_image_path": "/k"}}, "network-interfaces": {body}}}"#
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
     fn later_sections_parse_but_are_not_supported_yet() {
         for (section, body) in [
-            (
-                "network-interfaces",
-                r#"[{"iface_id": "eth0", "host_dev_name": "tap0"}]"#,
-            ),
             ("vsock", r#"{"guest_cid": 3, "uds_path": "/v.sock"}"#),
             ("metrics", r#"{"metrics_path": "/m"}"#),
             ("balloon", r#"{"amount_mib": 1, "deflate_on_oom": true}"#),

@@ -25,6 +25,7 @@ use crate::devices::{attach_virtio_device, BlockEvents, MmioAllocator, MmioSlot}
 use crate::event_loop::{self, Subscriber};
 use ember_virtio_blk::{Block, BlockConfig};
 use ember_virtio_mmio::MmioTransport;
+use ember_virtio_net::{Net, NetConfig};
 
 /// Everything that can stop a VM from being built.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +100,15 @@ pub enum VmError {
         #[source]
         source: ember_virtio_blk::Error,
     },
+    /// A network interface could not be set up.
+    #[error("network interface `{id}`: {source}")]
+    Net {
+        /// `iface_id`.
+        id: String,
+        /// Cause.
+        #[source]
+        source: ember_virtio_net::Error,
+    },
     /// A virtio device could not be attached.
     #[error(transparent)]
     Device(#[from] crate::devices::DeviceError),
@@ -133,7 +143,18 @@ pub struct Vm {
     _i8042: Arc<Mutex<I8042Device<ResetTrigger, EventFdTrigger>>>,
     subscribers: Vec<Subscriber>,
     drives: Vec<DriveHandle>,
+    nets: Vec<NetHandle>,
     virtio_slots: Vec<MmioSlot>,
+}
+
+/// A network interface of the VM.
+pub struct NetHandle {
+    /// `iface_id`.
+    pub id: String,
+    /// The device.
+    pub net: Arc<Mutex<Net>>,
+    /// Its transport.
+    pub transport: Arc<Mutex<MmioTransport>>,
 }
 
 /// A block device of the VM.
@@ -301,6 +322,44 @@ impl Vm {
             });
         }
 
+        let mut nets = Vec::new();
+        for iface in &config.network_interfaces {
+            let guest_mac = match &iface.guest_mac {
+                Some(mac) => {
+                    Some(
+                        ember_virtio_net::parse_mac(mac).map_err(|source| VmError::Net {
+                            id: iface.iface_id.clone(),
+                            source,
+                        })?,
+                    )
+                }
+                None => None,
+            };
+            let net = Net::new(NetConfig {
+                iface_id: iface.iface_id.clone(),
+                host_dev_name: iface.host_dev_name.clone(),
+                guest_mac,
+                mtu: iface.mtu,
+            })
+            .map_err(|source| VmError::Net {
+                id: iface.iface_id.clone(),
+                source,
+            })?;
+            let net = Arc::new(Mutex::new(net));
+            let name = format!("network interface `{}`", iface.iface_id);
+            let attached =
+                attach_virtio_device(&vm_fd, &mem, &mut mmio_bus, &mut slots, net.clone(), &name)?;
+            // The device registers its queue and TAP fds itself.
+            subscribers.push(net.clone());
+            extra_args.push(attached.slot.cmdline_entry());
+            virtio_slots.push(attached.slot);
+            nets.push(NetHandle {
+                id: iface.iface_id.clone(),
+                net,
+                transport: attached.transport,
+            });
+        }
+
         let mut boot_args = config.boot_args().to_string();
         for arg in &extra_args {
             boot_args.push(' ');
@@ -352,6 +411,7 @@ impl Vm {
             _i8042: i8042,
             subscribers,
             drives,
+            nets,
             virtio_slots,
         })
     }
@@ -364,6 +424,11 @@ impl Vm {
     /// The block devices, in attach order.
     pub fn drives(&self) -> &[DriveHandle] {
         &self.drives
+    }
+
+    /// The network interfaces, in attach order.
+    pub fn nets(&self) -> &[NetHandle] {
+        &self.nets
     }
 
     /// The virtio-mmio slots in use, in attach order.
