@@ -51,8 +51,10 @@ fn guest_memory() -> &'static GuestMemoryMmap {
 /// `DESC_ADDR`.
 fn queue(mem: &GuestMemoryMmap, head: u16) -> Queue {
     mem.write_obj(0u16, GuestAddress(AVAIL_ADDR)).unwrap();
-    mem.write_obj(1u16.to_le(), GuestAddress(AVAIL_ADDR + 2)).unwrap();
-    mem.write_obj(head.to_le(), GuestAddress(AVAIL_ADDR + 4)).unwrap();
+    mem.write_obj(1u16.to_le(), GuestAddress(AVAIL_ADDR + 2))
+        .unwrap();
+    mem.write_obj(head.to_le(), GuestAddress(AVAIL_ADDR + 4))
+        .unwrap();
     let mut q = Queue::new(QUEUE_SIZE).unwrap();
     q.set_size(QUEUE_SIZE);
     q.set_desc_table_address(Some(DESC_ADDR as u32), Some(0));
@@ -82,13 +84,15 @@ fuzz_target!(|data: &[u8]| {
     // Fresh memory for every input: zero what the previous one wrote.
     let zeroes = vec![0u8; REGION_SIZE];
     mem.write_slice(&zeroes, GuestAddress(0)).unwrap();
-    mem.write_slice(&zeroes, GuestAddress(SECOND_REGION)).unwrap();
+    mem.write_slice(&zeroes, GuestAddress(SECOND_REGION))
+        .unwrap();
     mem.write_slice(table, GuestAddress(DESC_ADDR)).unwrap();
     let room = REGION_SIZE - DATA_ADDR as usize;
     let contents = &contents[..contents.len().min(room)];
     mem.write_slice(contents, GuestAddress(DATA_ADDR)).unwrap();
     // The same bytes in the second region, for descriptors that go there.
-    mem.write_slice(contents, GuestAddress(SECOND_REGION)).unwrap();
+    mem.write_slice(contents, GuestAddress(SECOND_REGION))
+        .unwrap();
 
     let head = u16::from(head) % QUEUE_SIZE;
 

@@ -419,8 +419,18 @@ impl VmConfig {
         self.machine_config.validate()?;
         validate_drives(&self.drives)?;
         validate_network_interfaces(&self.network_interfaces)?;
-        let unsupported: [(&'static str, bool); 8] = [
-            ("vsock", self.vsock.is_some()),
+        if let Some(v) = &self.vsock {
+            if v.guest_cid < 3 {
+                return Err(ConfigError::Invalid(format!(
+                    "vsock.guest_cid is {}, it must be 3 or more",
+                    v.guest_cid
+                )));
+            }
+            if v.uds_path.as_os_str().is_empty() {
+                return Err(ConfigError::Invalid("vsock.uds_path is empty".into()));
+            }
+        }
+        let unsupported: [(&'static str, bool); 7] = [
             ("metrics", self.metrics.is_some()),
             ("balloon", self.balloon.is_some()),
             ("cpu-config", self.cpu_config.is_some()),
@@ -781,9 +791,23 @@ mod tests {
     }
 
     #[test]
+    fn vsock_is_validated() {
+        let c = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "vsock": {"guest_cid": 3, "uds_path": "/v.sock"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.vsock.unwrap().guest_cid, 3);
+        let e = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "vsock": {"guest_cid": 2, "uds_path": "/v.sock"}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("3 or more"), "{e}");
+    }
+
+    #[test]
     fn later_sections_parse_but_are_not_supported_yet() {
         for (section, body) in [
-            ("vsock", r#"{"guest_cid": 3, "uds_path": "/v.sock"}"#),
             ("metrics", r#"{"metrics_path": "/m"}"#),
             ("balloon", r#"{"amount_mib": 1, "deflate_on_oom": true}"#),
         ] {

@@ -26,6 +26,7 @@ use crate::event_loop::{self, Subscriber};
 use ember_virtio_blk::{Block, BlockConfig};
 use ember_virtio_mmio::MmioTransport;
 use ember_virtio_net::{Net, NetConfig};
+use ember_vsock::{Vsock, VsockConfig};
 
 /// Everything that can stop a VM from being built.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +110,9 @@ pub enum VmError {
         #[source]
         source: ember_virtio_net::Error,
     },
+    /// The vsock device could not be set up.
+    #[error("vsock: {0}")]
+    Vsock(#[source] ember_vsock::Error),
     /// A virtio device could not be attached.
     #[error(transparent)]
     Device(#[from] crate::devices::DeviceError),
@@ -144,6 +148,7 @@ pub struct Vm {
     subscribers: Vec<Subscriber>,
     drives: Vec<DriveHandle>,
     nets: Vec<NetHandle>,
+    vsock: Option<Arc<Mutex<Vsock>>>,
     virtio_slots: Vec<MmioSlot>,
 }
 
@@ -360,6 +365,28 @@ impl Vm {
             });
         }
 
+        let mut vsock = None;
+        if let Some(v) = &config.vsock {
+            let device = Vsock::new(VsockConfig {
+                guest_cid: v.guest_cid,
+                uds_path: v.uds_path.clone(),
+            })
+            .map_err(VmError::Vsock)?;
+            let device = Arc::new(Mutex::new(device));
+            let attached = attach_virtio_device(
+                &vm_fd,
+                &mem,
+                &mut mmio_bus,
+                &mut slots,
+                device.clone(),
+                "the vsock device",
+            )?;
+            subscribers.push(device.clone());
+            extra_args.push(attached.slot.cmdline_entry());
+            virtio_slots.push(attached.slot);
+            vsock = Some(device);
+        }
+
         let mut boot_args = config.boot_args().to_string();
         for arg in &extra_args {
             boot_args.push(' ');
@@ -412,6 +439,7 @@ impl Vm {
             subscribers,
             drives,
             nets,
+            vsock,
             virtio_slots,
         })
     }
@@ -429,6 +457,11 @@ impl Vm {
     /// The network interfaces, in attach order.
     pub fn nets(&self) -> &[NetHandle] {
         &self.nets
+    }
+
+    /// The vsock device, if configured.
+    pub fn vsock(&self) -> Option<&Arc<Mutex<Vsock>>> {
+        self.vsock.as_ref()
     }
 
     /// The virtio-mmio slots in use, in attach order.
