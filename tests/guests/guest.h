@@ -51,6 +51,13 @@ const char *cmdline(const void *bp);
  * def if the key is absent or its value is not a number.
  */
 u64 cmdline_u64(const char *cmdline, const char *key, u64 def);
+/*
+ * Value of "key=value" on the command line: its first character, with its
+ * length in *len; NULL if the key is absent.
+ */
+const char *cmdline_value(const char *cmdline, const char *key, size_t *len);
+/* 1 if the command line has "key=value" with exactly this value, else 0. */
+int cmdline_is(const char *cmdline, const char *key, const char *value);
 
 /* Resets through the i8042 controller; never returns. */
 void reset(void) __attribute__((noreturn));

@@ -123,3 +123,43 @@ void *memcpy(void *dst, const void *src, size_t n)
 		*d++ = *s++;
 	return dst;
 }
+
+const char *cmdline_value(const char *s, const char *key, size_t *len)
+{
+	if (!s)
+		return (const char *)0;
+	while (*s) {
+		const char *k = key;
+		const char *p;
+
+		while (*s == ' ')
+			s++;
+		p = s;
+		while (*k && *p == *k) {
+			p++;
+			k++;
+		}
+		/* Skip this word whether or not it matched. */
+		while (*s && *s != ' ')
+			s++;
+		if (!*k && *p == '=') {
+			p++;
+			*len = (size_t)(s - p);
+			return p;
+		}
+	}
+	return (const char *)0;
+}
+
+int cmdline_is(const char *s, const char *key, const char *value)
+{
+	size_t len, i;
+	const char *v = cmdline_value(s, key, &len);
+
+	if (!v)
+		return 0;
+	for (i = 0; i < len; i++)
+		if (value[i] != v[i])
+			return 0;
+	return value[len] == 0;
+}

@@ -5,7 +5,9 @@
 //! the `ember` command line exactly as a Firecracker user would:
 //! `ember --no-api --config-file CONFIG.json`. Guests report on the 16550
 //! serial port (ember's stdout) and stop the VM through an i8042 reset, which
-//! makes ember exit 0.
+//! makes ember exit 0. Device guests (`virtio_blk`) do their work in ring 3,
+//! where this host runs guest code natively rather than through KVM's
+//! instruction emulator (`guests/usermode.h`).
 //!
 //! ```no_run
 //! use ember_tests::{guest_path, run_guest};
@@ -188,7 +190,14 @@ mod tests {
     #[test]
     fn the_expected_guests_exist() {
         let names: Vec<_> = guest_names().collect();
-        for want in ["hello", "boot_info", "storm", "fault", "emulation_failure"] {
+        for want in [
+            "hello",
+            "boot_info",
+            "storm",
+            "fault",
+            "emulation_failure",
+            "virtio_blk",
+        ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
         assert!(find_guest("no-such-guest").is_none());

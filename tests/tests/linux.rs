@@ -1,7 +1,7 @@
 //! Boots Debian's cloud kernel far enough to check the boot protocol: the
-//! command line and the e820 map Linux reads, as it prints them on the
-//! early console. The VM is killed once the map has been printed; a full
-//! Linux boot is too slow under this host's nested KVM.
+//! command line and the e820 map Linux reads, and the ACPI tables it finds,
+//! as it prints them on the early console. The VM is killed once they have
+//! been printed; a full Linux boot is too slow under this host's nested KVM.
 
 use std::path::Path;
 use std::time::Duration;
@@ -99,4 +99,73 @@ fn bzimage_sees_the_command_line_and_e820_map() {
     // emulator on this host: about two minutes before Linux prints anything.
     let console = early_console(&kernel.bzimage, Duration::from_secs(480));
     assert_boot_protocol(&console, &[]);
+}
+
+/// Linux's ACPI table discovery (`acpi_tb_print_table_header`) on the
+/// tables ember writes for a VM with one drive: the RSDP where Firecracker
+/// puts it, every table carrying ember's OEM id, and no ACPI error up to
+/// the MADT line.
+#[test]
+fn vmlinux_finds_embers_acpi_tables() {
+    const ACPI_ARGS: &str =
+        "earlycon=uart8250,io,0x3f8 console=ttyS0 acpi=on reboot=k panic=1 pci=off";
+    let kernel = debian_cloud_kernel().expect("fetch the Debian cloud kernel");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(8 << 20))
+        .expect("create the drive image");
+    let mut config = default_config(&kernel.vmlinux);
+    merge_patch(
+        &mut config,
+        &json!({
+            "boot-source": {"boot_args": ACPI_ARGS},
+            "machine-config": {"mem_size_mib": MEM_MIB},
+            "drives": [{
+                "drive_id": "disk0",
+                "path_on_host": image,
+                "is_root_device": false,
+            }],
+        }),
+    );
+    let mut vm = Launch::new(&config).spawn().expect("start ember");
+    let console = match vm.wait_for_line(|l| l.contains("ACPI: APIC"), Duration::from_secs(60)) {
+        Ok(_) => vm.kill().expect("kill the VM").stdout,
+        Err(Error::Timeout { output, .. }) => output.stdout,
+        Err(e) => panic!("{e}"),
+    };
+    // Up to and including the MADT line.
+    let upto: Vec<&str> = console
+        .lines()
+        .scan(false, |done, l| {
+            if *done {
+                return None;
+            }
+            *done = l.contains("ACPI: APIC");
+            Some(l)
+        })
+        .collect();
+    let table = |sig: &str| {
+        upto.iter()
+            .find_map(|l| l.split_once(&format!("ACPI: {sig} ")).map(|(_, rest)| rest))
+            .unwrap_or_else(|| panic!("no `ACPI: {sig}` line\n{console}"))
+    };
+    assert_eq!(
+        table("RSDP").trim_end(),
+        "0x00000000000E0000 000024 (v02 EMBER )",
+        "\n{console}"
+    );
+    for sig in ["XSDT", "FACP", "DSDT", "APIC"] {
+        // "0x... LENGTH (vNN EMBER  EMBERVM  ...)"
+        let line = table(sig);
+        assert!(
+            line.contains("EMBER  EMBERVM"),
+            "{sig} lacks ember's OEM id and table id: {line:?}\n{console}"
+        );
+    }
+    let errors: Vec<&&str> = upto
+        .iter()
+        .filter(|l| l.contains("ACPI Error") || l.contains("ACPI BIOS Error"))
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}\n{console}");
 }
