@@ -101,6 +101,15 @@ impl Resource<'_> {
             Resource::NotImplemented => &[],
         }
     }
+
+    /// Methods Firecracker serves on this path and Ember does not.
+    fn unimplemented_methods(self) -> &'static [&'static str] {
+        match self {
+            // Rate limiter updates of a running VM.
+            Resource::NetworkInterfaces(_) => &["PATCH"],
+            _ => &[],
+        }
+    }
 }
 
 /// The path part of a request target: no query or fragment, no
@@ -236,7 +245,7 @@ pub fn parse_request(
     }
     let path = clean_path(path);
     let resource = resolve(path).ok_or_else(|| ApiError::new(404, invalid_path(method, path)))?;
-    if resource == Resource::NotImplemented {
+    if resource == Resource::NotImplemented || resource.unimplemented_methods().contains(&method) {
         return Err(ApiError::bad_request(format!(
             "The requested operation is not supported: {method} {path} is not implemented by Ember."
         )));
@@ -700,6 +709,7 @@ mod tests {
             ("PUT", "/mmds"),
             ("PATCH", "/balloon/hinting/start"),
             ("PUT", "/pmem/p0"),
+            ("PATCH", "/network-interfaces/eth0"),
         ] {
             let e = err(m, p, "{}");
             assert_eq!(e.status, 400, "{m} {p}");

@@ -565,7 +565,15 @@ impl Server {
                 if !c.out.is_empty() {
                     events |= libc::POLLOUT;
                 }
-                fds.push(pollfd(c.stream.as_raw_fd(), events));
+                // poll(2) reports a hang-up even for an empty event set; a
+                // negative fd is skipped, so a client that has left while
+                // the VMM works on its request does not make this loop spin.
+                let fd = if events == 0 {
+                    -1
+                } else {
+                    c.stream.as_raw_fd()
+                };
+                fds.push(pollfd(fd, events));
             }
             let timeout = self.poll_timeout_ms();
             // SAFETY: `fds` is a live array of `fds.len()` pollfd structs.
