@@ -122,7 +122,10 @@ fn storm_loop_addr() -> u64 {
     for seg in elf.segments.iter().filter(|s| s.kind == PT_LOAD) {
         let start = usize::try_from(seg.offset).expect("segment offset");
         let len = usize::try_from(seg.filesz).expect("segment size");
-        let code = &bytes[start..start + len];
+        let code = start
+            .checked_add(len)
+            .and_then(|end| bytes.get(start..end))
+            .expect("PT_LOAD segment inside the storm guest's file");
         found.extend(
             code.windows(STORM_LOOP.len())
                 .enumerate()

@@ -1,11 +1,13 @@
 //! A vCPU, its configuration for boot and its run loop.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use ember_boot::KernelEntry;
 use ember_bus::Bus;
-use kvm_bindings::{KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    CpuId, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 
@@ -81,9 +83,7 @@ impl Vcpu {
                 vcpu_count: config.vcpu_count,
             });
         }
-        let mut cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(Error::GetSupportedCpuid)?;
+        let mut cpuid = supported_cpuid(kvm)?;
         cpuid::normalize(&mut cpuid, self.index, config.vcpu_count, config.smt)?;
         self.fd.set_cpuid2(&cpuid).map_err(Error::SetCpuid)?;
 
@@ -151,6 +151,26 @@ impl Vcpu {
             thread,
         })
     }
+}
+
+/// KVM_GET_SUPPORTED_CPUID, asked once per process and cached.
+///
+/// The answer depends only on the host CPU and the loaded KVM module, neither of which
+/// changes while /dev/kvm is open (except the APIC id of the host CPU that ran the ioctl,
+/// in leaves 1 and 0xB, which [`cpuid::normalize`] replaces with the vCPU's). Asking is not
+/// cheap: KVM executes CPUID for every leaf and subleaf, and each CPUID traps to the
+/// hypervisor below when the host is itself a VM (about 0.3 ms there). Firecracker likewise
+/// asks once, when it opens /dev/kvm.
+fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, Error> {
+    static SUPPORTED: OnceLock<CpuId> = OnceLock::new();
+    if let Some(cpuid) = SUPPORTED.get() {
+        return Ok(cpuid.clone());
+    }
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::GetSupportedCpuid)?;
+    // Two threads racing here both asked KVM and got equivalent answers: keep either.
+    Ok(SUPPORTED.get_or_init(|| cpuid).clone())
 }
 
 /// Cleans up when a vCPU thread ends, normally or by panic.
@@ -356,6 +376,8 @@ impl VcpuHandle {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+
     use ember_boot::BootProtocol;
     use ember_bus::BusKind;
     use kvm_bindings::{kvm_userspace_memory_region, KVM_EXIT_INTERNAL_ERROR};
@@ -469,6 +491,32 @@ mod tests {
             panic!("not an internal error");
         };
         assert_eq!(insn, [0x0f, 0x0b]);
+    }
+
+    #[test]
+    fn supported_cpuid_is_asked_once_per_process() {
+        let kvm = Kvm::new().unwrap();
+        let first = supported_cpuid(&kvm).unwrap();
+        // The same leaves as a fresh query. (Values may differ: KVM reports the APIC id of
+        // the host CPU that ran the ioctl in leaves 1 and 0xB, which `cpuid::normalize`
+        // replaces with the vCPU's.)
+        let leaves = |c: &CpuId| -> Vec<(u32, u32)> {
+            c.as_slice().iter().map(|e| (e.function, e.index)).collect()
+        };
+        let fresh = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        assert_eq!(leaves(&first), leaves(&fresh));
+        assert_eq!(first.as_slice()[0], fresh.as_slice()[0], "vendor leaf");
+        // A handle on /dev/null cannot answer KVM_GET_SUPPORTED_CPUID (ENOTTY): the answer
+        // can only come from the cache.
+        let null = std::fs::File::open("/dev/null").unwrap();
+        // SAFETY: `null` is an open fd whose ownership passes to the Kvm handle, which
+        // closes it on drop.
+        let not_kvm = unsafe { Kvm::from_raw_fd(null.into_raw_fd()) };
+        assert!(not_kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).is_err());
+        assert_eq!(
+            supported_cpuid(&not_kvm).unwrap().as_slice(),
+            first.as_slice()
+        );
     }
 
     #[test]
