@@ -19,6 +19,10 @@ const GUESTS: &[&str] = &[
     "fault",
     "emulation_failure",
     "virtio_blk",
+    "virtio_net",
+    "virtio_vsock",
+    "counter",
+    "ctrl_alt_del",
 ];
 
 /// Sources every guest links against.

@@ -460,6 +460,9 @@ int virtq_add(struct virtq *q, const struct virtq_buf *bufs, int n)
 
 int virtq_kick(struct virtq *q)
 {
+	u16 old = q->avail_pub;
+	int needed;
+
 	if (q->avail_shadow == q->avail_pub)
 		return 0;
 	/* Descriptors and ring entries before the index (virtio 1.2 §2.7.13). */
@@ -468,7 +471,17 @@ int virtq_kick(struct virtq *q)
 	q->avail_pub = q->avail_shadow;
 	/* The index store before the flags load (virtio 1.2 §2.7.13.4). */
 	mb();
-	if (q->used->flags & VIRTQ_USED_F_NO_NOTIFY) {
+	if (q->event_idx) {
+		/* avail_event follows the used ring (§2.7.8); vring_need_event(). */
+		volatile u16 *avail_event = (volatile u16 *)((volatile u8 *)q->used + 4 +
+							     8UL * q->size);
+		u16 event = *avail_event;
+
+		needed = (u16)(q->avail_shadow - event - 1) < (u16)(q->avail_shadow - old);
+	} else {
+		needed = !(q->used->flags & VIRTQ_USED_F_NO_NOTIFY);
+	}
+	if (!needed) {
 		q->kicks_skipped++;
 		return 0;
 	}

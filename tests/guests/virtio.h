@@ -125,7 +125,13 @@ struct virtq {
 	u16 avail_pub;	   /* avail->idx last published */
 	u16 last_used;	   /* used ring entries consumed */
 	u64 notifies;	   /* QueueNotify writes */
-	u64 kicks_skipped; /* kicks suppressed by VIRTQ_USED_F_NO_NOTIFY */
+	u64 kicks_skipped; /* kicks the device said it did not need */
+	/*
+	 * VIRTIO_F_EVENT_IDX was negotiated: virtq_kick() then follows the
+	 * device's avail_event instead of VIRTQ_USED_F_NO_NOTIFY (virtio 1.2
+	 * §2.7.10). Set by the driver after virtq_setup().
+	 */
+	int event_idx;
 };
 
 /* One buffer of a descriptor chain. */
@@ -218,7 +224,9 @@ int virtq_add(struct virtq *q, const struct virtq_buf *bufs, int n);
 
 /*
  * Publishes the chains added since the last kick and notifies the device
- * unless it set VIRTQ_USED_F_NO_NOTIFY. Returns 1 if it wrote QueueNotify.
+ * unless it set VIRTQ_USED_F_NO_NOTIFY, or, with event_idx, unless its
+ * avail_event lies outside the entries just published. Returns 1 if it
+ * wrote QueueNotify.
  */
 int virtq_kick(struct virtq *q);
 

@@ -27,9 +27,12 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod elf;
 pub mod layout;
 pub mod linux;
+pub mod netns;
+pub mod perf;
 mod vm;
 
 use std::env;
@@ -197,6 +200,10 @@ mod tests {
             "fault",
             "emulation_failure",
             "virtio_blk",
+            "virtio_net",
+            "virtio_vsock",
+            "counter",
+            "ctrl_alt_del",
         ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }

@@ -157,6 +157,7 @@ pub struct Launch {
     args: Vec<OsString>,
     timeout: Duration,
     binary: Option<PathBuf>,
+    wrapper: Vec<OsString>,
 }
 
 #[derive(Debug, Clone)]
@@ -183,6 +184,7 @@ impl Launch {
             args: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
             binary: None,
+            wrapper: Vec::new(),
         }
     }
 
@@ -201,6 +203,21 @@ impl Launch {
     /// Runs `binary` instead of [`ember_binary`].
     pub fn binary(mut self, binary: impl Into<PathBuf>) -> Self {
         self.binary = Some(binary.into());
+        self
+    }
+
+    /// Runs ember through a wrapper command: `program args... ember
+    /// --no-api ...` (for example `ip netns exec NAME` to start it inside a
+    /// network namespace). The wrapper must exec ember in the end, so that
+    /// [`RunningVm::pid`] is ember's pid.
+    pub fn wrapper<I, S>(mut self, program: impl Into<OsString>, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.wrapper = std::iter::once(program.into())
+            .chain(args.into_iter().map(Into::into))
+            .collect();
         self
     }
 
@@ -224,8 +241,16 @@ impl Launch {
             source,
         })?;
         let binary = self.binary.unwrap_or_else(ember_binary);
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(&binary);
+                command
+            }
+            None => Command::new(&binary),
+        };
         let start = Instant::now();
-        let mut child = Command::new(&binary)
+        let mut child = command
             // Its own process group, so a timeout kills everything it started.
             .process_group(0)
             .arg("--no-api")
@@ -237,7 +262,8 @@ impl Launch {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|source| Error::Spawn {
-                binary: binary.clone(),
+                // What failed to start: the wrapper if there is one.
+                binary: self.wrapper.first().map_or(binary.clone(), PathBuf::from),
                 source,
             })?;
         let stdout = child.stdout.take();
@@ -286,6 +312,11 @@ struct Reaped {
 }
 
 impl RunningVm {
+    /// The process id of ember (or of the wrapper, until it execs ember).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Serial output received so far (lossy UTF-8).
     pub fn stdout(&self) -> String {
         String::from_utf8_lossy(&self.stdout).into_owned()
@@ -644,6 +675,27 @@ mod tests {
 
         let out = fake(r#"echo "$@""#).arg("--id").arg("vm1").run().unwrap();
         assert_eq!(out.stdout, "--id vm1\n", "{out}");
+    }
+
+    #[test]
+    fn wrapper_runs_before_the_binary() {
+        let out = fake(r#"echo "$@""#)
+            .wrapper("env", ["EMBER_WRAPPED=1"])
+            .arg("--id")
+            .run()
+            .unwrap();
+        assert_eq!(out.stdout, "--id\n", "{out}");
+        let out = fake("echo $EMBER_WRAPPED $$")
+            .wrapper("env", ["EMBER_WRAPPED=yes"])
+            .spawn()
+            .unwrap();
+        let pid = out.pid();
+        let out = out.wait(DEFAULT_TIMEOUT).unwrap();
+        assert_eq!(
+            out.stdout,
+            format!("yes {pid}\n"),
+            "env execs the binary: same pid"
+        );
     }
 
     #[test]

@@ -420,18 +420,20 @@ impl VmConfig {
         validate_drives(&self.drives)?;
         validate_network_interfaces(&self.network_interfaces)?;
         if let Some(v) = &self.vsock {
-            if v.guest_cid < 3 {
+            // 0-2 are the hypervisor, the local loopback and the host;
+            // u32::MAX is VMADDR_CID_ANY (linux/vm_sockets.h).
+            if v.guest_cid < 3 || v.guest_cid == u32::MAX {
                 return Err(ConfigError::Invalid(format!(
-                    "vsock.guest_cid is {}, it must be 3 or more",
-                    v.guest_cid
+                    "vsock.guest_cid is {}, it must be 3 or more and less than {} (VMADDR_CID_ANY)",
+                    v.guest_cid,
+                    u32::MAX
                 )));
             }
             if v.uds_path.as_os_str().is_empty() {
                 return Err(ConfigError::Invalid("vsock.uds_path is empty".into()));
             }
         }
-        let unsupported: [(&'static str, bool); 7] = [
-            ("metrics", self.metrics.is_some()),
+        let unsupported: [(&'static str, bool); 6] = [
             ("balloon", self.balloon.is_some()),
             ("cpu-config", self.cpu_config.is_some()),
             ("mmds-config", self.mmds_config.is_some()),
@@ -803,12 +805,44 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("3 or more"), "{e}");
+        let e = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "vsock": {"guest_cid": 4294967295, "uds_path": "/v.sock"}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("4294967295") && e.contains("VMADDR_CID_ANY"),
+            "{e}"
+        );
+        let c = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "vsock": {"guest_cid": 4294967294, "uds_path": "/v.sock"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.vsock.unwrap().guest_cid, u32::MAX - 1);
+    }
+
+    #[test]
+    fn metrics_section_is_accepted() {
+        let c = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "metrics": {"metrics_path": "/m", "emit_id": true, "properties": {"a": "b"}}}"#,
+        )
+        .unwrap();
+        let m = c.metrics.unwrap();
+        assert_eq!(m.metrics_path, Path::new("/m"));
+        assert!(m.emit_id);
+        assert_eq!(m.properties.unwrap()["a"], "b");
+        let e = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "metrics": {"path": "/m"}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown field `path`"), "{e}");
     }
 
     #[test]
     fn later_sections_parse_but_are_not_supported_yet() {
         for (section, body) in [
-            ("metrics", r#"{"metrics_path": "/m"}"#),
+            ("entropy", r#"{}"#),
             ("balloon", r#"{"amount_mib": 1, "deflate_on_oom": true}"#),
         ] {
             let e = VmConfig::from_json(&format!(

@@ -11,5 +11,6 @@ pub mod devices;
 pub mod event_loop;
 pub mod logger;
 pub mod metrics;
+pub mod seccomp;
 pub mod terminal;
 pub mod vm;

@@ -1,29 +1,39 @@
 //! Firecracker's log line format on top of the `log` crate:
 //! `<timestamp> [<id>:<thread>(:<level>)(:<file>:<line>)] message`.
+//!
+//! The logger is installed once ([`init`], from the command line and the
+//! configuration file) and can be changed afterwards ([`reconfigure`], for
+//! `PUT /logger`): destination, level, and what each line shows.
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use crate::config::LogLevel;
+use crate::config::{self, LogLevel};
 
-/// Where the log goes and how lines look.
-pub struct Logger {
+/// What a line looks like and where it goes; changed by [`reconfigure`].
+struct Settings {
     id: String,
     show_level: bool,
     show_origin: bool,
     module: Option<String>,
-    out: Mutex<Box<dyn Write + Send>>,
+    out: Box<dyn Write + Send>,
+}
+
+/// Where the log goes and how lines look.
+pub struct Logger {
+    settings: Mutex<Settings>,
 }
 
 static LOGGER: OnceLock<Logger> = OnceLock::new();
-static TO_FILE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static TO_FILE: AtomicBool = AtomicBool::new(false);
 
 /// Whether the log goes to a file or pipe (not stderr).
 pub fn logs_to_file() -> bool {
-    TO_FILE.load(std::sync::atomic::Ordering::Relaxed)
+    TO_FILE.load(Ordering::Relaxed)
 }
 
 /// Options of the logger, from the command line or the `logger` section.
@@ -58,6 +68,9 @@ pub enum LoggerError {
     /// The logger was already initialised.
     #[error("the logger is already configured")]
     AlreadyConfigured,
+    /// [`reconfigure`] was called before [`init`].
+    #[error("the logger is not installed yet")]
+    NotInstalled,
 }
 
 fn open_log(path: &Path) -> Result<Box<dyn Write + Send>, LoggerError> {
@@ -65,7 +78,7 @@ fn open_log(path: &Path) -> Result<Box<dyn Write + Send>, LoggerError> {
     let file = OpenOptions::new()
         .create(true)
         .append(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
         .map_err(|source| LoggerError::Open {
             path: path.to_path_buf(),
@@ -84,20 +97,18 @@ pub fn init(opts: &LoggerOptions) -> Result<(), LoggerError> {
         ),
     };
     let level = opts.level.unwrap_or(default_level);
-    TO_FILE.store(
-        opts.log_path.is_some(),
-        std::sync::atomic::Ordering::Relaxed,
-    );
     let logger = Logger {
-        id: if opts.id.is_empty() {
-            "anonymous-instance".into()
-        } else {
-            opts.id.clone()
-        },
-        show_level: opts.show_level,
-        show_origin: opts.show_origin,
-        module: opts.module.clone(),
-        out: Mutex::new(out),
+        settings: Mutex::new(Settings {
+            id: if opts.id.is_empty() {
+                "anonymous-instance".into()
+            } else {
+                opts.id.clone()
+            },
+            show_level: opts.show_level,
+            show_origin: opts.show_origin,
+            module: opts.module.clone(),
+            out,
+        }),
     };
     LOGGER
         .set(logger)
@@ -105,6 +116,41 @@ pub fn init(opts: &LoggerOptions) -> Result<(), LoggerError> {
     let logger = LOGGER.get().ok_or(LoggerError::AlreadyConfigured)?;
     log::set_logger(logger).map_err(|_| LoggerError::AlreadyConfigured)?;
     log::set_max_level(level.filter());
+    TO_FILE.store(opts.log_path.is_some(), Ordering::Relaxed);
+    Ok(())
+}
+
+/// Applies a `PUT /logger` (or `logger` section) to the installed logger:
+/// a `log_path` moves the log to that file or pipe, a `level` replaces the
+/// level (without one, a logger that moves from stderr to a file goes from
+/// Warning to Info, as [`init`] would have chosen), `module` replaces the
+/// filter when given; `show_level` and `show_log_origin` are set as given.
+/// On error nothing changes.
+pub fn reconfigure(cfg: &config::Logger) -> Result<(), LoggerError> {
+    let logger = LOGGER.get().ok_or(LoggerError::NotInstalled)?;
+    let out = cfg.log_path.as_deref().map(open_log).transpose()?;
+    let mut settings = logger.lock();
+    let level = match cfg.level {
+        Some(level) => Some(level.filter()),
+        None if out.is_some() && !logs_to_file() => {
+            Some(log::max_level().max(LogLevel::Info.filter()))
+        }
+        None => None,
+    };
+    if let Some(out) = out {
+        // Whatever the old destination buffered goes out before it closes.
+        let _ = settings.out.flush();
+        settings.out = out;
+        TO_FILE.store(true, Ordering::Relaxed);
+    }
+    settings.show_level = cfg.show_level;
+    settings.show_origin = cfg.show_log_origin;
+    if let Some(module) = &cfg.module {
+        settings.module = Some(module.clone());
+    }
+    if let Some(level) = level {
+        log::set_max_level(level);
+    }
     Ok(())
 }
 
@@ -143,6 +189,13 @@ fn level_name(level: log::Level) -> &'static str {
 }
 
 impl Logger {
+    fn lock(&self) -> MutexGuard<'_, Settings> {
+        // A panic while logging must not silence the log.
+        self.settings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Settings {
     fn format(&self, record: &log::Record) -> String {
         let thread = std::thread::current();
         let mut prefix = format!("{}:{}", self.id, thread.name().unwrap_or("-"));
@@ -159,29 +212,32 @@ impl Logger {
         }
         format!("{} [{}] {}\n", timestamp(), prefix, record.args())
     }
-}
 
-impl log::Log for Logger {
-    fn enabled(&self, metadata: &log::Metadata) -> bool {
+    fn wants(&self, metadata: &log::Metadata) -> bool {
         match &self.module {
             Some(m) => metadata.target().starts_with(m.as_str()),
             None => true,
         }
     }
+}
+
+impl log::Log for Logger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        self.lock().wants(metadata)
+    }
 
     fn log(&self, record: &log::Record) {
-        if !self.enabled(record.metadata()) {
+        let mut settings = self.lock();
+        if !settings.wants(record.metadata()) {
             return;
         }
-        let line = self.format(record);
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        let line = settings.format(record);
         // A log that cannot be written (full pipe) must not stop the VM.
-        let _ = out.write_all(line.as_bytes());
+        let _ = settings.out.write_all(line.as_bytes());
     }
 
     fn flush(&self) {
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = out.flush();
+        let _ = self.lock().out.flush();
     }
 }
 
@@ -191,14 +247,14 @@ mod tests {
 
     #[test]
     fn line_format_matches_firecracker() {
-        let logger = Logger {
+        let settings = Settings {
             id: "vm1".into(),
             show_level: true,
             show_origin: false,
             module: None,
-            out: Mutex::new(Box::new(std::io::sink())),
+            out: Box::new(std::io::sink()),
         };
-        let line = logger.format(
+        let line = settings.format(
             &log::Record::builder()
                 .args(format_args!("hello"))
                 .level(log::Level::Warn)
@@ -212,5 +268,57 @@ mod tests {
         assert_eq!(&ts[19..20], ".");
         assert!(rest.starts_with("[vm1:"), "{rest}");
         assert!(rest.ends_with(":Warn] hello\n"), "{rest}");
+    }
+
+    #[test]
+    fn reconfigure_moves_the_log_and_changes_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dir.path().join("first.log");
+        let second = dir.path().join("second.log");
+        init(&LoggerOptions {
+            id: "vm-log".into(),
+            level: Some(LogLevel::Info),
+            log_path: Some(first.clone()),
+            ..LoggerOptions::default()
+        })
+        .unwrap();
+        assert!(logs_to_file());
+        log::info!("line one");
+        log::debug!("not shown at Info");
+        let e = reconfigure(&config::Logger {
+            log_path: Some(dir.path().join("no/such/dir/x.log")),
+            level: Some(LogLevel::Trace),
+            ..config::Logger::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("no/such/dir/x.log"), "{e}");
+        // The failed call changed nothing.
+        assert_eq!(log::max_level(), log::LevelFilter::Info);
+
+        reconfigure(&config::Logger {
+            log_path: Some(second.clone()),
+            level: Some(LogLevel::Debug),
+            show_level: true,
+            ..config::Logger::default()
+        })
+        .unwrap();
+        log::debug!("line two");
+        log::logger().flush();
+        let first = std::fs::read_to_string(&first).unwrap();
+        let second = std::fs::read_to_string(&second).unwrap();
+        assert!(
+            first.contains("[vm-log:") && first.contains("] line one"),
+            "{first}"
+        );
+        assert!(
+            !first.contains("not shown") && !first.contains("line two"),
+            "{first}"
+        );
+        assert!(second.contains(":Debug] line two"), "{second}");
+        assert!(!second.contains("line one"), "{second}");
+        assert!(matches!(
+            init(&LoggerOptions::default()),
+            Err(LoggerError::AlreadyConfigured)
+        ));
     }
 }

@@ -2,27 +2,35 @@
 //! binary: the same flags, the same JSON configuration file, the same
 //! guest-visible machine.
 
+use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
 
-use ember::config::{LogLevel, VmConfig};
+use ember::api::{
+    start_api_server_with, ActionHandler, ApiError, ApiServerHandle, PreBootResources, Responder,
+    ServerOptions, VmmAction, VmmData, VmmResponse,
+};
+use ember::config::{self, LogLevel, VmConfig};
+use ember::metrics::Metrics;
 use ember::{boot_timer, logger, terminal, vm};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Exit codes, Firecracker's values.
 mod exit_code {
     /// The guest reset itself (i8042 0xFE): a clean end.
     pub const OK: u8 = 0;
-    /// The VM ended in a failure (triple fault, KVM error, ...).
+    /// The VM ended in a failure (triple fault, KVM error, ...), or the VMM
+    /// could not serve it (API socket, metrics file).
     pub const GENERIC_ERROR: u8 = 1;
     /// The configuration could not be applied.
     pub const BAD_CONFIGURATION: u8 = 152;
     /// The command line could not be parsed.
     pub const ARG_PARSING: u8 = 153;
 }
-
 /// Longest `--id` Firecracker accepts.
 const MAX_ID_LEN: usize = 64;
 
@@ -107,7 +115,88 @@ fn valid_id(id: &str) -> bool {
         && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
+/// SIGTERM and SIGINT: the VMM stops the VM, writes its last metrics line,
+/// removes its API socket, restores the terminal, then ends by the same
+/// signal, so its parent sees what it would see of Firecracker (which does
+/// not catch them).
+mod stop_signal {
+    use std::os::unix::io::RawFd;
+    use std::sync::atomic::{AtomicI32, Ordering};
+
+    use vmm_sys_util::signal::register_signal_handler;
+
+    /// The eventfd the handler writes; -1 before [`install`].
+    static EVENT_FD: AtomicI32 = AtomicI32::new(-1);
+    /// The signal received, 0 for none.
+    static RECEIVED: AtomicI32 = AtomicI32::new(0);
+
+    extern "C" fn handle(signum: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        // Only async-signal-safe operations: lock-free atomics and write(2).
+        RECEIVED.store(signum, Ordering::SeqCst);
+        let fd = EVENT_FD.load(Ordering::SeqCst);
+        if fd >= 0 {
+            // SAFETY: __errno_location returns this thread's errno, which
+            // the interrupted code may be about to read: keep it.
+            let saved = unsafe { *libc::__errno_location() };
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a live buffer to the eventfd,
+            // which stays open for the process's lifetime (it is leaked in
+            // `install`). A full counter (EAGAIN) still leaves it readable.
+            unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+            // SAFETY: as above.
+            unsafe { *libc::__errno_location() = saved };
+        }
+    }
+
+    /// Makes SIGTERM and SIGINT write `fd` (kept open from now on).
+    pub fn install(fd: RawFd) -> Result<(), vmm_sys_util::errno::Error> {
+        EVENT_FD.store(fd, Ordering::SeqCst);
+        register_signal_handler(libc::SIGTERM, handle)?;
+        register_signal_handler(libc::SIGINT, handle)
+    }
+
+    /// The stop signal received, if any.
+    pub fn received() -> Option<libc::c_int> {
+        match RECEIVED.load(Ordering::SeqCst) {
+            0 => None,
+            signum => Some(signum),
+        }
+    }
+
+    /// Ends the process by `signum` with its default action.
+    pub fn reraise(signum: libc::c_int) {
+        // SAFETY: restores the default disposition, then sends the signal
+        // to this thread; the default action of SIGTERM and SIGINT ends the
+        // process.
+        unsafe {
+            libc::signal(signum, libc::SIG_DFL);
+            libc::raise(signum);
+        }
+    }
+
+    /// `SIGTERM`, `SIGINT`.
+    pub fn name(signum: libc::c_int) -> &'static str {
+        match signum {
+            libc::SIGTERM => "SIGTERM",
+            libc::SIGINT => "SIGINT",
+            _ => "a signal",
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    // Everything `run` holds (the API socket, the terminal mode) is
+    // released when it returns, before a stop signal ends the process.
+    let code = run();
+    if let Some(signum) = stop_signal::received() {
+        log::info!("stopped by {}", stop_signal::name(signum));
+        log::logger().flush();
+        stop_signal::reraise(signum);
+    }
+    code
+}
+
+fn run() -> ExitCode {
     let start = Instant::now();
     let start_cpu_us = boot_timer::process_cpu_us();
 
@@ -169,47 +258,236 @@ fn main() -> ExitCode {
             "--seccomp-filter is not supported yet by Ember",
         );
     }
-    if cli.metrics_path.is_some() {
+
+    // Leaked: the signal handler may write it until the process ends.
+    let stop = match EventFd::new(EFD_NONBLOCK) {
+        Ok(evt) => &*Box::leak(Box::new(evt)),
+        Err(e) => {
+            return fail(
+                exit_code::GENERIC_ERROR,
+                format!("cannot create an eventfd: {e}"),
+            )
+        }
+    };
+    if let Err(e) = stop_signal::install(stop.as_raw_fd()) {
         return fail(
-            exit_code::ARG_PARSING,
-            "--metrics-path is not supported yet by Ember",
+            exit_code::GENERIC_ERROR,
+            format!("cannot install the SIGTERM/SIGINT handler: {e}"),
         );
     }
-    let Some(config) = config else {
-        return fail(
-            exit_code::ARG_PARSING,
-            format!(
-                "the API server ({}) is not available yet in Ember: run with --no-api --config-file FILE",
-                cli.api_sock.display()
-            ),
-        );
+
+    let metrics = Arc::new(Metrics::new());
+    // Firecracker: the command line's --metrics-path, else the file's
+    // `metrics` section; the API's PUT /metrics only when neither is given.
+    if let Some(path) = &cli.metrics_path {
+        let cfg = config::Metrics {
+            metrics_path: path.clone(),
+            emit_id: false,
+            properties: None,
+        };
+        if let Err(e) = metrics.configure(&cfg, &cli.id) {
+            return fail(exit_code::GENERIC_ERROR, e);
+        }
+    } else if let Some(cfg) = config.as_ref().and_then(|c| c.metrics.as_ref()) {
+        if let Err(e) = metrics.configure(cfg, &cli.id) {
+            return fail(exit_code::BAD_CONFIGURATION, e);
+        }
+    }
+
+    // Dropped when main returns, which stops the API thread and removes
+    // the socket: nothing below may leave through std::process::exit.
+    let api = if cli.no_api {
+        None
+    } else {
+        let options = ServerOptions {
+            metrics: metrics.api_requests(),
+            ..ServerOptions::new(cli.http_api_max_payload_size)
+        };
+        match start_api_server_with(&cli.api_sock, options) {
+            Ok(api) => Some(api),
+            Err(e) => return fail(exit_code::GENERIC_ERROR, e),
+        }
     };
+    if api.is_some() {
+        record_startup_time(&cli, start, &metrics);
+    }
 
     let run_opts = vm::RunOptions {
         boot_timer: cli.boot_timer,
         start: Some(start),
-        start_cpu_us,
+        start_cpu_us: cli.start_time_cpu_us.unwrap_or(start_cpu_us),
     };
-    let vm = match vm::Vm::build(&config, &run_opts) {
-        Ok(vm) => vm,
-        Err(e) => return fail(exit_code::BAD_CONFIGURATION, e),
+    let (vm, start_responder) = match (config, &api) {
+        (Some(config), _) => match vm::Vm::build(&config, &run_opts) {
+            Ok(vm) => (vm, None),
+            Err(e) => return fail(exit_code::BAD_CONFIGURATION, e),
+        },
+        (None, Some(api)) => match serve_until_start(api, stop, &cli.id, &metrics, &run_opts) {
+            PreBoot::Start(vm, responder) => (*vm, Some(responder)),
+            PreBoot::Stopped => return ExitCode::from(exit_code::OK),
+            PreBoot::ApiGone => {
+                return fail(
+                    exit_code::GENERIC_ERROR,
+                    "the API server stopped before the microVM was started",
+                )
+            }
+        },
+        // Refused above: --no-api needs --config-file.
+        (None, None) => return fail(exit_code::ARG_PARSING, "--no-api requires --config-file"),
     };
-    let _raw = terminal::RawTerminal::enable(libc::STDIN_FILENO);
-    let reason = match vm.run() {
-        Ok(r) => r,
-        Err(e) => {
-            drop(_raw);
-            return fail(exit_code::GENERIC_ERROR, e);
+
+    let raw_terminal = terminal::RawTerminal::enable(libc::STDIN_FILENO);
+    let result = vm.run_with(vm::RunContext {
+        api: api.as_ref(),
+        metrics: Some(metrics),
+        instance_id: cli.id.clone(),
+        start: start_responder,
+        stop: Some(stop),
+    });
+    drop(raw_terminal);
+    match result {
+        // Stopped by SIGTERM or SIGINT: main ends the process by the signal.
+        Ok(_) if stop_signal::received().is_some() => ExitCode::from(exit_code::OK),
+        Ok(reason) if reason.is_success() => {
+            log::info!("{reason}");
+            log::logger().flush();
+            ExitCode::from(exit_code::OK)
         }
-    };
-    drop(_raw);
-    if reason.is_success() {
-        log::info!("{reason}");
-        log::logger().flush();
-        ExitCode::from(exit_code::OK)
-    } else {
-        fail(exit_code::GENERIC_ERROR, reason)
+        Ok(reason) => fail(exit_code::GENERIC_ERROR, reason),
+        Err(e) => fail(exit_code::GENERIC_ERROR, e),
     }
+}
+
+/// Sets `api_server.process_startup_time_us` and `_cpu_us`: from the
+/// jailer's `--start-time-us` / `--start-time-cpu-us` (plus
+/// `--parent-cpu-time-us`) when given, as Firecracker does, else from the
+/// start of `main` and of the process's CPU clock.
+fn record_startup_time(cli: &Cli, start: Instant, metrics: &Metrics) {
+    let wall_us = match cli.start_time_us {
+        Some(t0) => monotonic_us().saturating_sub(t0),
+        None => u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
+    };
+    let cpu_us = boot_timer::process_cpu_us()
+        .saturating_sub(cli.start_time_cpu_us.unwrap_or(0))
+        .saturating_add(cli.parent_cpu_time_us.unwrap_or(0));
+    let m = metrics.api_server();
+    m.process_startup_time_us.set(wall_us);
+    m.process_startup_time_cpu_us.set(cpu_us);
+    log::info!("API server ready after {wall_us} us, {cpu_us} CPU us");
+}
+
+/// CLOCK_MONOTONIC in microseconds: the clock the jailer's
+/// `--start-time-us` is taken on.
+fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000)
+        .saturating_add(ts.tv_nsec as u64 / 1_000)
+}
+
+/// How the pre-boot phase ended.
+enum PreBoot {
+    /// `InstanceStart` built the VM; answer the request once it runs.
+    Start(Box<vm::Vm>, Responder),
+    /// A stop signal arrived.
+    Stopped,
+    /// The API thread ended.
+    ApiGone,
+}
+
+/// Waits for the next API request, or a stop signal, or the end of the API
+/// thread.
+fn next_request(api: &ApiServerHandle, stop: &EventFd) -> Result<(VmmAction, Responder), PreBoot> {
+    loop {
+        if let Some(request) = api.try_recv() {
+            return Ok(request);
+        }
+        if !api.is_running() {
+            return Err(PreBoot::ApiGone);
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: api.request_event.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // Wakes up now and then to notice an API thread that died.
+        // SAFETY: `fds` is a live array of 2 pollfd structs.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+        if fds[1].revents != 0 {
+            return Err(PreBoot::Stopped);
+        }
+    }
+}
+
+/// The pre-boot phase with the API: configuration requests go to
+/// [`PreBootResources`], `PUT /logger` and `PUT /metrics` take effect at
+/// once, and `InstanceStart` builds the VM.
+fn serve_until_start(
+    api: &ApiServerHandle,
+    stop: &EventFd,
+    id: &str,
+    metrics: &Metrics,
+    run_opts: &vm::RunOptions,
+) -> PreBoot {
+    let mut resources = PreBootResources::new(id);
+    loop {
+        let (action, responder) = match next_request(api, stop) {
+            Ok(request) => request,
+            Err(end) => return end,
+        };
+        let response = match action {
+            VmmAction::InstanceStart => {
+                match resources.boot_config().and_then(|cfg| {
+                    vm::Vm::build(&cfg, run_opts)
+                        .map_err(|e| ApiError::bad_request(format!("Start microvm error: {e}")))
+                }) {
+                    Ok(vm) => return PreBoot::Start(Box::new(vm), responder),
+                    Err(e) => Err(e),
+                }
+            }
+            VmmAction::PutLogger(cfg) => {
+                apply_preboot(&mut resources, VmmAction::PutLogger(cfg.clone()), || {
+                    logger::reconfigure(&cfg)
+                        .map_err(|e| ApiError::bad_request(format!("Logger error: {e}")))
+                })
+            }
+            VmmAction::PutMetrics(cfg) => {
+                apply_preboot(&mut resources, VmmAction::PutMetrics(cfg.clone()), || {
+                    metrics
+                        .configure(&cfg, id)
+                        .map_err(|e| ApiError::bad_request(format!("Metrics error: {e}")))
+                })
+            }
+            other => resources.handle(other),
+        };
+        responder.respond(response);
+    }
+}
+
+/// Records `action` in the pre-boot configuration and carries it out with
+/// `apply`; the configuration keeps the action only if both succeed.
+fn apply_preboot(
+    resources: &mut PreBootResources,
+    action: VmmAction,
+    apply: impl FnOnce() -> Result<(), ApiError>,
+) -> VmmResponse {
+    let mut candidate = resources.clone();
+    candidate.handle(action)?;
+    apply()?;
+    *resources = candidate;
+    Ok(VmmData::Empty)
 }
 
 #[cfg(test)]

@@ -72,6 +72,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ember_legacy_devices::i8042::I8042Metrics;
 use ember_legacy_devices::serial::SerialMetrics;
+pub use ember_vcpu::VcpuMetrics;
+use ember_virtio_blk::BlockMetrics;
+use ember_virtio_net::NetMetrics;
+use ember_vsock::VsockMetrics;
 
 use crate::config;
 
@@ -336,21 +340,8 @@ impl ApiRequestMetrics {
     }
 }
 
-/// `vcpu`: VM exits handled by the vCPU threads, by kind.
-#[derive(Debug, Default)]
-pub struct VcpuMetrics {
-    /// KVM_EXIT_IO, direction in.
-    pub exit_io_in: Counter,
-    /// KVM_EXIT_IO, direction out.
-    pub exit_io_out: Counter,
-    /// KVM_EXIT_MMIO reads.
-    pub exit_mmio_read: Counter,
-    /// KVM_EXIT_MMIO writes.
-    pub exit_mmio_write: Counter,
-    /// Exits that stopped a vCPU with an error.
-    pub failures: Counter,
-}
-
+/// `vcpu`: VM exits handled by the vCPU threads, by kind (counted by
+/// `ember_vcpu`, one relaxed atomic add per exit).
 impl MetricGroup for VcpuMetrics {
     fn report(&self, out: &mut GroupWriter<'_>) {
         out.counter("exit_io_in", self.exit_io_in.count());
@@ -437,6 +428,81 @@ impl MetricGroup for I8042Metrics {
         out.counter("reset_count", self.reset_count());
         // Ember's own: accesses that were not one byte wide.
         out.counter("invalid_access_count", self.invalid_access_count());
+    }
+}
+
+/// `block` and `block_<drive_id>`: Firecracker's field names, then Ember's
+/// own (`discard_count`, `write_zeroes_count`, `io_completion_event_count`,
+/// `interrupts`).
+impl MetricGroup for BlockMetrics {
+    fn report(&self, out: &mut GroupWriter<'_>) {
+        for (name, c) in [
+            ("activate_fails", &self.activate_fails),
+            ("cfg_fails", &self.cfg_fails),
+            ("no_avail_buffer", &self.no_avail_buffer),
+            ("event_fails", &self.event_fails),
+            ("execute_fails", &self.execute_fails),
+            ("invalid_reqs_count", &self.invalid_reqs_count),
+            ("flush_count", &self.flush_count),
+            ("queue_event_count", &self.queue_event_count),
+            ("update_count", &self.update_count),
+            ("update_fails", &self.update_fails),
+            ("read_bytes", &self.read_bytes),
+            ("write_bytes", &self.write_bytes),
+            ("read_count", &self.read_count),
+            ("write_count", &self.write_count),
+            (
+                "io_engine_throttled_events",
+                &self.io_engine_throttled_events,
+            ),
+            ("discard_count", &self.discard_count),
+            ("write_zeroes_count", &self.write_zeroes_count),
+            ("io_completion_event_count", &self.io_completion_event_count),
+            ("interrupts", &self.interrupts),
+        ] {
+            out.counter(name, c.count());
+        }
+    }
+}
+
+/// `net` and `net_<iface_id>`: Firecracker's field names.
+impl MetricGroup for NetMetrics {
+    fn report(&self, out: &mut GroupWriter<'_>) {
+        for (name, c) in [
+            ("activate_fails", &self.activate_fails),
+            ("cfg_fails", &self.cfg_fails),
+            ("no_rx_avail_buffer", &self.no_rx_avail_buffer),
+            ("no_tx_avail_buffer", &self.no_tx_avail_buffer),
+            ("event_fails", &self.event_fails),
+            ("rx_queue_event_count", &self.rx_queue_event_count),
+            ("rx_tap_event_count", &self.rx_tap_event_count),
+            ("rx_bytes_count", &self.rx_bytes_count),
+            ("rx_packets_count", &self.rx_packets_count),
+            ("rx_fails", &self.rx_fails),
+            ("rx_count", &self.rx_count),
+            ("rx_frames_too_big", &self.rx_frames_too_big),
+            ("tap_read_fails", &self.tap_read_fails),
+            ("tap_write_fails", &self.tap_write_fails),
+            ("tx_bytes_count", &self.tx_bytes_count),
+            ("tx_malformed_frames", &self.tx_malformed_frames),
+            ("tx_fails", &self.tx_fails),
+            ("tx_count", &self.tx_count),
+            ("tx_packets_count", &self.tx_packets_count),
+            ("tx_queue_event_count", &self.tx_queue_event_count),
+            ("tx_spoofed_mac_count", &self.tx_spoofed_mac_count),
+        ] {
+            out.counter(name, c.count());
+        }
+    }
+}
+
+/// `vsock`: Firecracker's field names, plus Ember's counts of refused
+/// packets and buffers.
+impl MetricGroup for VsockMetrics {
+    fn report(&self, out: &mut GroupWriter<'_>) {
+        for (name, value) in self.snapshot() {
+            out.counter(name, value);
+        }
     }
 }
 
@@ -882,6 +948,27 @@ mod tests {
             "reset_count",
         ] {
             assert_eq!(v["i8042"][f], 0, "i8042.{f}");
+        }
+    }
+
+    #[test]
+    fn device_groups_use_firecracker_names() {
+        let m = Metrics::new();
+        let block = Arc::new(BlockMetrics::default());
+        block.read_count.add(2);
+        block.update_count.inc();
+        m.register("block", block.clone());
+        m.register("block_rootfs", block);
+        let net = Arc::new(NetMetrics::default());
+        net.tx_packets_count.add(3);
+        m.register("net", net);
+        m.register("vsock", Arc::new(VsockMetrics::default()));
+        let v: serde_json::Value = serde_json::from_str(&m.render()).unwrap();
+        assert_eq!(v["block"]["read_count"], 2);
+        assert_eq!(v["block_rootfs"]["update_count"], 1);
+        assert_eq!(v["net"]["tx_packets_count"], 3);
+        for f in ["conns_added", "rx_packets_count", "tx_flush_fails"] {
+            assert_eq!(v["vsock"][f], 0, "vsock.{f}");
         }
     }
 

@@ -1,6 +1,7 @@
 //! Assembles a microVM from a validated [`VmConfig`]: KVM, guest memory, the
 //! in-kernel interrupt controllers, the legacy devices, the kernel and its
-//! boot structures, and the vCPU threads; then runs it to its end.
+//! boot structures, and the vCPU threads; then runs it to its end, serving
+//! the API and writing metrics meanwhile ([`Vm::run_with`]).
 
 use std::fs::File;
 use std::io::Write;
@@ -19,10 +20,12 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::api::{ApiError, ApiServerHandle, Responder, VmmData};
 use crate::boot_timer::BootTimer;
 use crate::config::{drives_in_attach_order, CacheType, IoEngine, VmConfig};
 use crate::devices::{attach_virtio_device, BlockEvents, MmioAllocator, MmioSlot};
-use crate::event_loop::{self, Subscriber};
+use crate::event_loop::{self, ApiDrive, LoopContext, RuntimeApi, Subscriber};
+use crate::metrics::Metrics;
 use ember_virtio_blk::{Block, BlockConfig};
 use ember_virtio_mmio::MmioTransport;
 use ember_virtio_net::{Net, NetConfig};
@@ -132,6 +135,30 @@ pub struct RunOptions {
     pub start_cpu_us: u64,
 }
 
+/// The VM's i8042 controller: its reset line stops the VM, and the VMM
+/// injects Ctrl+Alt+Del through it.
+pub type I8042 = Arc<Mutex<I8042Device<ResetTrigger, EventFdTrigger>>>;
+
+/// What serves a VM while it runs, besides its devices.
+#[derive(Default)]
+pub struct RunContext<'a> {
+    /// The API server: post-boot requests are answered from the VMM's event
+    /// loop.
+    pub api: Option<&'a ApiServerHandle>,
+    /// Where device and vCPU counters are registered; a line is written
+    /// every [`FLUSH_INTERVAL`](crate::metrics::FLUSH_INTERVAL) and when the
+    /// VM stops.
+    pub metrics: Option<Arc<Metrics>>,
+    /// The microVM id (`GET /`).
+    pub instance_id: String,
+    /// The `InstanceStart` request that built the VM: answered `204` once
+    /// every vCPU runs, or `400` if one cannot start.
+    pub start: Option<Responder>,
+    /// An eventfd that, once readable, stops the VM (the binary writes it
+    /// from its SIGTERM and SIGINT handler).
+    pub stop: Option<&'a EventFd>,
+}
+
 /// A built, not yet running microVM.
 pub struct Vm {
     // Kept alive for the VM's lifetime: the VM and vCPU fds depend on it.
@@ -144,12 +171,14 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     serial: Arc<Mutex<SerialDevice<Box<dyn Write + Send>>>>,
     serial_input_ready: EventFd,
-    _i8042: Arc<Mutex<I8042Device<ResetTrigger, EventFdTrigger>>>,
+    i8042: I8042,
     subscribers: Vec<Subscriber>,
     drives: Vec<DriveHandle>,
     nets: Vec<NetHandle>,
     vsock: Option<Arc<Mutex<Vsock>>>,
     virtio_slots: Vec<MmioSlot>,
+    /// The configuration the VM was built from (`GET /vm/config`).
+    config: VmConfig,
 }
 
 /// A network interface of the VM.
@@ -174,6 +203,13 @@ pub struct DriveHandle {
 
 /// The i8042 reset line: asks every vCPU to stop with [`ExitReason::GuestReset`].
 pub struct ResetTrigger(Arc<VmControl>);
+
+impl ResetTrigger {
+    /// The reset line of the VM run by `control`.
+    pub fn new(control: Arc<VmControl>) -> Self {
+        ResetTrigger(control)
+    }
+}
 
 impl vm_superio::Trigger for ResetTrigger {
     type E = std::io::Error;
@@ -435,12 +471,13 @@ impl Vm {
             vcpus,
             serial,
             serial_input_ready,
-            _i8042: i8042,
+            i8042,
             subscribers,
             drives,
             nets,
             vsock,
             virtio_slots,
+            config: config.clone(),
         })
     }
 
@@ -469,12 +506,70 @@ impl Vm {
         &self.virtio_slots
     }
 
+    /// The i8042 controller.
+    pub fn i8042(&self) -> &I8042 {
+        &self.i8042
+    }
+
+    /// The configuration the VM was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Registers the counters of every device (Firecracker's groups `uart`,
+    /// `i8042`, `block` and `block_<drive_id>`, `net` and `net_<iface_id>`,
+    /// `vsock`) with `metrics`, and makes the vCPUs count their exits in its
+    /// `vcpu` group.
+    pub fn register_metrics(&mut self, metrics: &Metrics) {
+        metrics.register("uart", lock(&self.serial).metrics());
+        metrics.register("i8042", lock(&self.i8042).metrics());
+        for d in &self.drives {
+            let m = lock(&d.block).metrics().clone();
+            metrics.register("block", m.clone());
+            metrics.register(format!("block_{}", d.id), m);
+        }
+        for n in &self.nets {
+            let m = lock(&n.net).metrics().clone();
+            metrics.register("net", m.clone());
+            metrics.register(format!("net_{}", n.id), m);
+        }
+        if let Some(v) = &self.vsock {
+            metrics.register("vsock", lock(v).metrics().clone());
+        }
+        let vcpu = metrics.vcpu();
+        for v in &mut self.vcpus {
+            v.set_metrics(vcpu.clone());
+        }
+    }
+
     /// Starts the vCPUs and serves stdin to the serial port until the VM
     /// stops; returns why it stopped.
     pub fn run(self) -> Result<ExitReason, VmError> {
-        ember_vcpu::register_kick_signal_handler()?;
+        self.run_with(RunContext::default())
+    }
+
+    /// Starts the vCPUs, answers `ctx.start`, then runs the event loop
+    /// (devices, stdin to the serial port, the API if `ctx.api` is given,
+    /// metrics) until the VM stops; writes a last metrics line and returns
+    /// why the VM stopped.
+    pub fn run_with(mut self, mut ctx: RunContext<'_>) -> Result<ExitReason, VmError> {
+        if let Some(metrics) = &ctx.metrics {
+            self.register_metrics(metrics);
+        }
+        let start_failed = |ctx: &mut RunContext<'_>, e: &VmError| {
+            if let Some(r) = ctx.start.take() {
+                r.respond(Err(ApiError::bad_request(format!(
+                    "Start microvm error: {e}"
+                ))));
+            }
+        };
+        if let Err(e) = ember_vcpu::register_kick_signal_handler() {
+            let e = VmError::from(e);
+            start_failed(&mut ctx, &e);
+            return Err(e);
+        }
         let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
-        for vcpu in self.vcpus {
+        for vcpu in std::mem::take(&mut self.vcpus) {
             match vcpu.start(
                 self.pio_bus.clone(),
                 self.mmio_bus.clone(),
@@ -485,25 +580,62 @@ impl Vm {
                 Err(e) => {
                     self.control.request_stop(ExitReason::Stopped);
                     join_all(handles);
-                    return Err(e.into());
+                    let e = VmError::from(e);
+                    start_failed(&mut ctx, &e);
+                    return Err(e);
                 }
             }
         }
+        if let Some(r) = ctx.start.take() {
+            r.respond(Ok(VmmData::Empty));
+        }
+        log::info!("microVM running with {} vCPU(s)", handles.len());
 
-        let loop_result = event_loop::run(
-            &self.control,
-            self.serial.clone(),
-            &self.serial_input_ready,
-            std::io::stdin().as_raw_fd(),
-            self.subscribers,
-        );
+        let api = ctx.api.map(|server| {
+            let drives = self
+                .drives
+                .iter()
+                .map(|d| ApiDrive {
+                    id: d.id.clone(),
+                    block: d.block.clone(),
+                })
+                .collect();
+            let handler = RuntimeApi::new(
+                ctx.instance_id.clone(),
+                self.config.clone(),
+                self.control.clone(),
+                self.i8042.clone(),
+                drives,
+                ctx.metrics.clone(),
+            );
+            (server, handler)
+        });
+        let loop_result = event_loop::run(LoopContext {
+            control: &self.control,
+            serial: self.serial.clone(),
+            input_ready: &self.serial_input_ready,
+            stdin: std::io::stdin().as_raw_fd(),
+            devices: std::mem::take(&mut self.subscribers),
+            api,
+            metrics: ctx.metrics.clone(),
+            stop: ctx.stop.map(|e| e.as_raw_fd()),
+        });
         // Whatever ended the loop, every vCPU must leave KVM_RUN.
         self.control.request_stop(ExitReason::Stopped);
         join_all(handles);
-        loop_result.map_err(VmError::EventLoop)?;
         let _ = std::io::stdout().flush();
+        if let Some(metrics) = &ctx.metrics {
+            if let Err(e) = metrics.flush() {
+                log::warn!("cannot write the last metrics line: {e}");
+            }
+        }
+        loop_result.map_err(VmError::EventLoop)?;
         Ok(self.control.exit_reason().unwrap_or(ExitReason::Stopped))
     }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn join_all(handles: Vec<VcpuHandle>) {

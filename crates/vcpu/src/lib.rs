@@ -46,6 +46,7 @@
 
 mod control;
 mod cpuid;
+mod metrics;
 mod regs;
 mod vcpu;
 mod walk;
@@ -54,7 +55,8 @@ use std::sync::OnceLock;
 
 pub use control::{ExitReason, VmControl};
 pub use cpuid::CpuidError;
-pub use vcpu::{Vcpu, VcpuHandle};
+pub use metrics::{Counter, VcpuMetrics};
+pub use vcpu::{ThreadHook, Vcpu, VcpuHandle};
 use vmm_sys_util::errno;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 

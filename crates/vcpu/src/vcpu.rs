@@ -12,16 +12,23 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 
 use crate::control::{KickTarget, EXITING, PAUSED, RUNNING};
+use crate::metrics::VcpuMetrics;
 use crate::walk::{fetch_instruction, MAX_INSN_LEN};
 use crate::{
     cpuid, register_kick_signal_handler, regs, Error, ExitReason, VcpuConfig, VmControl, MAX_VCPUS,
 };
+
+/// Work a new vCPU thread does first, before it enters the guest (see
+/// [`Vcpu::start_with_hook`]), e.g. installing the thread's seccomp filter.
+pub type ThreadHook =
+    Box<dyn FnOnce() -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send>;
 
 /// A KVM vCPU that has not started running yet.
 #[derive(Debug)]
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
+    metrics: Arc<VcpuMetrics>,
 }
 
 impl Vcpu {
@@ -35,7 +42,11 @@ impl Vcpu {
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(|source| Error::CreateVcpu { index, source })?;
-        Ok(Vcpu { index, fd })
+        Ok(Vcpu {
+            index,
+            fd,
+            metrics: Arc::default(),
+        })
     }
 
     /// The vCPU index, which is also its APIC id.
@@ -46,6 +57,17 @@ impl Vcpu {
     /// The KVM vCPU file descriptor, e.g. to read its state for a snapshot.
     pub fn fd(&self) -> &VcpuFd {
         &self.fd
+    }
+
+    /// Counts this vCPU's exits in `metrics` (shared by the VM's vCPUs)
+    /// instead of in counters of its own. Call before [`Vcpu::start`].
+    pub fn set_metrics(&mut self, metrics: Arc<VcpuMetrics>) {
+        self.metrics = metrics;
+    }
+
+    /// The counters this vCPU's exits go to.
+    pub fn metrics(&self) -> &Arc<VcpuMetrics> {
+        &self.metrics
     }
 
     /// Prepares the vCPU to enter the kernel at `entry`, as Firecracker does:
@@ -114,9 +136,33 @@ impl Vcpu {
         mem: GuestMemoryMmap,
         control: Arc<VmControl>,
     ) -> Result<VcpuHandle, Error> {
+        self.start_with_hook(pio, mmio, mem, control, None)
+    }
+
+    /// [`Vcpu::start`], with `hook` run first on the new thread, before the vCPU registers
+    /// with `control` and before its first KVM_RUN: the place to install the thread's
+    /// seccomp filter, so that no guest instruction runs on an unfiltered vCPU thread. When
+    /// the hook fails, the vCPU never enters the guest and the VM stops with
+    /// [`ExitReason::Error`] naming the error.
+    ///
+    /// # Errors
+    ///
+    /// As [`Vcpu::start`].
+    pub fn start_with_hook(
+        self,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        mem: GuestMemoryMmap,
+        control: Arc<VmControl>,
+        hook: Option<ThreadHook>,
+    ) -> Result<VcpuHandle, Error> {
         // Without the handler, the kick signal would kill the process.
         register_kick_signal_handler()?;
-        let Vcpu { index, mut fd } = self;
+        let Vcpu {
+            index,
+            mut fd,
+            metrics,
+        } = self;
         let immediate_exit: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
         let target = Arc::new(KickTarget::new(index, immediate_exit));
         let thread_target = target.clone();
@@ -131,16 +177,29 @@ impl Vcpu {
                     pio,
                     mmio,
                     mem,
+                    metrics,
                 };
                 let guard = ThreadGuard {
                     index,
                     target: thread_target,
                     control,
                 };
+                if let Some(hook) = hook {
+                    if let Err(e) = hook() {
+                        guard.control.request_stop(ExitReason::Error {
+                            vcpu: index,
+                            message: format!("vCPU thread set-up failed: {e}"),
+                        });
+                        return;
+                    }
+                }
                 // SAFETY: pthread_self has no preconditions.
                 guard.target.set_thread(unsafe { libc::pthread_self() });
                 guard.control.register(guard.target.clone());
                 if let Some(reason) = runner.run(&guard.target, &guard.control) {
+                    if !reason.is_success() {
+                        runner.metrics.failures.inc();
+                    }
                     guard.control.request_stop(reason);
                 }
             })
@@ -202,6 +261,7 @@ struct Runner {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     mem: GuestMemoryMmap,
+    metrics: Arc<VcpuMetrics>,
 }
 
 impl Runner {
@@ -230,15 +290,19 @@ impl Runner {
                 Ok(exit) => match exit {
                     // Port numbers are 16 bits; the PIO bus is keyed by u64.
                     VcpuExit::IoIn(port, data) => {
+                        self.metrics.exit_io_in.inc();
                         self.pio.read(u64::from(port), data);
                     }
                     VcpuExit::IoOut(port, data) => {
+                        self.metrics.exit_io_out.inc();
                         self.pio.write(u64::from(port), data);
                     }
                     VcpuExit::MmioRead(addr, data) => {
+                        self.metrics.exit_mmio_read.inc();
                         self.mmio.read(addr, data);
                     }
                     VcpuExit::MmioWrite(addr, data) => {
+                        self.metrics.exit_mmio_write.inc();
                         self.mmio.write(addr, data);
                     }
                     // Nothing to do: KVM returned to let userspace look at signals or an
@@ -420,6 +484,7 @@ mod tests {
             pio: Arc::new(Bus::new(BusKind::Pio)),
             mmio: Arc::new(Bus::new(BusKind::Mmio)),
             mem: mem.clone(),
+            metrics: Arc::default(),
         };
         (vm, runner)
     }
@@ -544,5 +609,66 @@ mod tests {
         assert!(emulation_failure_bytes(1, &[0, 0x0301, 0]).is_empty());
         assert!(emulation_failure_bytes(1, &[1]).is_empty());
         assert!(emulation_failure_bytes(3, &data).is_empty());
+    }
+
+    /// An unconfigured vCPU of a fresh VM, with empty buses and no memory.
+    fn bare_vcpu() -> (VmFd, Vcpu) {
+        let kvm = Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        ember_irqchip::setup(&vm).unwrap();
+        let vcpu = Vcpu::new(0, &vm).unwrap();
+        (vm, vcpu)
+    }
+
+    fn buses() -> (Arc<Bus>, Arc<Bus>) {
+        (
+            Arc::new(Bus::new(BusKind::Pio)),
+            Arc::new(Bus::new(BusKind::Mmio)),
+        )
+    }
+
+    #[test]
+    fn the_start_hook_runs_first_on_the_vcpu_thread() {
+        let (_vm, vcpu) = bare_vcpu();
+        let (pio, mmio) = buses();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let control = VmControl::new().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let hook_control = control.clone();
+        let hook: ThreadHook = Box::new(move || {
+            tx.send(std::thread::current().name().map(str::to_string))
+                .unwrap();
+            // Stopping here means the run loop must end before its first KVM_RUN.
+            hook_control.request_stop(ExitReason::GuestReset);
+            Ok(())
+        });
+        let handle = vcpu
+            .start_with_hook(pio, mmio, mem, control.clone(), Some(hook))
+            .unwrap();
+        handle.join().unwrap();
+        assert_eq!(rx.recv().unwrap().as_deref(), Some("ember_vcpu0"));
+        assert_eq!(control.exit_reason(), Some(ExitReason::GuestReset));
+    }
+
+    #[test]
+    fn a_failing_start_hook_stops_the_vm_before_the_guest_runs() {
+        let (_vm, vcpu) = bare_vcpu();
+        let (pio, mmio) = buses();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let control = VmControl::new().unwrap();
+        let hook: ThreadHook = Box::new(|| Err("cannot install the seccomp filter".into()));
+        let handle = vcpu
+            .start_with_hook(pio, mmio, mem, control.clone(), Some(hook))
+            .unwrap();
+        handle.join().unwrap();
+        assert_eq!(
+            control.exit_reason(),
+            Some(ExitReason::Error {
+                vcpu: 0,
+                message: "vCPU thread set-up failed: cannot install the seccomp filter".into(),
+            })
+        );
+        // The exit event fired, so the VMM's event loop learns about it.
+        assert_eq!(control.exit_event().read().unwrap(), 1);
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ember_boot::layout::{BOOT_STACK_POINTER, PML4_START, PVH_INFO_START, ZERO_PAGE_START};
 use ember_boot::{BootProtocol, KernelEntry};
 use ember_bus::{Bus, BusDevice, BusKind, BusRange};
-use ember_vcpu::{ExitReason, Vcpu, VcpuConfig, VcpuHandle, VmControl};
+use ember_vcpu::{ExitReason, Vcpu, VcpuConfig, VcpuHandle, VcpuMetrics, VmControl};
 use kvm_bindings::{kvm_msr_entry, kvm_userspace_memory_region, Msrs};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -122,6 +122,8 @@ struct Running {
     control: Arc<VmControl>,
     seen: Arc<Seen>,
     handles: Vec<VcpuHandle>,
+    /// The exit counters every vCPU shares.
+    metrics: Arc<VcpuMetrics>,
 }
 
 /// Writes `code` at [`CODE`] and runs it on `vcpus` vCPUs entered through the 64-bit Linux
@@ -154,10 +156,12 @@ fn run_guest(code: &[u8], vcpus: u8) -> Running {
         smt: false,
     };
     let entry = entry(BootProtocol::LinuxBoot, CODE);
+    let metrics = Arc::new(VcpuMetrics::default());
     let mut handles = Vec::new();
     for index in 0..vcpus {
         let mut vcpu = Vcpu::new(index, &t.vm).unwrap();
         vcpu.configure(&t.kvm, &t.mem, &entry, &config).unwrap();
+        vcpu.set_metrics(metrics.clone());
         let handle = vcpu
             .start(pio.clone(), mmio.clone(), t.mem.clone(), control.clone())
             .unwrap();
@@ -169,6 +173,7 @@ fn run_guest(code: &[u8], vcpus: u8) -> Running {
         control,
         seen,
         handles,
+        metrics,
     }
 }
 
@@ -251,6 +256,45 @@ fn mmio_reads_get_the_device_value_and_writes_reach_it() {
         *seen.mmio_writes.lock().unwrap(),
         vec![(4, 0xcafe_f00du32.to_le_bytes().to_vec())]
     );
+}
+
+#[test]
+fn exits_are_counted_by_kind() {
+    let code = [
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xec, // in al, dx
+        0x8b, 0x04, 0x25, 0x00, 0x00, 0x00, 0x10, // mov eax, [0x10000000]
+        0xc7, 0x04, 0x25, 0x04, 0x00, 0x00, 0x10, 0x0d, 0xf0, 0xfe,
+        0xca, // mov dword [0x10000004], 0xcafef00d
+        0xee, // out dx, al
+        0x66, 0xff, 0xc2, // inc dx
+        0xee, // out dx, al: stop
+        0xeb, 0xfe, // jmp .
+    ];
+    let running = run_guest(&code, 1);
+    let m = running.metrics.clone();
+    let (reason, _) = wait_for_exit(running);
+    assert_eq!(reason, ExitReason::GuestReset);
+    let counts = [
+        m.exit_io_in.count(),
+        m.exit_io_out.count(),
+        m.exit_mmio_read.count(),
+        m.exit_mmio_write.count(),
+        m.failures.count(),
+    ];
+    assert_eq!(counts, [1, 2, 1, 1, 0]);
+
+    // A vCPU that stops the VM on an error counts a failure.
+    let code = [
+        0x0f, 0x01, 0x1d, 0x02, 0x00, 0x00, 0x00, // lidt [rip + 2]: a zero-limit IDT
+        0x0f, 0x0b, // ud2
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // limit 0, base 0
+    ];
+    let running = run_guest(&code, 1);
+    let m = running.metrics.clone();
+    let (reason, _) = wait_for_exit(running);
+    assert!(!reason.is_success(), "{reason}");
+    assert_eq!(m.failures.count(), 1);
 }
 
 #[test]

@@ -6,6 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -523,6 +524,59 @@ fn drive_id_bytes(drive_id: &str) -> [u8; VIRTIO_BLK_ID_BYTES as usize] {
     id
 }
 
+/// An opened backing file and what the configuration space says about it.
+struct BackingFile {
+    file: File,
+    nsectors: u64,
+    discard_alignment: u32,
+}
+
+/// Opens the image at `path` (read-only for a read-only drive) and sizes it.
+///
+/// A file whose size is not a multiple of 512 bytes is accepted with a
+/// warning; the tail is not visible to the guest.
+fn open_backing_file(path: &Path, read_only: bool) -> Result<BackingFile, Error> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|source| Error::OpenFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let metadata = file.metadata().map_err(|source| Error::FileSize {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let file_type = metadata.file_type();
+    if !file_type.is_file() && !file_type.is_block_device() {
+        return Err(Error::NotAFile(path.to_path_buf()));
+    }
+    // Seeking works for block devices too, whose metadata size is 0.
+    let size = file
+        .seek(SeekFrom::End(0))
+        .map_err(|source| Error::FileSize {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if size % u64::from(SECTOR_SIZE) != 0 {
+        warn!(
+            "virtio-blk: {} is {size} bytes, not a multiple of {SECTOR_SIZE}; the last {} \
+             bytes are not visible to the guest",
+            path.display(),
+            size % u64::from(SECTOR_SIZE)
+        );
+    }
+    // Hole punching works in file system blocks: tell the guest to align
+    // discards to them.
+    let discard_alignment = u32::try_from((metadata.blksize() >> SECTOR_SHIFT).max(1)).unwrap_or(1);
+    Ok(BackingFile {
+        file,
+        nsectors: size >> SECTOR_SHIFT,
+        discard_alignment,
+    })
+}
+
 impl Block {
     /// Opens the backing file (read-only for a read-only drive) and sets up
     /// the I/O engine.
@@ -530,43 +584,11 @@ impl Block {
     /// A file whose size is not a multiple of 512 bytes is accepted with a
     /// warning; the tail is not visible to the guest.
     pub fn new(config: &BlockConfig) -> Result<Block, Error> {
-        let path = config.path_on_host.clone();
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!config.is_read_only)
-            .open(&path)
-            .map_err(|source| Error::OpenFile {
-                path: path.clone(),
-                source,
-            })?;
-        let metadata = file.metadata().map_err(|source| Error::FileSize {
-            path: path.clone(),
-            source,
-        })?;
-        let file_type = metadata.file_type();
-        if !file_type.is_file() && !file_type.is_block_device() {
-            return Err(Error::NotAFile(path));
-        }
-        // Seeking works for block devices too, whose metadata size is 0.
-        let size = file
-            .seek(SeekFrom::End(0))
-            .map_err(|source| Error::FileSize {
-                path: path.clone(),
-                source,
-            })?;
-        if size % u64::from(SECTOR_SIZE) != 0 {
-            warn!(
-                "virtio-blk: {} is {size} bytes, not a multiple of {SECTOR_SIZE}; the last {} \
-                 bytes are not visible to the guest",
-                path.display(),
-                size % u64::from(SECTOR_SIZE)
-            );
-        }
-        let nsectors = size >> SECTOR_SHIFT;
-        // Hole punching works in file system blocks: tell the guest to align
-        // discards to them.
-        let discard_alignment =
-            u32::try_from((metadata.blksize() >> SECTOR_SHIFT).max(1)).unwrap_or(1);
+        let BackingFile {
+            file,
+            nsectors,
+            discard_alignment,
+        } = open_backing_file(&config.path_on_host, config.is_read_only)?;
 
         let engine: Box<dyn Engine> = match config.io_engine {
             IoEngine::Sync => Box::new(SyncEngine::new(file)),
@@ -621,6 +643,66 @@ impl Block {
     /// Disk size in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
         self.disk.nsectors
+    }
+
+    /// Replaces the backing file of a device that may be running
+    /// (Firecracker's `PATCH /drives/{id}` with a new `path_on_host`).
+    ///
+    /// The new file is opened with the drive's read-only setting; on error
+    /// nothing changes. Requests the engine still has in flight are finished
+    /// on the old file and completed to the driver first, so every request
+    /// is served by exactly one file. The capacity in the configuration
+    /// space follows the new file and, once the driver has started the
+    /// device, a configuration change interrupt tells it to re-read the
+    /// capacity (virtio 1.2 §5.2.4: the driver re-reads `capacity` on a
+    /// configuration change notification; the MMIO transport also bumps
+    /// ConfigGeneration, §4.2.2).
+    pub fn update_backing_file(&mut self, path: &Path) -> Result<(), Error> {
+        let backing = match open_backing_file(path, self.config.is_read_only) {
+            Ok(backing) => backing,
+            Err(e) => {
+                self.metrics.update_fails.inc();
+                return Err(e);
+            }
+        };
+        // Finish what the old file owes the driver.
+        let drained = self.disk.engine.drain(&mut self.completions);
+        let used = self.complete_reaped();
+        if let Err(e) = drained {
+            self.metrics.update_fails.inc();
+            if used {
+                if let Some(active) = self.active.as_mut() {
+                    signal_used(active, &self.metrics);
+                }
+            }
+            return Err(Error::Drain(e));
+        }
+        let old = self.disk.engine.replace_file(backing.file);
+        // What the old file holds in the host page cache stays there; a
+        // writeback drive makes it durable as it would on a flush.
+        if self.config.cache_type == CacheType::Writeback && !self.config.is_read_only {
+            if let Err(e) = old.sync_data() {
+                warn!(
+                    "virtio-blk: flushing the previous backing file {} failed: {e}",
+                    self.config.path_on_host.display()
+                );
+            }
+        }
+        drop(old);
+        self.disk.nsectors = backing.nsectors;
+        self.config_space = build_config_space(backing.nsectors, backing.discard_alignment);
+        self.config.path_on_host = path.to_path_buf();
+        self.metrics.update_count.inc();
+        if let Some(active) = self.active.as_mut() {
+            if used {
+                signal_used(active, &self.metrics);
+            }
+            if let Err(e) = active.interrupt.trigger(InterruptKind::Config) {
+                self.metrics.event_fails.inc();
+                error!("virtio-blk: failed to signal the configuration change: {e}");
+            }
+        }
+        Ok(())
     }
 
     /// The device's counters (shared: clone the `Arc` to read them from
@@ -688,10 +770,22 @@ impl Block {
     /// Reaps finished engine operations into the used ring; returns whether
     /// any completed.
     fn reap(&mut self) -> bool {
+        if self.active.is_none() {
+            return false;
+        }
+        self.disk.engine.reap(&mut self.completions);
+        self.complete_reaped()
+    }
+
+    /// Puts the results in `self.completions` in the used ring; returns
+    /// whether there were any.
+    fn complete_reaped(&mut self) -> bool {
         let Some(active) = self.active.as_mut() else {
+            // Nobody to complete to (the device was reset): the results are
+            // dropped with the rings.
+            self.completions.clear();
             return false;
         };
-        self.disk.engine.reap(&mut self.completions);
         let any = !self.completions.is_empty();
         for (token, result) in self.completions.drain(..) {
             match self.disk.take(token) {

@@ -171,4 +171,8 @@ pub enum Error {
     /// The queue is unusable (the driver corrupted its rings).
     #[error("virtqueue error: {0}")]
     Queue(#[source] virtio_queue::Error),
+    /// Waiting for the requests in flight (before replacing the backing
+    /// file) failed.
+    #[error("cannot wait for the block requests in flight: {0}")]
+    Drain(#[source] io::Error),
 }

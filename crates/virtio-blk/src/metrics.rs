@@ -63,4 +63,9 @@ pub struct BlockMetrics {
     pub io_completion_event_count: Counter,
     /// Used-buffer interrupts sent.
     pub interrupts: Counter,
+    /// Backing files replaced on a running device
+    /// ([`Block::update_backing_file`](crate::Block::update_backing_file)).
+    pub update_count: Counter,
+    /// Backing file replacements refused or failed.
+    pub update_fails: Counter,
 }

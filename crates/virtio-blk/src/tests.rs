@@ -351,6 +351,7 @@ both_engines!(
     requests_past_a_malformed_one_still_work,
     random_chains_never_panic,
     full_engine_throttles_and_resumes,
+    backing_file_update_changes_capacity_and_interrupts,
 );
 
 fn read_write_round_trip(engine: IoEngine) {
@@ -982,6 +983,98 @@ fn full_engine_throttles_and_resumes(engine: IoEngine) {
     // Notifications were turned back on at the end.
     let used_flags: u16 = h.mem.read_obj(h.vq.used_addr()).unwrap();
     assert_eq!(used_flags, 0);
+}
+
+/// An image of `size` bytes whose every byte is `byte`.
+fn image_of(size: usize, byte: u8) -> NamedTempFile {
+    let mut image = NamedTempFile::new().unwrap();
+    image.write_all(&vec![byte; size]).unwrap();
+    image
+}
+
+fn config_capacity(block: &Block) -> u64 {
+    let mut capacity = [0u8; 8];
+    block.read_config(0, &mut capacity);
+    u64::from_le_bytes(capacity)
+}
+
+fn backing_file_update_changes_capacity_and_interrupts(engine: IoEngine) {
+    let mut opts = Opts::new(engine);
+    opts.cache_type = CacheType::Writeback;
+    let mut h = Harness::new(opts);
+    assert_eq!(config_capacity(&h.block), CAPACITY);
+
+    // A flush left in flight: io_uring completes it later, from a worker.
+    let flush = h.bare(0, VIRTIO_BLK_T_FLUSH);
+    h.block.process_queue().unwrap();
+    let vring_before = h.interrupt.vring_count();
+
+    let bigger = image_of(2 * DISK_SIZE as usize, 0xab);
+    h.block.update_backing_file(bigger.path()).unwrap();
+
+    // The request in flight was completed to the driver before the switch.
+    assert_eq!(h.block.pending_requests(), 0);
+    assert_eq!(h.take_used().len(), 1);
+    assert_eq!(h.status(flush), VIRTIO_BLK_S_OK as u8);
+    if engine == IoEngine::Async {
+        assert!(h.interrupt.vring_count() > vring_before);
+    }
+    // The guest sees the new size after one configuration interrupt.
+    assert_eq!(h.block.capacity(), 2 * CAPACITY);
+    assert_eq!(config_capacity(&h.block), 2 * CAPACITY);
+    assert_eq!(h.interrupt.config_count(), 1);
+    assert_eq!(h.block.config().path_on_host, bigger.path());
+    assert_eq!(h.block.metrics().update_count.count(), 1);
+
+    // Reads come from the new file, including past the old end...
+    let status = h.rw(1, VIRTIO_BLK_T_IN, 0, DATA, 512);
+    assert_eq!(h.complete_one(status), (513, VIRTIO_BLK_S_OK as u8));
+    assert_eq!(h.guest_bytes(DATA, 512), vec![0xab; 512]);
+    let status = h.rw(2, VIRTIO_BLK_T_IN, 2 * CAPACITY - 1, DATA2, 512);
+    assert_eq!(h.complete_one(status), (513, VIRTIO_BLK_S_OK as u8));
+    assert_eq!(h.guest_bytes(DATA2, 512), vec![0xab; 512]);
+    // ...and writes go there, not to the old file.
+    h.mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+    let status = h.rw(3, VIRTIO_BLK_T_OUT, 5, DATA, 512);
+    assert_eq!(h.complete_one(status), (1, VIRTIO_BLK_S_OK as u8));
+    let mut written = vec![0u8; 512];
+    let mut file = bigger.reopen().unwrap();
+    file.seek(SeekFrom::Start(5 * 512)).unwrap();
+    file.read_exact(&mut written).unwrap();
+    assert_eq!(written, vec![0x5a; 512]);
+    assert_eq!(h.file_bytes(5 * 512, 512), pattern(5 * 512, 512));
+
+    // A path that cannot be opened changes nothing and names the path.
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.img");
+    let err = h.block.update_backing_file(&missing).unwrap_err();
+    assert!(err.to_string().contains("missing.img"), "{err}");
+    assert_eq!(h.block.capacity(), 2 * CAPACITY);
+    assert_eq!(h.interrupt.config_count(), 1);
+    assert_eq!(h.block.config().path_on_host, bigger.path());
+    assert_eq!(h.block.metrics().update_fails.count(), 1);
+
+    // Back to a smaller file: requests past its end now fail.
+    let smaller = image_of(DISK_SIZE as usize / 2, 0x11);
+    h.block.update_backing_file(smaller.path()).unwrap();
+    assert_eq!(config_capacity(&h.block), CAPACITY / 2);
+    assert_eq!(h.interrupt.config_count(), 2);
+    let status = h.rw(4, VIRTIO_BLK_T_IN, CAPACITY / 2, DATA, 512);
+    assert_eq!(h.complete_one(status), (1, VIRTIO_BLK_S_IOERR as u8));
+}
+
+#[test]
+fn backing_file_update_before_activation_needs_no_interrupt() {
+    let mut h = Harness::inactive(Opts::new(IoEngine::Sync));
+    let bigger = image_of(3 * DISK_SIZE as usize, 0);
+    h.block.update_backing_file(bigger.path()).unwrap();
+    assert_eq!(config_capacity(&h.block), 3 * CAPACITY);
+    assert_eq!(h.interrupt.config_count(), 0);
+    // The driver that starts the device later reads the new size.
+    let features = h.block.features();
+    h.activate(features);
+    let status = h.rw(0, VIRTIO_BLK_T_IN, 3 * CAPACITY - 1, DATA, 512);
+    assert_eq!(h.complete_one(status), (513, VIRTIO_BLK_S_OK as u8));
 }
 
 fn random_chains_never_panic(engine: IoEngine) {

@@ -26,6 +26,7 @@ use super::http::{
 use super::preboot::ActionHandler;
 use super::request::{allowed_methods, parse_request, request_counters, DEFAULT_MAX_PAYLOAD};
 use crate::metrics::ApiRequestMetrics;
+use crate::seccomp::{self, BpfProgram, SeccompError};
 
 /// Name of the API server thread.
 pub const THREAD_NAME: &str = "ember_api";
@@ -51,6 +52,9 @@ pub enum ApiServerError {
     /// The thread could not be started.
     #[error("cannot start the API server thread: {0}")]
     Spawn(#[source] io::Error),
+    /// The API thread could not install its seccomp filter; it did not serve.
+    #[error("the API server thread did not start: {0}")]
+    Seccomp(#[source] SeccompError),
 }
 
 /// How the server behaves; [`ServerOptions::new`] gives Firecracker's
@@ -67,6 +71,9 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// Where request counts go (`*_api_requests` metrics groups).
     pub metrics: Arc<ApiRequestMetrics>,
+    /// The seccomp filter the API thread installs first thing, before it
+    /// serves anything (see [`crate::seccomp`]); `None` runs it unfiltered.
+    pub seccomp_filter: Option<Arc<BpfProgram>>,
 }
 
 impl ServerOptions {
@@ -78,6 +85,7 @@ impl ServerOptions {
             request_timeout: Duration::from_secs(30),
             max_connections: 32,
             metrics: Arc::default(),
+            seccomp_filter: None,
         }
     }
 }
@@ -235,6 +243,7 @@ pub fn start_api_server_with(
     let (to_vmm, requests) = mpsc::channel();
     let (responses_tx, responses_rx) = mpsc::channel();
     let metrics = options.metrics.clone();
+    let filter = options.seccomp_filter.clone();
 
     let server = Server {
         listener,
@@ -250,10 +259,30 @@ pub fn start_api_server_with(
             options,
         },
     };
+    // The thread says whether its filter is in place before this returns, so
+    // that no request is ever served by an unfiltered thread.
+    let (installed_tx, installed) = mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
         .name(THREAD_NAME.to_string())
-        .spawn(move || server.run())
+        .spawn(move || {
+            if let Some(filter) = filter {
+                let result = seccomp::apply(&filter);
+                let failed = result.is_err();
+                let _ = installed_tx.send(result);
+                if failed {
+                    return;
+                }
+            }
+            drop(installed_tx);
+            server.run()
+        })
         .map_err(ApiServerError::Spawn)?;
+    // Without a filter the sender is dropped at once: `Err(RecvError)`.
+    if let Ok(Err(e)) = installed.recv() {
+        let _ = thread.join();
+        let _ = std::fs::remove_file(socket_path);
+        return Err(ApiServerError::Seccomp(e));
+    }
     Ok(ApiServerHandle {
         request_event,
         requests,

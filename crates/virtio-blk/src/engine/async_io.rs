@@ -165,6 +165,16 @@ impl Engine for AsyncEngine {
         }
         Ok(())
     }
+
+    fn replace_file(&mut self, file: File) -> File {
+        // The ring and its completion EventFd stay: the event loop keeps
+        // watching the same descriptor.
+        debug_assert!(
+            self.in_flight.is_empty(),
+            "file replaced with I/O in flight"
+        );
+        std::mem::replace(&mut self.file, file)
+    }
 }
 
 impl Drop for AsyncEngine {

@@ -71,4 +71,9 @@ pub(crate) trait Engine: Send {
 
     /// Waits until nothing is in flight, moving the results into `done`.
     fn drain(&mut self, done: &mut Vec<(u64, io::Result<u32>)>) -> io::Result<()>;
+
+    /// Makes later operations use `file`; returns the previous file. Only
+    /// valid with nothing in flight (after [`drain`](Self::drain)): queued
+    /// operations name the file descriptor they were submitted with.
+    fn replace_file(&mut self, file: File) -> File;
 }

@@ -116,6 +116,10 @@ impl Engine for SyncEngine {
     fn drain(&mut self, _done: &mut Vec<(u64, io::Result<u32>)>) -> io::Result<()> {
         Ok(())
     }
+
+    fn replace_file(&mut self, file: File) -> File {
+        std::mem::replace(&mut self.file, file)
+    }
 }
 
 #[cfg(test)]
