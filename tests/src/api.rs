@@ -10,7 +10,7 @@
 //! use ember_tests::guest_path;
 //! use serde_json::json;
 //!
-//! let mut vm = ApiVm::spawn(&[]).unwrap();
+//! let mut vm = ApiVm::spawn::<&str>(&[]).unwrap();
 //! let mut api = vm.client().unwrap();
 //! let boot = json!({"kernel_image_path": guest_path("hello")});
 //! assert_eq!(api.put("/boot-source", &boot).unwrap().status, 204);
