@@ -847,6 +847,42 @@ fn the_filters_allow_what_virtio_net_causes() {
     problems.assert_none();
 }
 
+/// The pid of the traced ember: the thread that exec'd it, whose trace file
+/// is named after it.
+fn traced_pid(dir: &Path) -> Option<libc::pid_t> {
+    fs::read_dir(dir).ok()?.find_map(|entry| {
+        let path = entry.ok()?.path();
+        let pid = path.extension()?.to_str()?.parse().ok()?;
+        let text = fs::read_to_string(&path).ok()?;
+        text.contains(" execve(").then_some(pid)
+    })
+}
+
+/// SIGTERM stops the VM from the VMM thread's event loop, after which ember
+/// ends by the same signal, all under the filters.
+#[test]
+fn the_filters_allow_a_stop_by_sigterm() {
+    assert_strace_works();
+    let rules = Rules::parse(DESCRIPTION);
+    let traces = TraceDir::new();
+    let mut vm = traces
+        .wrap(Launch::new(&config("ctrl_alt_del", json!({}))))
+        .spawn()
+        .expect("start ember");
+    vm.wait_for_line(|l| l == "ctrl_alt_del: waiting", WAIT)
+        .expect("the guest runs");
+    let pid = traced_pid(traces.path()).expect("ember's trace");
+    // SAFETY: sends a signal to the ember process this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let out = vm.wait(WAIT).expect("ember stops on SIGTERM");
+    not_killed(&out);
+    assert_eq!(out.status.signal(), Some(libc::SIGTERM), "{out}");
+
+    let mut problems = Problems::default();
+    check_run("SIGTERM", traces.path(), &rules, &mut problems);
+    problems.assert_none();
+}
+
 // ---------------------------------------------------------------------------
 // The API: the API thread's filter, and the VMM thread serving requests
 // after boot.

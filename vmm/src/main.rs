@@ -16,6 +16,7 @@ use ember::api::{
 };
 use ember::config::{self, LogLevel, VmConfig};
 use ember::metrics::Metrics;
+use ember::seccomp::{Filters, SeccompConfig};
 use ember::{boot_timer, logger, terminal, vm};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -252,12 +253,14 @@ fn run() -> ExitCode {
     }
     log::info!("Running Ember v{}", env!("CARGO_PKG_VERSION"));
 
-    if cli.seccomp_filter.is_some() {
-        return fail(
-            exit_code::ARG_PARSING,
-            "--seccomp-filter is not supported yet by Ember",
-        );
-    }
+    // Loaded before anything else runs, so a bad filter file stops the VMM
+    // before it touches any resource (Firecracker: exit code 1).
+    let seccomp_filters = match SeccompConfig::from_args(cli.no_seccomp, cli.seccomp_filter.clone())
+        .and_then(|config| Filters::load(&config))
+    {
+        Ok(filters) => filters,
+        Err(e) => return fail(exit_code::GENERIC_ERROR, e),
+    };
 
     // Leaked: the signal handler may write it until the process ends.
     let stop = match EventFd::new(EFD_NONBLOCK) {
@@ -301,6 +304,7 @@ fn run() -> ExitCode {
     } else {
         let options = ServerOptions {
             metrics: metrics.api_requests(),
+            seccomp_filter: seccomp_filters.api(),
             ..ServerOptions::new(cli.http_api_max_payload_size)
         };
         match start_api_server_with(&cli.api_sock, options) {
@@ -342,6 +346,7 @@ fn run() -> ExitCode {
         metrics: Some(metrics),
         instance_id: cli.id.clone(),
         start: start_responder,
+        seccomp: seccomp_filters,
         stop: Some(stop),
     });
     drop(raw_terminal);

@@ -27,8 +27,9 @@
 //! For debugging, `EMBER_SECCOMP_ACTION` ([`FILTER_ACTION_ENV`]) changes what the
 //! built-in filters do with a system call they do not allow: `trap` reports the system
 //! call number on stderr and exits with code 148 ([`BAD_SYSCALL_EXIT_CODE`], as
-//! Firecracker); `log` lets it through and has the kernel log it (and `strace -f` shows
-//! every system call after each thread's `seccomp()` call).
+//! Firecracker); `log` lets it through and has the kernel log it, so that `strace -f`
+//! shows every system call made after each thread's `seccomp()` call, which is how the
+//! lists in the description were found and how the end-to-end tests keep them in step.
 //!
 //! # Example
 //!
@@ -70,8 +71,9 @@ pub const BAD_SYSCALL_EXIT_CODE: u8 = 148;
 /// Longest BPF program the kernel accepts (`BPF_MAXINSNS`, linux/bpf_common.h).
 pub const BPF_MAX_LEN: usize = 4096;
 
-/// Largest `--seccomp-filter` file read: Firecracker's limit for its binary format
-/// (three programs of at most 4096 eight-byte instructions fit), with room for JSON.
+/// Largest `--seccomp-filter` file read. Three programs of at most 4096 eight-byte
+/// instructions take under 100 kB in Firecracker's format; a JSON description of them
+/// takes more.
 pub const MAX_FILTER_FILE_LEN: u64 = 1 << 20;
 
 /// Errors loading or installing seccomp filters.
@@ -312,9 +314,9 @@ impl Filters {
     ///
     /// Unless `config` is [`SeccompConfig::None`], this also prepares the process for
     /// running filtered: it installs a SIGSYS handler that reports a trapped system call
-    /// and exits with [`BAD_SYSCALL_EXIT_CODE`] (Firecracker does the same), and loads the
-    /// time zone now, since glibc would otherwise read `/etc/localtime` at the first log
-    /// line, possibly on a filtered thread.
+    /// and exits with [`BAD_SYSCALL_EXIT_CODE`] (Firecracker does the same), and keeps
+    /// glibc from opening files behind the filters' back (see `prepare_glibc`). Call it
+    /// before starting any thread.
     ///
     /// # Errors
     ///
@@ -328,8 +330,7 @@ impl Filters {
             SeccompConfig::Custom(path) => Filters::from_file(path)?,
         };
         install_sigsys_handler()?;
-        // SAFETY: tzset only reads TZ and the zone file into glibc's own state.
-        unsafe { tzset() };
+        prepare_glibc();
         Ok(filters)
     }
 
@@ -599,6 +600,24 @@ extern "C" {
     fn tzset();
 }
 
+/// glibc opens files on its own on two occasions that would come after the filters,
+/// on threads whose filter has no `openat`:
+///
+/// - the first local time conversion (a log line's timestamp) reads `/etc/localtime`:
+///   loading the zone now makes later conversions use what was loaded;
+/// - the first time a per-thread malloc arena gives memory back (`shrink_heap`), glibc
+///   reads `/proc/sys/vm/overcommit_memory`: with a single arena, the one of the main
+///   thread (which is what musl, Firecracker's C library, has), threads started from
+///   now on take memory with `brk` and give it back the same way. The vCPU run loop
+///   does not allocate, so the threads do not contend for the arena's lock.
+fn prepare_glibc() {
+    // SAFETY: tzset only reads TZ and the zone file into glibc's own state.
+    unsafe { tzset() };
+    // SAFETY: mallopt only sets a malloc parameter; it takes effect for arenas not
+    // created yet, which is every one if no thread has been started.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+}
+
 /// The start of `siginfo_t` for SIGSYS (asm-generic/siginfo.h: three ints, padding to
 /// the union at byte 16, then `_sigsys { void *_call_addr; int _syscall; unsigned int
 /// _arch; }`).
@@ -628,7 +647,9 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
         Part::Number(i64::from(tid)),
         Part::Text(" made system call "),
         Part::Number(i64::from(nr)),
-        Part::Text(", which its filter does not allow; exiting with code 148\n"),
+        Part::Text(", which its filter does not allow; exiting with code "),
+        Part::Number(i64::from(BAD_SYSCALL_EXIT_CODE)),
+        Part::Text("\n"),
     ] {
         len = part.write(&mut msg, len);
     }

@@ -26,6 +26,7 @@ use crate::config::{drives_in_attach_order, CacheType, IoEngine, VmConfig};
 use crate::devices::{attach_virtio_device, BlockEvents, MmioAllocator, MmioSlot};
 use crate::event_loop::{self, ApiDrive, LoopContext, RuntimeApi, Subscriber};
 use crate::metrics::Metrics;
+use crate::seccomp::Filters;
 use ember_virtio_blk::{Block, BlockConfig};
 use ember_virtio_mmio::MmioTransport;
 use ember_virtio_net::{Net, NetConfig};
@@ -122,6 +123,9 @@ pub enum VmError {
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),
+    /// The VMM thread could not install its seccomp filter.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// Options that do not come from the configuration file.
@@ -154,6 +158,10 @@ pub struct RunContext<'a> {
     /// The `InstanceStart` request that built the VM: answered `204` once
     /// every vCPU runs, or `400` if one cannot start.
     pub start: Option<Responder>,
+    /// The seccomp filters of the vCPU threads (installed first thing on
+    /// each) and of the VMM thread (installed once the vCPU threads exist,
+    /// before the guest runs).
+    pub seccomp: Filters,
     /// An eventfd that, once readable, stops the VM (the binary writes it
     /// from its SIGTERM and SIGINT handler).
     pub stop: Option<&'a EventFd>,
@@ -568,13 +576,19 @@ impl Vm {
             start_failed(&mut ctx, &e);
             return Err(e);
         }
+        // The vCPU threads start parked, so that the VMM thread's filter is
+        // in place before the guest's first instruction; they must exist
+        // before that filter does, or they would inherit it on top of theirs.
+        // No vCPU is registered yet: this only sets the paused state.
+        let _ = self.control.pause();
         let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
         for vcpu in std::mem::take(&mut self.vcpus) {
-            match vcpu.start(
+            match vcpu.start_with_hook(
                 self.pio_bus.clone(),
                 self.mmio_bus.clone(),
                 self.mem.clone(),
                 self.control.clone(),
+                ctx.seccomp.vcpu_hook(),
             ) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
@@ -586,6 +600,16 @@ impl Vm {
                 }
             }
         }
+        if let Some(filter) = ctx.seccomp.vmm() {
+            if let Err(e) = crate::seccomp::apply(&filter) {
+                self.control.request_stop(ExitReason::Stopped);
+                join_all(handles);
+                let e = VmError::Seccomp(e);
+                start_failed(&mut ctx, &e);
+                return Err(e);
+            }
+        }
+        self.control.resume();
         if let Some(r) = ctx.start.take() {
             r.respond(Ok(VmmData::Empty));
         }
