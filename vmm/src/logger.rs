@@ -23,9 +23,66 @@ struct Settings {
     out: Box<dyn Write + Send>,
 }
 
+/// Lines one call site may log per [`RATE_LIMIT_WINDOW`].
+pub const RATE_LIMIT_BURST: u32 = 10;
+/// The window of the per-call-site rate limit.
+pub const RATE_LIMIT_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What the rate limiter decided for one record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateDecision {
+    /// Write the line; `suppressed` lines of the same call site were dropped
+    /// since the last one written.
+    Log {
+        /// Lines dropped before this one.
+        suppressed: u64,
+    },
+    /// Drop the line.
+    Drop,
+}
+
+#[derive(Debug)]
+struct Site {
+    window_start: std::time::Instant,
+    in_window: u32,
+    suppressed: u64,
+}
+
+/// A per-call-site rate limit, so that a guest that makes a device log on
+/// every access cannot flood the log: each `file:line` may write
+/// [`RATE_LIMIT_BURST`] lines per [`RATE_LIMIT_WINDOW`]; the next line
+/// written says how many were dropped.
+#[derive(Debug, Default)]
+pub struct RateLimiter {
+    sites: std::collections::HashMap<(&'static str, u32), Site>,
+}
+
+impl RateLimiter {
+    /// Decides for a record from `site` at time `now`.
+    pub fn check(&mut self, site: (&'static str, u32), now: std::time::Instant) -> RateDecision {
+        let entry = self.sites.entry(site).or_insert(Site {
+            window_start: now,
+            in_window: 0,
+            suppressed: 0,
+        });
+        if now.duration_since(entry.window_start) >= RATE_LIMIT_WINDOW {
+            entry.window_start = now;
+            entry.in_window = 0;
+        }
+        if entry.in_window >= RATE_LIMIT_BURST {
+            entry.suppressed += 1;
+            return RateDecision::Drop;
+        }
+        entry.in_window += 1;
+        let suppressed = std::mem::take(&mut entry.suppressed);
+        RateDecision::Log { suppressed }
+    }
+}
+
 /// Where the log goes and how lines look.
 pub struct Logger {
     settings: Mutex<Settings>,
+    limiter: Mutex<RateLimiter>,
 }
 
 static LOGGER: OnceLock<Logger> = OnceLock::new();
@@ -109,6 +166,7 @@ pub fn init(opts: &LoggerOptions) -> Result<(), LoggerError> {
             module: opts.module.clone(),
             out,
         }),
+        limiter: Mutex::new(RateLimiter::default()),
     };
     LOGGER
         .set(logger)
@@ -231,7 +289,28 @@ impl log::Log for Logger {
         if !settings.wants(record.metadata()) {
             return;
         }
-        let line = settings.format(record);
+        let mut line = settings.format(record);
+        if let (Some(file), Some(lineno)) = (record.file_static(), record.line()) {
+            let decision = self
+                .limiter
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .check((file, lineno), std::time::Instant::now());
+            match decision {
+                RateDecision::Drop => return,
+                RateDecision::Log { suppressed: 0 } => {}
+                RateDecision::Log { suppressed } => {
+                    line.insert_str(
+                        0,
+                        &format!(
+                            "{} [{}] {suppressed} messages from {file}:{lineno} were suppressed by the log rate limit\n",
+                            timestamp(),
+                            settings.id
+                        ),
+                    );
+                }
+            }
+        }
         // A log that cannot be written (full pipe) must not stop the VM.
         let _ = settings.out.write_all(line.as_bytes());
     }
@@ -244,6 +323,25 @@ impl log::Log for Logger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_limit_per_call_site() {
+        let mut r = RateLimiter::default();
+        let t0 = std::time::Instant::now();
+        let a = ("a.rs", 1);
+        let b = ("b.rs", 7);
+        for _ in 0..RATE_LIMIT_BURST {
+            assert_eq!(r.check(a, t0), RateDecision::Log { suppressed: 0 });
+        }
+        assert_eq!(r.check(a, t0), RateDecision::Drop);
+        assert_eq!(r.check(a, t0), RateDecision::Drop);
+        // Another call site is not affected.
+        assert_eq!(r.check(b, t0), RateDecision::Log { suppressed: 0 });
+        // A new window reports what was dropped.
+        let t1 = t0 + RATE_LIMIT_WINDOW;
+        assert_eq!(r.check(a, t1), RateDecision::Log { suppressed: 2 });
+        assert_eq!(r.check(a, t1), RateDecision::Log { suppressed: 0 });
+    }
 
     #[test]
     fn line_format_matches_firecracker() {
