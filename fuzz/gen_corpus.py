@@ -417,6 +417,311 @@ CONFIG = {
 }
 
 
+# --- virtio_mmio ------------------------------------------------------------
+# Input: device_type u32, offered features u64, queues u8 (count - 1),
+# max_log2 [u8; 4], then the ops.
+MMIO_MAGIC, MMIO_VERSION, MMIO_DEVICE_ID, MMIO_VENDOR_ID = 0x00, 0x04, 0x08, 0x0C
+MMIO_DEVICE_FEATURES, MMIO_DEVICE_FEATURES_SEL = 0x10, 0x14
+MMIO_DRIVER_FEATURES, MMIO_DRIVER_FEATURES_SEL = 0x20, 0x24
+MMIO_QUEUE_SEL, MMIO_QUEUE_NUM_MAX, MMIO_QUEUE_NUM = 0x30, 0x34, 0x38
+MMIO_QUEUE_READY, MMIO_QUEUE_NOTIFY = 0x44, 0x50
+MMIO_INTERRUPT_STATUS, MMIO_INTERRUPT_ACK, MMIO_STATUS = 0x60, 0x64, 0x70
+MMIO_SHM_LEN_LOW, MMIO_CONFIG_GENERATION = 0xB0, 0xFC
+ACK, DRV, DRIVER_OK, FEATURES_OK, FAILED = 1, 2, 4, 8, 128
+VERSION_1, EVENT_IDX = 1 << 32, 1 << 29
+
+
+def mmio_input(device_type, features, nqueues, max_log2, *encoded):
+    return (struct.pack("<IQ", device_type, features) + u8(nqueues - 1)
+            + bytes(max_log2) + ops(*encoded))
+
+
+def reg_off(offset):
+    return variant(0, 3) + u8(offset // 4)
+
+
+def cfg_off(n):
+    return variant(1, 3) + u8(n)
+
+
+def raw_off(n):
+    return variant(2, 3) + u16(n)
+
+
+def low_addr(addr):
+    assert addr % 16 == 0 and addr >> 4 < 0x10000
+    return variant(0, 2) + u16(addr >> 4)
+
+
+def raw_addr(addr):
+    return variant(1, 2) + u64(addr)
+
+
+def mmio_read(offset, n=4):
+    return variant(0, 6) + offset + size(n)
+
+
+def mmio_write(offset, value, n=4):
+    return variant(1, 6) + offset + size(n) + u64(value)
+
+
+def mmio_status(value):
+    return variant(2, 6) + u8(value)
+
+
+def mmio_setup_queue(index, qsize, desc, driver, device):
+    return variant(3, 6) + u8(index) + u16(qsize) + desc + driver + device
+
+
+def mmio_device_event(config, offset=0, value=0):
+    return variant(4, 6) + boolean(config) + u8(offset) + u8(value)
+
+
+def mmio_device_faults(fail_activate, refuse_reset):
+    return variant(5, 6) + boolean(fail_activate) + boolean(refuse_reset)
+
+
+def mmio_negotiate(features):
+    """Driver steps 1-5 of virtio 1.2 section 3.1.1."""
+    return [
+        mmio_status(0),
+        mmio_status(ACK),
+        mmio_status(ACK | DRV),
+        mmio_write(reg_off(MMIO_DEVICE_FEATURES_SEL), 1),
+        mmio_read(reg_off(MMIO_DEVICE_FEATURES)),
+        mmio_write(reg_off(MMIO_DRIVER_FEATURES_SEL), 0),
+        mmio_write(reg_off(MMIO_DRIVER_FEATURES), features & 0xFFFFFFFF),
+        mmio_write(reg_off(MMIO_DRIVER_FEATURES_SEL), 1),
+        mmio_write(reg_off(MMIO_DRIVER_FEATURES), features >> 32),
+        mmio_status(ACK | DRV | FEATURES_OK),
+        mmio_read(reg_off(MMIO_STATUS)),
+    ]
+
+
+ALL_OK = ACK | DRV | FEATURES_OK | DRIVER_OK
+
+VIRTIO_MMIO = {
+    "linux_probe": mmio_input(
+        2, VERSION_1 | EVENT_IDX, 1, [8, 0, 0, 0],
+        *[mmio_read(reg_off(r)) for r in
+          (MMIO_MAGIC, MMIO_VERSION, MMIO_DEVICE_ID, MMIO_VENDOR_ID)],
+        *mmio_negotiate(VERSION_1 | EVENT_IDX),
+        mmio_write(reg_off(MMIO_QUEUE_SEL), 0),
+        mmio_read(reg_off(MMIO_QUEUE_NUM_MAX)),
+        mmio_setup_queue(0, 16, low_addr(0x1000), low_addr(0x2000),
+                         low_addr(0x3000)),
+        mmio_read(cfg_off(0), 8),
+        mmio_status(ALL_OK),
+        mmio_write(reg_off(MMIO_QUEUE_NOTIFY), 0),
+        mmio_device_event(False),
+        mmio_read(reg_off(MMIO_INTERRUPT_STATUS)),
+        mmio_write(reg_off(MMIO_INTERRUPT_ACK), 1),
+        mmio_status(0),
+    ),
+    "rings_outside_memory": mmio_input(
+        1, VERSION_1, 2, [4, 2, 0, 0],
+        *mmio_negotiate(VERSION_1),
+        # Descriptor table in the hole, available ring across the end of
+        # the first region, used ring at the top of the address space.
+        mmio_setup_queue(0, 16, low_addr(0x10000), low_addr(0xFFF0),
+                         raw_addr((1 << 64) - 4)),
+        mmio_setup_queue(1, 4, low_addr(0x20000), low_addr(0x20100),
+                         low_addr(0x20200)),
+        mmio_status(ALL_OK),
+        mmio_read(reg_off(MMIO_STATUS)),
+        mmio_status(0),
+        *mmio_negotiate(VERSION_1),
+        mmio_setup_queue(1, 4, low_addr(0x20000), low_addr(0x20100),
+                         low_addr(0x2FFF0)),
+        mmio_status(ALL_OK),
+        mmio_status(0),
+    ),
+    "order_violations": mmio_input(
+        3, VERSION_1, 1, [3, 0, 0, 0],
+        mmio_status(ALL_OK),
+        mmio_status(0),
+        mmio_status(ACK | DRV | FEATURES_OK),
+        mmio_status(0),
+        mmio_write(reg_off(MMIO_QUEUE_NUM), 8),
+        mmio_status(0),
+        mmio_status(ACK),
+        mmio_write(reg_off(MMIO_DRIVER_FEATURES), 1),
+        mmio_status(0),
+        *mmio_negotiate(VERSION_1),
+        mmio_write(reg_off(MMIO_QUEUE_NUM), 3),
+        mmio_read(reg_off(MMIO_STATUS)),
+        mmio_status(ACK | DRV | FEATURES_OK | 64),
+        mmio_status(FAILED),
+        mmio_status(0),
+        *mmio_negotiate(VERSION_1),
+        mmio_write(reg_off(MMIO_QUEUE_READY), 2),
+        mmio_status(0),
+        *mmio_negotiate(1),
+        mmio_status(0),
+    ),
+    "access_sizes_and_config": mmio_input(
+        0x1A, VERSION_1, 1, [0, 0, 0, 0],
+        mmio_read(reg_off(MMIO_MAGIC), 1),
+        mmio_read(reg_off(MMIO_MAGIC), 8),
+        mmio_read(raw_off(2), 4),
+        mmio_write(raw_off(MMIO_STATUS), 1, 2),
+        mmio_read(reg_off(MMIO_SHM_LEN_LOW)),
+        mmio_read(reg_off(MMIO_CONFIG_GENERATION)),
+        mmio_read(cfg_off(15), 1),
+        mmio_read(cfg_off(12), 8),
+        mmio_write(cfg_off(0), 0xAA, 1),
+        mmio_status(ACK),
+        mmio_status(ACK | DRV),
+        mmio_write(cfg_off(4), 0x11223344, 4),
+        mmio_read(cfg_off(0), 8),
+        mmio_read(raw_off(0x1FF), 1),
+        mmio_write(reg_off(MMIO_QUEUE_NOTIFY), 7),
+    ),
+    "device_faults": mmio_input(
+        4, VERSION_1, 1, [1, 0, 0, 0],
+        mmio_device_faults(True, False),
+        *mmio_negotiate(VERSION_1),
+        mmio_setup_queue(0, 2, low_addr(0x0), low_addr(0x100),
+                         low_addr(0x200)),
+        mmio_status(ALL_OK),
+        mmio_device_faults(False, True),
+        mmio_status(0),
+        mmio_status(ACK),
+        mmio_device_faults(False, False),
+        mmio_status(0),
+        *mmio_negotiate(VERSION_1),
+        mmio_setup_queue(0, 2, low_addr(0x0), low_addr(0x100),
+                         low_addr(0x200)),
+        mmio_status(ALL_OK),
+        mmio_device_event(True, 3, 0x77),
+        mmio_read(reg_off(MMIO_CONFIG_GENERATION)),
+        mmio_device_faults(False, True),
+        mmio_status(0),
+    ),
+    "three_queues": mmio_input(
+        3, VERSION_1 | EVENT_IDX | 1, 3, [8, 8, 0, 0],
+        *mmio_negotiate(VERSION_1 | EVENT_IDX),
+        mmio_setup_queue(0, 256, low_addr(0x20000), low_addr(0x21000),
+                         low_addr(0x22000)),
+        mmio_setup_queue(2, 1, low_addr(0x100), low_addr(0x200),
+                         low_addr(0x300)),
+        mmio_write(reg_off(MMIO_QUEUE_SEL), 1),
+        mmio_write(reg_off(MMIO_QUEUE_READY), 0),
+        mmio_status(ALL_OK),
+        mmio_write(reg_off(MMIO_QUEUE_NOTIFY), 2),
+        mmio_write(reg_off(MMIO_QUEUE_READY), 0),
+        mmio_status(0),
+    ),
+}
+
+# --- blk_request ------------------------------------------------------------
+# Raw format, described in fuzz_targets/blk_request.rs.
+F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+BLK_RO, BLK_AVAIL_IDX, BLK_DISCARD, BLK_WRITE_ZEROES = 0x10, 0x20, 0x40, 0x80
+# sel values: 0 = offset into the first data area (whose contents follow the
+# heads in the input), 1 = offset into the second region, 2 = raw address.
+IN_DATA1, IN_REGION2, RAW = 0, 1, 2
+
+
+def blk_desc(sel, addr, length, flags=0, next_=0):
+    return struct.pack("<BIIHH", sel, addr, length, flags, next_)
+
+
+def blk_header(kind, sector=0):
+    return struct.pack("<IIQ", kind, 0, sector)
+
+
+def blk_range(sector, num, flags=0):
+    return struct.pack("<QII", sector, num, flags)
+
+
+def blk_input(log2_size, descs, heads, data=b"", flags=0, cap=0,
+              avail_idx=None):
+    out = u8(log2_size | flags) + u8(cap)
+    if flags & BLK_AVAIL_IDX:
+        out += u16(avail_idx)
+    out += u8(len(descs)) + b"".join(descs)
+    out += u8(len(heads)) + b"".join(u16(h) for h in heads)
+    return out + data
+
+
+def blk_three(index, header_at, data, data_flags, status_at):
+    """A header / data / status chain at descriptors index..index+2."""
+    return [
+        blk_desc(IN_DATA1, header_at, 16, F_NEXT, index + 1),
+        blk_desc(data[0], data[1], data[2], data_flags | F_NEXT, index + 2),
+        blk_desc(IN_REGION2, status_at, 1, F_WRITE),
+    ]
+
+
+# First data area contents: headers at 0x00, 0x10, ...; a 512-byte sector
+# of data at 0x100.
+BLK_DATA = (blk_header(T_OUT, 1) + blk_header(T_IN, 1) + blk_header(T_FLUSH)
+            + blk_header(T_GET_ID) + blk_header(T_DISCARD)
+            + blk_header(T_WRITE_ZEROES) + blk_range(2, 3)
+            + blk_range(60, 4, 1) + blk_header(T_IN, 63) + blk_header(99))
+BLK_DATA += bytes(0x100 - len(BLK_DATA)) + bytes(range(256)) * 2
+
+BLK_REQUEST = {
+    "read_write_flush_id": blk_input(
+        4,
+        blk_three(0, 0x00, (IN_DATA1, 0x100, 512), 0, 0x0)
+        + blk_three(3, 0x10, (IN_REGION2, 0x1000, 512), F_WRITE, 0x1)
+        + [blk_desc(IN_DATA1, 0x20, 16, F_NEXT, 7),
+           blk_desc(IN_REGION2, 0x2, 1, F_WRITE)]
+        + blk_three(8, 0x30, (IN_REGION2, 0x2000, 20), F_WRITE, 0x3),
+        [0, 3, 6, 8], BLK_DATA),
+    "discard_write_zeroes": blk_input(
+        3,
+        [blk_desc(IN_DATA1, 0x40, 32, F_NEXT, 1),
+         blk_desc(IN_REGION2, 0x0, 1, F_WRITE),
+         blk_desc(IN_DATA1, 0x50, 16, F_NEXT, 3),
+         blk_desc(IN_DATA1, 0x70, 16, F_NEXT, 4),
+         blk_desc(IN_REGION2, 0x1, 1, F_WRITE)],
+        [0, 2], BLK_DATA, BLK_DISCARD | BLK_WRITE_ZEROES),
+    "read_only_write": blk_input(
+        2, blk_three(0, 0x00, (IN_DATA1, 0x100, 512), 0, 0x0), [0],
+        BLK_DATA, BLK_RO),
+    "indirect_table": blk_input(
+        2,
+        # Descriptor 0 points at a 3-entry table placed in the data area.
+        [blk_desc(IN_DATA1, 0x200, 48, F_INDIRECT)],
+        [0],
+        BLK_DATA[:0x200]
+        + struct.pack("<QIHH", 0x2010, 16, F_NEXT, 1)
+        + struct.pack("<QIHH", 0x20000, 512, F_WRITE | F_NEXT, 2)
+        + struct.pack("<QIHH", 0x20400, 1, F_WRITE, 0)),
+    "loops_and_bad_heads": blk_input(
+        2,
+        [blk_desc(IN_DATA1, 0x00, 16, F_NEXT, 1),
+         blk_desc(IN_DATA1, 0x10, 16, F_NEXT, 0),
+         blk_desc(IN_DATA1, 0x20, 8, F_NEXT, 3),
+         blk_desc(IN_DATA1, 0x28, 8, F_NEXT | F_WRITE, 2)],
+        [0, 2, 4, 0xFFFF], BLK_DATA),
+    "bad_layouts": blk_input(
+        3,
+        # Header split over two descriptors, the second one in the hole.
+        [blk_desc(IN_DATA1, 0x10, 8, F_NEXT, 1),
+         blk_desc(RAW, 0x18000, 8, F_NEXT, 2),
+         blk_desc(IN_REGION2, 0x0, 1, F_WRITE),
+         # Readable after writable.
+         blk_desc(IN_DATA1, 0x10, 16, F_NEXT | F_WRITE, 4),
+         blk_desc(IN_DATA1, 0x100, 512, F_NEXT, 5),
+         blk_desc(IN_REGION2, 0x1, 1, F_WRITE),
+         # Status byte across the end of the first region.
+         blk_desc(RAW, 0xFFFF, 2, F_WRITE)],
+        [0, 3, 6], BLK_DATA, cap=0xC0),
+    "past_the_end": blk_input(
+        2,
+        blk_three(0, 0x80, (IN_REGION2, 0x0, 1024), F_WRITE, 0x800),
+        [0], BLK_DATA, cap=0x41),
+    "avail_overflow": blk_input(
+        1, blk_three(0, 0x00, (IN_DATA1, 0x100, 512), 0, 0x0), [0],
+        BLK_DATA[:0x40], BLK_AVAIL_IDX, avail_idx=3),
+}
+
+
 def write_corpus(target, seeds):
     directory = os.path.join(HERE, "corpus", target)
     os.makedirs(directory, exist_ok=True)
@@ -431,6 +736,8 @@ def main():
     write_corpus("i8042", I8042)
     write_corpus("config", CONFIG)
     write_corpus("kernel_loader", KERNEL)
+    write_corpus("virtio_mmio", VIRTIO_MMIO)
+    write_corpus("blk_request", BLK_REQUEST)
 
 
 if __name__ == "__main__":
