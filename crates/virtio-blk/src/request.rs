@@ -103,7 +103,7 @@ pub enum RequestErrorKind {
     #[error("the chain has no device-writable status byte at its end")]
     MissingStatus,
     /// More descriptors than the advertised seg_max allows.
-    #[error("the chain has {count} descriptors, more than {MAX_DESCRIPTORS}")]
+    #[error("the chain has more than {MAX_DESCRIPTORS} descriptors (walk stopped at {count})")]
     TooManyDescriptors {
         /// Descriptors in the chain.
         count: usize,
@@ -320,19 +320,28 @@ impl Request {
         M: Deref,
         M::Target: GuestMemory + Sized,
     {
-        // Walk the whole chain (virtio-queue bounds it by the queue or
-        // indirect table size, so a loop ends) but keep only what a valid
-        // request can use; the last descriptor still tells where the status
-        // byte is.
+        // Walk at most one descriptor more than a valid request can have.
+        // virtio-queue bounds a chain only by the indirect table size (up to
+        // 65535 entries, whatever the queue size), so walking a looping
+        // chain to its end would let one guest kick cost the VMM a second of
+        // CPU. A chain that long has no status byte we may trust: it is
+        // returned with nothing written (virtio 1.2 §2.7.5.3.1 forbids
+        // chains longer than the queue anyway).
         let mut descs: Vec<Descriptor> = Vec::with_capacity(4);
-        let mut count = 0usize;
         let mut last = None;
-        for desc in chain {
+        let mut count = 0usize;
+        for desc in chain.take(MAX_DESCRIPTORS + 1) {
             count += 1;
             if descs.len() < MAX_DESCRIPTORS {
                 descs.push(desc);
             }
             last = Some(desc);
+        }
+        if count > MAX_DESCRIPTORS {
+            return Err(RequestError {
+                kind: RequestErrorKind::TooManyDescriptors { count },
+                status_addr: None,
+            });
         }
 
         let status_addr = last.and_then(|desc| {
@@ -351,10 +360,6 @@ impl Request {
             kind,
             status_addr: Some(status_addr),
         };
-        if count > MAX_DESCRIPTORS {
-            return Err(fail(RequestErrorKind::TooManyDescriptors { count }));
-        }
-
         let mut readable = Vec::with_capacity(descs.len());
         let mut writable = Vec::with_capacity(descs.len());
         for (index, desc) in descs.iter().enumerate() {

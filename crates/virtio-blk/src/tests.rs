@@ -711,8 +711,10 @@ fn malformed_chains(engine: IoEngine) {
             }),
         ),
         (
+            // Walking stops one descriptor past the limit, so the status
+            // byte at the end is never reached nor written.
             "too many descriptors",
-            ioerr,
+            Expect::Dropped,
             Box::new(|h| {
                 let (hdr, status) = h.slot(0);
                 h.header(hdr, VIRTIO_BLK_T_IN, 0);
@@ -878,6 +880,23 @@ fn malformed_chains(engine: IoEngine) {
             }),
         ),
         (
+            // A table claiming 65535 entries whose first entry loops to
+            // itself: the walk must stop after MAX_DESCRIPTORS + 1 steps
+            // instead of reading 65535 descriptors per chain.
+            "huge self-looping indirect table",
+            Expect::Dropped,
+            Box::new(|h| {
+                let entry = RawDescriptor::from(SplitDescriptor::new(
+                    DATA,
+                    512,
+                    VRING_DESC_F_NEXT as u16 | W,
+                    0,
+                ));
+                h.mem.write_obj(entry, GuestAddress(TABLE)).unwrap();
+                h.add_chain(&[(TABLE, 0xFFFF0, VRING_DESC_F_INDIRECT as u16)]);
+            }),
+        ),
+        (
             "indirect table outside guest memory",
             Expect::Dropped,
             Box::new(|h| {
@@ -902,8 +921,11 @@ fn descriptor_loop_in_the_ring(engine: IoEngine) {
     let (hdr, status) = h.slot(0);
     h.header(hdr, VIRTIO_BLK_T_FLUSH, 0);
     let next = VRING_DESC_F_NEXT as u16;
-    // Descriptors 0 and 1 point at each other: virtio-queue stops after the
-    // queue size (256) descriptors, more than a request may have.
+    // Descriptors 0 and 1 point at each other: the walk stops one
+    // descriptor past what a request may have, and the chain goes back
+    // with nothing written (its end, where a status byte would be, is never
+    // reached).
+    h.mem.write_obj(0x77u8, GuestAddress(status)).unwrap();
     h.vq.add_desc_chains(
         &[
             RawDescriptor::from(SplitDescriptor::new(hdr, 16, next, 1)),
@@ -912,8 +934,7 @@ fn descriptor_loop_in_the_ring(engine: IoEngine) {
         0,
     )
     .unwrap();
-    assert_eq!(h.complete_one(status), (1, VIRTIO_BLK_S_IOERR as u8));
-    assert_eq!(h.block.metrics().execute_fails.count(), 1);
+    assert_eq!(h.complete_one(status), (0, 0x77));
 }
 
 fn indirect_descriptors(engine: IoEngine) {

@@ -114,7 +114,10 @@ fn read_tx_chain(
     let mut len = 0usize;
     let mut count = 0usize;
     let mut last_has_next = false;
-    for desc in chain {
+    // At most the queue size (virtio 1.2 §2.7.5.3.1): virtio-queue would
+    // follow a looping indirect table for up to 65535 descriptors. A chain
+    // cut short here still says another descriptor follows: Broken.
+    for desc in chain.take(usize::from(QUEUE_SIZE)) {
         if desc.is_write_only() {
             return Err(TxChainError::WriteOnly { index: count });
         }
@@ -155,7 +158,10 @@ fn parse_rx_chain(
     let mut capacity = 0usize;
     let mut count = 0usize;
     let mut last_has_next = false;
-    for desc in chain {
+    // At most the queue size (virtio 1.2 §2.7.5.3.1): virtio-queue would
+    // follow a looping indirect table for up to 65535 descriptors. A chain
+    // cut short here still says another descriptor follows: Broken.
+    for desc in chain.take(usize::from(QUEUE_SIZE)) {
         if !desc.is_write_only() {
             return Err(RxChainError::ReadOnly { index: count });
         }

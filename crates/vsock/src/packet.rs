@@ -61,9 +61,17 @@ pub const EVENT_TRANSPORT_RESET: u32 = 0;
 /// Size of `struct virtio_vsock_event` (one le32 `id`).
 pub const EVENT_SIZE: usize = 4;
 
+/// Most descriptors a chain may have: the queue size (virtio 1.2
+/// §2.7.5.3.1). virtio-queue alone would follow a looping indirect table
+/// for up to 65535 descriptors.
+pub const MAX_CHAIN_DESCRIPTORS: usize = crate::QUEUE_SIZE as usize;
+
 /// Why a descriptor chain is not a usable vsock buffer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PacketError {
+    /// The chain has more descriptors than the queue has entries.
+    #[error("the descriptor chain has more than {MAX_CHAIN_DESCRIPTORS} descriptors")]
+    ChainTooLong,
     /// A TX chain has a device-writable descriptor (virtio 1.2 §5.10.6.2:
     /// the driver fills TX buffers, the device only reads them).
     #[error("TX descriptor {index} of the chain is device-writable; TX buffers must be read-only")]
@@ -213,6 +221,9 @@ impl<'a> Segments<'a> {
         let mut slices = Vec::new();
         let mut total = 0usize;
         for (index, desc) in chain.enumerate() {
+            if index >= MAX_CHAIN_DESCRIPTORS {
+                return Err(PacketError::ChainTooLong);
+            }
             if desc.is_write_only() != writable {
                 return Err(if writable {
                     PacketError::ReadableInRx { index }
