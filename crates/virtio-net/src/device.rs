@@ -766,3 +766,74 @@ impl VirtioDevice for Net {
         true
     }
 }
+
+#[cfg(test)]
+mod chain_tests {
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    const TABLE: u64 = 0x8000;
+
+    /// A chain of one INDIRECT descriptor pointing at a table of `n`
+    /// one-byte descriptors (`flags`) linked 0 -> 1 -> ... -> n-1.
+    fn long_indirect<R>(
+        mem: &GuestMemoryMmap,
+        n: u16,
+        flags: u16,
+        f: impl FnOnce(DescriptorChain<&GuestMemoryMmap>) -> R,
+    ) -> R {
+        for i in 0..n {
+            let next = if i + 1 < n {
+                VRING_DESC_F_NEXT as u16
+            } else {
+                0
+            };
+            let entry = RawDescriptor::from(Descriptor::new(
+                0x1000 + u64::from(i),
+                1,
+                flags | next,
+                i + 1,
+            ));
+            mem.write_obj(entry, GuestAddress(TABLE + 16 * u64::from(i)))
+                .unwrap();
+        }
+        let queue = MockSplitQueue::new(mem, 16);
+        let head = RawDescriptor::from(Descriptor::new(
+            TABLE,
+            16 * u32::from(n),
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        ));
+        f(queue.build_desc_chain(&[head]).unwrap())
+    }
+
+    #[test]
+    fn chains_longer_than_the_queue_are_refused() {
+        // virtio 1.2 §2.7.5.3.1: a chain may not be longer than the queue.
+        // Walking stops there, which also bounds what a looping indirect
+        // table (65535 entries per chain) can cost.
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        let mut buf = vec![0u8; MAX_BUFFER_SIZE];
+        let n = QUEUE_SIZE + 44;
+        let tx = long_indirect(&mem, n, 0, |c| read_tx_chain(&mem, c, &mut buf));
+        assert!(matches!(tx, Err(TxChainError::Broken)), "{tx:?}");
+        let mut segments = Vec::new();
+        let w = VRING_DESC_F_WRITE as u16;
+        let rx = long_indirect(&mem, n, w, |c| parse_rx_chain(&mem, c, &mut segments));
+        assert!(matches!(rx, Err(RxChainError::Broken)), "{rx:?}");
+        // A chain of exactly the queue size is fine.
+        let tx = long_indirect(&mem, QUEUE_SIZE, 0, |c| read_tx_chain(&mem, c, &mut buf));
+        assert_eq!(tx.unwrap(), usize::from(QUEUE_SIZE));
+        let rx = long_indirect(&mem, QUEUE_SIZE, w, |c| {
+            parse_rx_chain(&mem, c, &mut segments)
+        });
+        assert_eq!(rx.unwrap(), usize::from(QUEUE_SIZE));
+    }
+}

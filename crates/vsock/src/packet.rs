@@ -667,6 +667,23 @@ mod tests {
     }
 
     #[test]
+    fn looping_chain_stops_at_the_queue_size() {
+        use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
+        let m = mem(&[(0, 0x20_0000)]);
+        // One INDIRECT descriptor claiming a 65535-entry table whose first,
+        // zero-length entry points back to itself. Without the bound the
+        // walk reads 65535 descriptors and reports a short header instead.
+        let entry = RawDescriptor::from(Descriptor::new(0x1000, 0, VRING_DESC_F_NEXT as u16, 0));
+        m.write_obj(entry, GuestAddress(0x8000)).unwrap();
+        let err = with_chain(
+            &m,
+            &[(0x8000, 0xFFFF0, VRING_DESC_F_INDIRECT as u16)],
+            |c| TxPacket::parse(&m, c).unwrap_err(),
+        );
+        assert_eq!(err, PacketError::ChainTooLong);
+    }
+
+    #[test]
     fn tx_chains_are_validated() {
         let m = mem(&[(0, 0x10_0000)]);
         let mut hdr = sample();
