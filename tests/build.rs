@@ -23,6 +23,7 @@ const GUESTS: &[&str] = &[
     "virtio_vsock",
     "counter",
     "ctrl_alt_del",
+    "echo",
 ];
 
 /// Sources every guest links against.

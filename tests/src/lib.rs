@@ -204,6 +204,7 @@ mod tests {
             "virtio_vsock",
             "counter",
             "ctrl_alt_del",
+            "echo",
         ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
