@@ -11,7 +11,7 @@ use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
@@ -106,25 +106,40 @@ fn serve(api: ApiServerHandle, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> 
     })
 }
 
-/// The `Seccomp:` mode of the API thread (2: filtered), from procfs.
+/// Both tests start an API thread of the same name in this one process; they
+/// run one at a time so each sees only its own.
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The highest `Seccomp:` mode (2: filtered) among the live API threads,
+/// from procfs. A thread of an earlier server may still be exiting, so all
+/// of them are looked at rather than the first one found.
 fn api_thread_seccomp_mode() -> Option<u32> {
+    let mut best = None;
     for task in fs::read_dir("/proc/self/task").ok()? {
-        let task = task.ok()?.path();
+        let Ok(task) = task else { continue };
+        let task = task.path();
         let comm = fs::read_to_string(task.join("comm")).unwrap_or_default();
         if comm.trim_end() != THREAD_NAME {
             continue;
         }
-        let status = fs::read_to_string(task.join("status")).ok()?;
-        return status
+        let Ok(status) = fs::read_to_string(task.join("status")) else {
+            continue;
+        };
+        let mode: Option<u32> = status
             .lines()
             .find_map(|l| l.strip_prefix("Seccomp:"))
             .and_then(|v| v.trim().parse().ok());
+        best = best.max(mode);
     }
-    None
+    best
 }
 
 #[test]
 fn the_api_thread_serves_under_its_filter() {
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("api.sock");
     let options = ServerOptions {
@@ -200,6 +215,7 @@ fn the_api_thread_serves_under_its_filter() {
 
 #[test]
 fn a_filter_the_kernel_refuses_stops_the_server_from_starting() {
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("api.sock");
     // An instruction code no BPF program may hold.
