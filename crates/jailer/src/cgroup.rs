@@ -449,7 +449,7 @@ fn attach(
     version: CgroupVersion,
     undo: &mut UndoLog,
 ) -> Result<(), CgroupError> {
-    fs::write(procs, format!("{pid}\n")).map_err(|source| CgroupError::Attach {
+    write_whole(procs, &format!("{pid}\n")).map_err(|source| CgroupError::Attach {
         path: procs.to_path_buf(),
         pid,
         source,
@@ -467,9 +467,17 @@ fn read_line(path: &Path) -> Result<String, CgroupError> {
     Ok(text.lines().next().unwrap_or_default().to_string())
 }
 
+/// Writes `text` to the existing file `path`, opened without following a
+/// symbolic link in any component of its path: the cgroup files are in
+/// cgroupfs, but the directories above them are walked too.
+fn write_whole(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    crate::dir::open_existing_for_write(path)?.write_all(text.as_bytes())
+}
+
 /// Writes one value to a cgroup file (cgroupfs wants a whole line per write).
 fn write_line(path: &Path, value: &str) -> Result<(), CgroupError> {
-    fs::write(path, format!("{value}\n")).map_err(|source| CgroupError::Write {
+    write_whole(path, &format!("{value}\n")).map_err(|source| CgroupError::Write {
         path: path.to_path_buf(),
         value: value.to_string(),
         source,
@@ -770,7 +778,8 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nsdelegate 0 0
                 unified.join("a/b"),
                 unified.join("a/b/vm"),
             ],
-            &["cgroup.subtree_control", "cgroup.procs"],
+            // The files cgroupfs provides; the jailer creates none.
+            &["cgroup.subtree_control", "cgroup.procs", "pids.max"],
         );
 
         let err = CgroupPlan::new(
@@ -848,5 +857,23 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nsdelegate 0 0
                 path.display()
             )
         );
+    }
+
+    #[test]
+    fn cgroup_files_are_not_written_through_links() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        fs::create_dir(&real).unwrap();
+        fs::write(real.join("pids.max"), "").unwrap();
+        // A linked parent directory, then a linked file.
+        std::os::unix::fs::symlink(&real, tmp.path().join("cg")).unwrap();
+        let err = write_line(&tmp.path().join("cg/pids.max"), "5").unwrap_err();
+        assert!(err.to_string().contains("symbolic links"), "{err}");
+        std::os::unix::fs::symlink(real.join("pids.max"), real.join("linked")).unwrap();
+        let err = write_line(&real.join("linked"), "5").unwrap_err();
+        assert!(err.to_string().contains("symbolic links"), "{err}");
+        assert_eq!(fs::read_to_string(real.join("pids.max")).unwrap(), "");
+        write_line(&real.join("pids.max"), "5").unwrap();
+        assert_eq!(fs::read_to_string(real.join("pids.max")).unwrap(), "5\n");
     }
 }

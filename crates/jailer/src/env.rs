@@ -9,6 +9,7 @@ use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use std::process::Command;
 use crate::args::{ArgsError, JailerArgs};
 use crate::cgroup::{CgroupError, CgroupPlan};
 use crate::chroot::{self, ChrootError};
+use crate::dir::Dir;
 use crate::resource_limits::RlimitError;
 use crate::undo::UndoLog;
 
@@ -136,6 +138,21 @@ pub enum JailerError {
         /// Why `mkdir` failed.
         #[source]
         source: io::Error,
+    },
+    /// A jail directory exists already and belongs to someone else than
+    /// the jailer's user: it may hold links planted by a jailed user.
+    #[error(
+        "the jail directory {} exists and is owned by uid {owner}, not by the jailer's uid \
+         {expected}: remove it, or use another --id",
+        path.display()
+    )]
+    JailDirOwner {
+        /// The directory.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// The jailer's effective uid.
+        expected: u32,
     },
     /// The exec file cannot be copied into the jail.
     #[error("cannot copy {} to {}: {source}", from.display(), to.display())]
@@ -400,6 +417,7 @@ pub struct Env {
     args: JailerArgs,
     exec_file_path: PathBuf,
     exec_file_name: String,
+    chroot_base: PathBuf,
     chroot_dir: PathBuf,
     netns: Option<(PathBuf, File)>,
     cgroups: Option<CgroupPlan>,
@@ -477,6 +495,7 @@ impl Env {
             args,
             exec_file_path,
             exec_file_name,
+            chroot_base: base,
             chroot_dir,
             netns,
             cgroups,
@@ -570,24 +589,8 @@ impl Env {
 
     /// The steps that happen outside the jail, up to `pivot_root`.
     fn build_jail(&self, undo: &mut UndoLog) -> Result<Option<File>, JailerError> {
-        undo.create_dir_all(&self.chroot_dir)
-            .map_err(|source| JailerError::CreateChrootDir {
-                path: self.chroot_dir.clone(),
-                source,
-            })?;
-
-        // A copy, not a hard link, as Firecracker: two jailed processes must
-        // not share the pages of one binary, and a link cannot cross devices.
-        let to = self.chroot_dir.join(&self.exec_file_name);
-        let existed = to.exists();
-        fs::copy(&self.exec_file_path, &to).map_err(|source| JailerError::CopyExecFile {
-            from: self.exec_file_path.clone(),
-            to: to.clone(),
-            source,
-        })?;
-        if !existed {
-            undo.created_file(&to);
-        }
+        let root = self.make_chroot_dir(undo)?;
+        self.copy_exec_file(&root, undo)?;
 
         if let Some((path, file)) = &self.netns {
             // SAFETY: `file` is an open namespace file descriptor.
@@ -623,23 +626,94 @@ impl Env {
         Ok(dev_null)
     }
 
+    /// Creates `<base>/<exec file name>/<id>/root` one component at a time
+    /// below the (canonical) chroot base, never through a link, and refuses
+    /// a component that exists and is not the jailer's.
+    fn make_chroot_dir(&self, undo: &mut UndoLog) -> Result<Dir, JailerError> {
+        let mut path = self.chroot_base.clone();
+        let mut dir = Dir::open_absolute(&path).map_err(|source| JailerError::CreateChrootDir {
+            path: path.clone(),
+            source,
+        })?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        for name in [self.exec_file_name.as_str(), self.args.id.as_str(), "root"] {
+            path.push(name);
+            let opened =
+                dir.open_or_create(name, 0o755)
+                    .map_err(|source| JailerError::CreateChrootDir {
+                        path: path.clone(),
+                        source,
+                    })?;
+            if opened.created {
+                undo.created_dir(&path);
+            } else {
+                let owner = opened
+                    .dir
+                    .owner()
+                    .map_err(|source| JailerError::CreateChrootDir {
+                        path: path.clone(),
+                        source,
+                    })?;
+                if owner != me {
+                    return Err(JailerError::JailDirOwner {
+                        path,
+                        owner,
+                        expected: me,
+                    });
+                }
+            }
+            dir = opened.dir;
+        }
+        Ok(dir)
+    }
+
+    /// Copies the exec file into the jail root as a new file: an entry of
+    /// that name (a link planted by the jailed user included) is an error.
+    fn copy_exec_file(&self, root: &Dir, undo: &mut UndoLog) -> Result<(), JailerError> {
+        // A copy, not a hard link, as Firecracker: two jailed processes must
+        // not share the pages of one binary, and a link cannot cross devices.
+        let to = self.chroot_dir.join(&self.exec_file_name);
+        let err = |source| JailerError::CopyExecFile {
+            from: self.exec_file_path.clone(),
+            to: to.clone(),
+            source,
+        };
+        let mut from = File::open(&self.exec_file_path).map_err(err)?;
+        let mode = from.metadata().map_err(err)?.mode() & 0o777;
+        let mut file = root.create_file(&self.exec_file_name, mode).map_err(err)?;
+        undo.created_file(&to);
+        io::copy(&mut from, &mut file).map_err(err)?;
+        // The umask applied at creation; the copy keeps the source's mode.
+        file.set_permissions(Permissions::from_mode(mode))
+            .map_err(err)
+    }
+
     /// The steps inside the jail, ending with exec.
     fn finish_in_jail(&self, dev_null: Option<File>) -> Result<Infallible, JailerError> {
+        let root = Dir::open_absolute(Path::new("/")).map_err(|source| JailerError::JailDir {
+            op: "open",
+            path: self.chroot_dir.clone(),
+            source,
+        })?;
         for dir in JAIL_DIRS {
-            self.setup_jail_dir(Path::new(dir))?;
+            self.setup_jail_dir(&root, dir)?;
         }
-        self.mknod_and_own(DEV_NET_TUN)?;
-        self.mknod_and_own(DEV_KVM)?;
+        self.mknod_and_own(&root, DEV_NET_TUN)?;
+        self.mknod_and_own(&root, DEV_KVM)?;
         // Only MMDS v2 tokens need it, so, as Firecracker, a warning only.
-        if let Err(e) = self.mknod_and_own(DEV_URANDOM) {
+        if let Err(e) = self.mknod_and_own(&root, DEV_URANDOM) {
             log::warn!("{e}; MMDS version 2 will not be available");
         }
         if let Some(minor) = self.uffd_minor {
-            self.mknod_and_own(DeviceNode {
-                path: DEV_USERFAULTFD,
-                major: MISC_MAJOR,
-                minor,
-            })?;
+            self.mknod_and_own(
+                &root,
+                DeviceNode {
+                    path: DEV_USERFAULTFD,
+                    major: MISC_MAJOR,
+                    minor,
+                },
+            )?;
         }
 
         let mut parent_cpu_us = 0;
@@ -675,27 +749,41 @@ impl Env {
                 return Err(self.exec(parent_cpu_us));
             }
             // The child is PID 1 of its namespace; the host sees `pid`.
-            self.write_pid_file(pid)?;
+            self.write_pid_file(&root, pid)?;
             std::process::exit(0);
         }
-        self.write_pid_file(i64::from(std::process::id()))?;
+        self.write_pid_file(&root, i64::from(std::process::id()))?;
         Err(self.exec(parent_cpu_us))
     }
 
-    fn setup_jail_dir(&self, dir: &Path) -> Result<(), JailerError> {
+    /// Walks `path` (absolute, inside the jail) from `root`, creating each
+    /// missing directory with `mkdirat` and never following a link.
+    fn walk(root: &Dir, path: &str, create: bool) -> io::Result<Dir> {
+        let mut dir = root.try_clone()?;
+        for name in path.split('/').filter(|n| !n.is_empty()) {
+            dir = if create {
+                dir.open_or_create(name, JAIL_DIR_MODE)?.dir
+            } else {
+                dir.open_dir(name)?
+            };
+        }
+        Ok(dir)
+    }
+
+    fn setup_jail_dir(&self, root: &Dir, dir: &str) -> Result<(), JailerError> {
         let err = |op, source| JailerError::JailDir {
             op,
-            path: self.host_path(dir),
+            path: self.host_path(Path::new(dir)),
             source,
         };
-        fs::create_dir_all(dir).map_err(|e| err("create directory", e))?;
-        fs::set_permissions(dir, Permissions::from_mode(JAIL_DIR_MODE))
+        let d = Self::walk(root, dir, true).map_err(|e| err("create directory", e))?;
+        d.chmod(JAIL_DIR_MODE)
             .map_err(|e| err("change the mode of", e))?;
-        std::os::unix::fs::chown(dir, Some(self.args.uid), Some(self.args.gid))
+        d.chown(self.args.uid, self.args.gid)
             .map_err(|e| err("change the owner of", e))
     }
 
-    fn mknod_and_own(&self, dev: DeviceNode) -> Result<(), JailerError> {
+    fn mknod_and_own(&self, root: &Dir, dev: DeviceNode) -> Result<(), JailerError> {
         let path = Path::new(dev.path);
         let err = |op, source| JailerError::DeviceNode {
             op,
@@ -704,33 +792,28 @@ impl Env {
             minor: dev.minor,
             source,
         };
-        let c_path = cstring(path)?;
-        // S_IFCHR with read/write for the owner only; the owner becomes the
-        // jailed user just below.
-        // SAFETY: `c_path` is NUL-terminated and outlives the call.
-        check(unsafe {
-            libc::mknod(
-                c_path.as_ptr(),
-                libc::S_IFCHR | libc::S_IRUSR | libc::S_IWUSR,
-                libc::makedev(dev.major, dev.minor),
-            )
-        })
-        .map_err(|e| err("create", e))?;
-        std::os::unix::fs::chown(path, Some(self.args.uid), Some(self.args.gid))
-            .map_err(|e| err("change the owner of", e))
+        let (parent, name) = dev.path.rsplit_once('/').unwrap_or(("", dev.path));
+        let dir = Self::walk(root, parent, false).map_err(|e| err("create", e))?;
+        // S_IFCHR with read/write for the owner only, owned by the jailed
+        // user.
+        dir.mknod_owned(
+            name,
+            libc::S_IFCHR | libc::S_IRUSR | libc::S_IWUSR,
+            libc::makedev(dev.major, dev.minor),
+            self.args.uid,
+            self.args.gid,
+        )
+        .map_err(|(op, e)| err(op, e))
     }
 
-    fn write_pid_file(&self, pid: i64) -> Result<(), JailerError> {
+    fn write_pid_file(&self, root: &Dir, pid: i64) -> Result<(), JailerError> {
         let path = self.jailed_pid_file();
         let err = |source| JailerError::PidFile {
             path: self.host_path(&path),
             source,
         };
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(err)?;
+        let name = format!("{}{PID_FILE_EXTENSION}", self.exec_file_name);
+        let mut file = root.create_file(&name, 0o644).map_err(err)?;
         write!(file, "{pid}").map_err(err)
     }
 

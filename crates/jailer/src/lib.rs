@@ -20,14 +20,20 @@
 //! 2. check every argument ([`args::parse`], then [`Env::new`]): nothing is
 //!    created before all of them are known to be good;
 //! 3. create `<chroot-base>/<exec file name>/<id>/root` and copy the exec
-//!    file into it;
+//!    file into it. Every entry is made relative to a directory descriptor
+//!    opened with `O_DIRECTORY | O_NOFOLLOW`, files with
+//!    `O_CREAT | O_EXCL | O_NOFOLLOW` ([`dir::Dir`]): a symbolic link planted
+//!    in the jail is never followed, and an existing jail directory that
+//!    root does not own (the jailed user's `root` of an earlier run) is
+//!    refused;
 //! 4. join `--netns`, install the rlimits, create and fill the cgroups and
 //!    move the process into them;
 //! 5. `unshare(CLONE_NEWNS)`, make `/` a slave mount, bind-mount the jail
 //!    root on itself, `pivot_root` into it, detach and remove the old root;
 //! 6. create `/dev`, `/dev/net` and `/run` (mode 0700, owned by uid:gid),
 //!    and the device nodes `/dev/net/tun`, `/dev/kvm`, `/dev/urandom` and,
-//!    when the host has it, `/dev/userfaultfd`;
+//!    when the host has it, `/dev/userfaultfd`, the same way (`mkdirat`,
+//!    `mknodat`, `fchownat(AT_SYMLINK_NOFOLLOW)`);
 //! 7. `--daemonize`: fork, `setsid`, fork, stdio to `/dev/null`;
 //! 8. `--new-pid-ns`: clone into a new PID namespace (the parent writes the
 //!    child's pid and exits); otherwise write our own pid. The pid file is
@@ -75,6 +81,7 @@
 pub mod args;
 pub mod cgroup;
 pub mod chroot;
+pub mod dir;
 mod env;
 pub mod resource_limits;
 mod undo;

@@ -65,6 +65,11 @@ impl UndoLog {
         Ok(())
     }
 
+    /// Logs a directory this run created (removed on undo if empty).
+    pub fn created_dir(&mut self, path: &Path) {
+        self.actions.push(Action::RemoveDir(path.to_path_buf()));
+    }
+
     /// Logs a file this run created.
     pub fn created_file(&mut self, path: &Path) {
         self.actions.push(Action::RemoveFile(path.to_path_buf()));

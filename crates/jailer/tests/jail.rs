@@ -740,3 +740,123 @@ fn help_and_version_print_and_succeed() {
         format!("Ember jailer v{}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// A file outside the jail that a planted link points at, with what it
+/// held before the jailer ran.
+struct Target {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl Target {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("ember-jailer-target")
+            .tempdir()
+            .unwrap();
+        let path = dir.path().join("host-file");
+        fs::write(&path, "root-owned host file").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        Self { _dir: dir, path }
+    }
+
+    /// The file still holds what it held, with the same mode and owner.
+    fn assert_unchanged(&self) {
+        assert_eq!(
+            fs::read_to_string(&self.path).unwrap(),
+            "root-owned host file",
+            "the jailer wrote through a planted link"
+        );
+        let meta = fs::metadata(&self.path).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o600, "the mode changed");
+        assert_eq!((meta.uid(), meta.gid()), (0, 0), "the owner changed");
+    }
+}
+
+#[test]
+fn a_link_planted_in_place_of_the_binary_is_not_written_through() {
+    let jail = Jail::new();
+    let target = Target::new();
+    fs::create_dir_all(jail.root()).unwrap();
+    std::os::unix::fs::symlink(&target.path, jail.root().join("ember-probe")).unwrap();
+    let out = jail.run(&[], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("cannot copy"), "{err}");
+    assert!(err.contains("File exists"), "{err}");
+    target.assert_unchanged();
+    // The link is the caller's: it stays.
+    assert!(fs::symlink_metadata(jail.root().join("ember-probe"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
+
+#[test]
+fn a_jail_root_left_to_the_jailed_user_is_refused() {
+    // What a jailed user can do between two runs with the same id: its
+    // `root` directory holds a link to a host file in place of the binary.
+    let jail = Jail::new();
+    let target = Target::new();
+    fs::create_dir_all(jail.root()).unwrap();
+    std::os::unix::fs::chown(jail.root(), Some(UID), Some(GID)).unwrap();
+    std::os::unix::fs::symlink(&target.path, jail.root().join("ember-probe")).unwrap();
+    let out = jail.run(&[], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("is owned by uid {UID}, not by the jailer's uid 0")),
+        "{err}"
+    );
+    target.assert_unchanged();
+}
+
+#[test]
+fn a_link_planted_in_place_of_the_jail_root_is_not_followed() {
+    let jail = Jail::new();
+    let target = Target::new();
+    let outside = target.path.parent().unwrap().to_path_buf();
+    let before: Vec<_> = fs::read_dir(&outside).unwrap().collect();
+    fs::create_dir_all(jail.root().parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(&outside, jail.root()).unwrap();
+    let out = jail.run(&[], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("cannot create chroot directory"), "{err}");
+    assert!(err.contains("Too many levels of symbolic links"), "{err}");
+    target.assert_unchanged();
+    // Nothing was copied into the directory the link points at, and it was
+    // not handed to the jailed user.
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), before.len());
+    assert_eq!(fs::metadata(&outside).unwrap().uid(), 0);
+}
+
+#[test]
+fn a_link_planted_in_place_of_a_device_node_is_not_followed() {
+    let jail = Jail::new();
+    let target = Target::new();
+    fs::create_dir_all(jail.root().join("dev")).unwrap();
+    std::os::unix::fs::symlink(&target.path, jail.root().join("dev/kvm")).unwrap();
+    let out = jail.run(&[], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("cannot create device node"), "{err}");
+    assert!(err.contains("dev/kvm (10:232): File exists"), "{err}");
+    target.assert_unchanged();
+    // The link itself was not handed to the jailed user either.
+    let link = fs::symlink_metadata(jail.root().join("dev/kvm")).unwrap();
+    assert_eq!(link.uid(), 0);
+
+    // A link in place of the `dev` directory is not walked through.
+    let jail = Jail::new();
+    let dir = target.path.parent().unwrap();
+    fs::create_dir_all(jail.root()).unwrap();
+    std::os::unix::fs::symlink(dir, jail.root().join("dev")).unwrap();
+    let out = jail.run(&[], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("cannot create directory"), "{err}");
+    assert!(err.contains("Too many levels of symbolic links"), "{err}");
+    target.assert_unchanged();
+    assert_eq!(fs::metadata(dir).unwrap().uid(), 0);
+}
