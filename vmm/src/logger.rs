@@ -131,11 +131,12 @@ pub enum LoggerError {
 }
 
 fn open_log(path: &Path) -> Result<Box<dyn Write + Send>, LoggerError> {
-    // A FIFO must not block the VMM when nobody reads it yet.
+    // A FIFO must not block the VMM when nobody reads it yet; a symbolic
+    // link is not followed, so it cannot send the log elsewhere.
     let file = OpenOptions::new()
         .create(true)
         .append(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(path)
         .map_err(|source| LoggerError::Open {
             path: path.to_path_buf(),
@@ -323,6 +324,20 @@ impl log::Log for Logger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_path_that_is_a_link_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::write(&target, "keep").unwrap();
+        let link = dir.path().join("log");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let Err(e) = open_log(&link) else {
+            panic!("a link was opened")
+        };
+        assert!(e.to_string().contains("symbolic links"), "{e}");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+    }
 
     #[test]
     fn rate_limit_per_call_site() {

@@ -5,7 +5,7 @@
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use clap::Parser;
@@ -15,7 +15,7 @@ use ember::api::{
     ServerOptions, VmmAction, VmmData, VmmResponse,
 };
 use ember::config::{self, LogLevel, VmConfig};
-use ember::metrics::Metrics;
+use ember::metrics::{GroupWriter, Metrics};
 use ember::seccomp::{Filters, SeccompConfig};
 use ember::{boot_timer, logger, terminal, vm};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -108,6 +108,19 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
         log::logger().flush();
     }
     ExitCode::from(code)
+}
+
+/// The metrics the SIGSYS handler flushes before the process ends.
+static METRICS: OnceLock<Arc<Metrics>> = OnceLock::new();
+
+/// The SIGSYS handler's last words: a metrics line with `seccomp.num_faults`, as
+/// Firecracker writes on its way out.
+fn flush_metrics_on_sigsys() {
+    if let Some(metrics) = METRICS.get() {
+        if let Err(e) = metrics.flush() {
+            log::error!("Failed to write metrics while stopping: {e}");
+        }
+    }
 }
 
 fn valid_id(id: &str) -> bool {
@@ -253,6 +266,12 @@ fn run() -> ExitCode {
     }
     log::info!("Running Ember v{}", env!("CARGO_PKG_VERSION"));
 
+    // A trapped system call is logged, counted and ends the process with 148;
+    // installed whatever the filters, as Firecracker does.
+    if let Err(e) = ember::seccomp::install_sigsys_handler(Some(flush_metrics_on_sigsys)) {
+        return fail(exit_code::GENERIC_ERROR, e);
+    }
+
     // Loaded before anything else runs, so a bad filter file stops the VMM
     // before it touches any resource (Firecracker: exit code 1).
     let seccomp_filters = match SeccompConfig::from_args(cli.no_seccomp, cli.seccomp_filter.clone())
@@ -280,6 +299,13 @@ fn run() -> ExitCode {
     }
 
     let metrics = Arc::new(Metrics::new());
+    metrics.register(
+        "seccomp",
+        Arc::new(|out: &mut GroupWriter<'_>| {
+            out.counter("num_faults", ember::seccomp::fault_count())
+        }),
+    );
+    let _ = METRICS.set(metrics.clone());
     // Firecracker: the command line's --metrics-path, else the file's
     // `metrics` section; the API's PUT /metrics only when neither is given.
     if let Some(path) = &cli.metrics_path {

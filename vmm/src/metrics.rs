@@ -12,7 +12,8 @@
 //! Groups and fields carry Firecracker's names for what Ember has
 //! (`api_server`, `get_api_requests`, `put_api_requests`,
 //! `patch_api_requests`, `vcpu`, `uart`, `i8042`, `block`, `net`, `vsock`,
-//! `latencies_us`, `vmm`, `logger`). Counters report the change since the
+//! `latencies_us`, `vmm`, `logger`, and `seccomp`, which `main` registers).
+//! Counters report the change since the
 //! previous line, as Firecracker's `SharedIncMetric` does; gauges (times,
 //! sizes) report their value.
 //!
@@ -653,7 +654,8 @@ impl Metrics {
             .read(true)
             .append(true)
             .create(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            // A symbolic link is not followed: it cannot redirect the lines.
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(&cfg.metrics_path)
             .map_err(|source| MetricsError::Open {
                 path: cfg.metrics_path.clone(),
@@ -845,6 +847,18 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn a_metrics_path_that_is_a_link_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::write(&target, "keep").unwrap();
+        let link = dir.path().join("m");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = Metrics::new().configure(&config(link), "id").unwrap_err();
+        assert!(e.to_string().contains("symbolic links"), "{e}");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
     }
 
     #[test]
