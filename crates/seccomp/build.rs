@@ -54,7 +54,12 @@ fn main() {
     for category in CATEGORIES {
         write!(out, "    {category}: &[").unwrap();
         for insn in &programs[category] {
-            write!(out, "({}, {}, {}, {}),", insn.code, insn.jt, insn.jf, insn.k).unwrap();
+            write!(
+                out,
+                "({}, {}, {}, {}),",
+                insn.code, insn.jt, insn.jf, insn.k
+            )
+            .unwrap();
         }
         out.push_str("],\n");
     }

@@ -6,10 +6,18 @@
 //! - `--seccomp-filter` replaces them: a filter whose vCPU threads may not
 //!   call KVM_RUN kills the VM before the guest prints anything, which also
 //!   shows that each vCPU thread installs its filter before entering the guest.
-//! - The filter description, `vmm/seccomp/x86_64-unknown-linux-gnu.json`, and
-//!   the system calls the code makes stay in step: ember runs under
-//!   `strace -f` with `EMBER_SECCOMP_ACTION=log` (the filters are installed
-//!   where they always are, but let everything through), and every system call
+//! - A filter that lacks a call a thread needs (Firecracker's
+//!   `test_failing_filter`, for the vCPU, VMM and API threads) ends ember
+//!   with 148, the log line "Shutting down VM after intercepting a bad
+//!   syscall (N)." and `seccomp.num_faults` 1 in the metrics.
+//! - No environment variable weakens the built-in filters: the programs
+//!   installed in each thread, read back with PTRACE_SECCOMP_GET_FILTER, are
+//!   the built-in ones.
+//! - The filter description, `crates/seccomp/filters/x86_64-unknown-linux-gnu.json`,
+//!   and the system calls the code makes stay in step: ember runs under
+//!   `strace -f` with `--seccomp-filter` and the same description made
+//!   log-only (the filters are installed where they always are, but let
+//!   everything through), and every system call
 //!   a thread makes after its `seccomp()` call is checked against the rules of
 //!   its category. A test fails listing each call the filter would refuse, as
 //!   `category: syscall(arguments)`, so a new system call shows up here with
@@ -32,7 +40,8 @@ use ember_tests::{default_config, ember_binary, guest_path, merge_patch, Launch,
 use serde_json::{json, Value};
 
 /// The description the binary's filters are compiled from.
-const DESCRIPTION: &str = include_str!("../../vmm/seccomp/x86_64-unknown-linux-gnu.json");
+const DESCRIPTION: &str =
+    include_str!("../../crates/seccomp/filters/x86_64-unknown-linux-gnu.json");
 
 /// KVM_RUN (linux/kvm.h: _IO(KVMIO, 0x80)).
 const KVM_RUN: u64 = 0xae80;
@@ -441,48 +450,70 @@ impl Problems {
             .collect();
         assert!(
             lines.is_empty(),
-            "the seccomp filters (vmm/seccomp/x86_64-unknown-linux-gnu.json) and the system \
+            "the seccomp filters (crates/seccomp/filters/x86_64-unknown-linux-gnu.json) and the system \
              calls ember makes are out of step:\n  {}",
             lines.join("\n  ")
         );
     }
 }
 
-/// Where one traced run's files go.
-struct TraceDir(tempfile::TempDir);
+/// The description with `action` for what a filter does not allow.
+fn description_with_action(action: &str) -> String {
+    let mut doc: Value = serde_json::from_str(DESCRIPTION).expect("the description is JSON");
+    for filter in doc.as_object_mut().expect("categories").values_mut() {
+        filter["default_action"] = json!(action);
+    }
+    doc.to_string()
+}
+
+/// Where one traced run's files go, and the log-only filter file it runs
+/// with.
+struct TraceDir {
+    traces: tempfile::TempDir,
+    filter: tempfile::TempDir,
+}
 
 impl TraceDir {
     fn new() -> Self {
-        TraceDir(tempfile::tempdir().expect("a temp dir for traces"))
+        let filter = tempfile::tempdir().expect("a temp dir for the filter");
+        fs::write(
+            filter.path().join("log-only.json"),
+            description_with_action("log"),
+        )
+        .expect("write the log-only filter");
+        TraceDir {
+            traces: tempfile::tempdir().expect("a temp dir for traces"),
+            filter,
+        }
     }
 
     fn path(&self) -> &Path {
-        self.0.path()
+        self.traces.path()
     }
 
-    /// `env EMBER_SECCOMP_ACTION=log strace ... -o DIR/t`, ready for the
-    /// ember command line.
+    /// The built-in filters' description, made log-only: given with
+    /// `--seccomp-filter`, the filters are installed where they always
+    /// are, but let everything through.
+    fn log_only(&self) -> PathBuf {
+        self.filter.path().join("log-only.json")
+    }
+
+    /// `strace ... -o DIR/t`, ready for the ember command line.
     fn command_prefix(&self) -> Vec<String> {
-        [
-            "env",
-            "EMBER_SECCOMP_ACTION=log",
-            "strace",
-            "-f",
-            "-ff",
-            "-qq",
-            "-ttt",
-            "-X",
-            "raw",
-            "-o",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([self.path().join("t").display().to_string()])
-        .collect()
+        ["strace", "-f", "-ff", "-qq", "-ttt", "-X", "raw", "-o"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([self.path().join("t").display().to_string()])
+            .collect()
     }
 
-    /// `launch` run through strace.
+    /// `launch` run through strace, under the log-only filters.
     fn wrap(&self, launch: Launch) -> Launch {
+        self.wrap_unfiltered(launch.arg("--seccomp-filter").arg(self.log_only()))
+    }
+
+    /// `launch` run through strace, with the filters it asks for.
+    fn wrap_unfiltered(&self, launch: Launch) -> Launch {
         let prefix = self.command_prefix();
         launch.wrapper(&prefix[0], &prefix[1..])
     }
@@ -621,7 +652,7 @@ fn a_custom_filter_is_enforced_from_the_first_kvm_run() {
         .arg(&filter)
         .run()
         .expect("run ember");
-    assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{out}");
+    assert_eq!(out.status.code(), Some(148), "{out}");
     assert!(
         !out.stdout.contains("Hello"),
         "the guest ran without KVM_RUN\n{out}"
@@ -653,7 +684,7 @@ fn no_seccomp_installs_no_filter() {
     assert_strace_works();
     let traces = TraceDir::new();
     let out = traces
-        .wrap(Launch::new(&config("hello", json!({}))).arg("--no-seccomp"))
+        .wrap_unfiltered(Launch::new(&config("hello", json!({}))).arg("--no-seccomp"))
         .run()
         .expect("run ember");
     assert!(out.status.success(), "{out}");
@@ -821,6 +852,8 @@ fn the_filters_allow_what_virtio_net_causes() {
     let mut prefix = vec!["netns".to_string(), "exec".into(), ns.name().to_string()];
     prefix.extend(traces.command_prefix());
     let vm = Launch::new(&config)
+        .arg("--seccomp-filter")
+        .arg(traces.log_only())
         .wrapper("ip", prefix)
         .spawn()
         .expect("start ember in the namespace");
@@ -964,6 +997,8 @@ fn the_filters_allow_what_the_api_causes() {
     let mut child = Command::new(&prefix[0])
         .args(&prefix[1..])
         .arg(ember_binary())
+        .arg("--seccomp-filter")
+        .arg(traces.log_only())
         .arg("--api-sock")
         .arg(&sock)
         .arg("--metrics-path")
@@ -1124,4 +1159,240 @@ fn the_trace_parser_reads_strace_lines() {
         Err("not in the filter".to_string())
     );
     assert_eq!(rules.check("vmm", &t.calls[3]), Ok(()));
+}
+
+// ---------------------------------------------------------------------------
+// Firecracker's test_failing_filter, for each kind of thread.
+
+/// The description without the rules `drop` picks in `category`.
+fn description_without(category: &str, drop: impl Fn(&Value) -> bool) -> String {
+    let mut doc: Value = serde_json::from_str(DESCRIPTION).expect("the description is JSON");
+    let rules = doc[category]["filter"]
+        .as_array_mut()
+        .expect("a filter list");
+    let before = rules.len();
+    rules.retain(|r| !drop(r));
+    assert!(rules.len() < before, "{category}: no rule dropped");
+    doc.to_string()
+}
+
+/// Runs the hello guest with its API server, under `filter`, with a log
+/// and a metrics file; asserts that a trapped call ended ember with 148,
+/// that the log names one of `syscalls`, and that the metrics count one
+/// fault.
+fn assert_fails_with_a_bad_syscall(kind: &str, filter: String, syscalls: &[i64]) {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let filter_path = dir.path().join("filter.json");
+    fs::write(&filter_path, filter).expect("write the filter");
+    let config_path = dir.path().join("config.json");
+    fs::write(&config_path, config("hello", json!({})).to_string()).expect("write the config");
+    let (log, metrics) = (dir.path().join("log"), dir.path().join("metrics"));
+    let out = Command::new(ember_binary())
+        .arg("--api-sock")
+        .arg(dir.path().join("api.sock"))
+        .arg("--config-file")
+        .arg(&config_path)
+        .arg("--seccomp-filter")
+        .arg(&filter_path)
+        .arg("--log-path")
+        .arg(&log)
+        .arg("--metrics-path")
+        .arg(&metrics)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ember");
+    let log = fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(out.status.code(), Some(148), "{kind}: {out:?}\nlog:\n{log}");
+    let lines: Vec<String> = syscalls
+        .iter()
+        .map(|nr| format!("Shutting down VM after intercepting a bad syscall ({nr})."))
+        .collect();
+    assert!(
+        lines.iter().any(|l| log.contains(l.as_str())),
+        "{kind}: none of {lines:?} in the log:\n{log}"
+    );
+    let text = fs::read_to_string(&metrics).expect("the metrics file");
+    let faults: u64 = text
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("a metrics line is JSON");
+            v["seccomp"]["num_faults"]
+                .as_u64()
+                .expect("a seccomp.num_faults field")
+        })
+        .sum();
+    assert_eq!(faults, 1, "{kind}: metrics:\n{text}");
+}
+
+#[test]
+fn a_vcpu_thread_that_makes_a_forbidden_call_stops_ember_with_148() {
+    // ioctl(KVM_RUN) is system call 16.
+    assert_fails_with_a_bad_syscall("vcpu", description_without_kvm_run(), &[16]);
+}
+
+#[test]
+fn the_vmm_thread_that_makes_a_forbidden_call_stops_ember_with_148() {
+    // The event loop waits with epoll_wait (232) or epoll_pwait (281).
+    let filter = description_without("vmm", |r| {
+        ["epoll_wait", "epoll_pwait"].contains(&r["syscall"].as_str().unwrap_or(""))
+    });
+    assert_fails_with_a_bad_syscall("vmm", filter, &[232, 281]);
+}
+
+#[test]
+fn the_api_thread_that_makes_a_forbidden_call_stops_ember_with_148() {
+    // The API server waits with poll (7).
+    let filter = description_without("api", |r| r["syscall"] == "poll");
+    assert_fails_with_a_bad_syscall("api", filter, &[7]);
+}
+
+// ---------------------------------------------------------------------------
+// No environment variable weakens the built-in filters.
+
+/// PTRACE_SECCOMP_GET_FILTER (linux/ptrace.h).
+const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+
+/// The newest seccomp filter of thread `tid`, read with ptrace.
+fn installed_filter(tid: libc::pid_t) -> Vec<(u16, u8, u8, u32)> {
+    // SAFETY: seizes a thread of our child; no memory is passed.
+    let ret = unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, 0, 0) };
+    assert_eq!(
+        ret,
+        0,
+        "PTRACE_SEIZE {tid}: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: as above.
+    unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0) };
+    loop {
+        let mut status = 0;
+        // SAFETY: waits for the tracee to stop; writes a local.
+        let ret = unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
+        assert_eq!(
+            ret,
+            tid,
+            "waitpid {tid}: {}",
+            std::io::Error::last_os_error()
+        );
+        if libc::WIFSTOPPED(status) {
+            break;
+        }
+    }
+    let mut insns = vec![[0u8; 8]; 4096];
+    // SAFETY: the kernel writes at most `count` 8-byte instructions, and the
+    // buffer holds the kernel's maximum.
+    let count = unsafe { libc::ptrace(PTRACE_SECCOMP_GET_FILTER, tid, 0usize, insns.as_mut_ptr()) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: lets the thread go on.
+    unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, 0, 0) };
+    assert!(count > 0, "PTRACE_SECCOMP_GET_FILTER {tid}: {err}");
+    insns
+        .iter()
+        .take(count as usize)
+        .map(|i| {
+            (
+                u16::from_ne_bytes([i[0], i[1]]),
+                i[2],
+                i[3],
+                u32::from_ne_bytes([i[4], i[5], i[6], i[7]]),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn no_environment_variable_weakens_the_built_in_filters() {
+    let builtin = ember_seccomp::Filters::builtin();
+    let expected = |category: ember_seccomp::ThreadCategory| -> Vec<(u16, u8, u8, u32)> {
+        builtin
+            .get(category)
+            .expect("a built-in filter")
+            .iter()
+            .map(|i| (i.code, i.jt, i.jf, i.k))
+            .collect()
+    };
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let config_path = dir.path().join("config.json");
+    fs::write(&config_path, config("echo", json!({})).to_string()).expect("write the config");
+    let mut child = Command::new(ember_binary())
+        .arg("--api-sock")
+        .arg(dir.path().join("api.sock"))
+        .arg("--config-file")
+        .arg(&config_path)
+        // What once made the filters log-only, and names one might try.
+        .env("EMBER_SECCOMP_ACTION", "log")
+        .env("EMBER_SECCOMP", "0")
+        .env("EMBER_NO_SECCOMP", "1")
+        .env("FIRECRACKER_NO_SECCOMP", "1")
+        .env("SECCOMP_ACTION", "allow")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ember");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    // The guest prints once it runs, so every thread has its filter.
+    let ready = lines.any(|l| l.is_ok_and(|l| l.contains("echo ready")));
+    assert!(ready, "the echo guest did not start");
+    let pid = child.id() as libc::pid_t;
+    let mut seen = BTreeSet::new();
+    let tids: Vec<libc::pid_t> = fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the threads")
+        .map(|e| {
+            e.expect("a thread")
+                .file_name()
+                .to_string_lossy()
+                .parse()
+                .expect("a tid")
+        })
+        .collect();
+    // The vCPU threads first (their /proc status), then the VMM thread, whose
+    // ptrace stop ends the VM (its epoll_wait fails with EINTR), then the API
+    // thread, which waits for the VMM thread to join it.
+    let mut tids = tids;
+    tids.sort_by_key(|&tid| {
+        let comm = fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
+        match comm.trim() {
+            c if c.starts_with("ember_vcpu") => 0,
+            _ if tid == pid => 1,
+            _ => 2,
+        }
+    });
+    for tid in tids {
+        let comm = fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+            .unwrap_or_else(|e| format!("unreadable: {e}"));
+        let comm = comm.trim();
+        let category = if tid == pid {
+            ember_seccomp::ThreadCategory::Vmm
+        } else if comm == "ember_api" {
+            ember_seccomp::ThreadCategory::Api
+        } else if comm.starts_with("ember_vcpu") {
+            ember_seccomp::ThreadCategory::Vcpu
+        } else {
+            continue;
+        };
+        if category == ember_seccomp::ThreadCategory::Vcpu {
+            // A vCPU thread in KVM_RUN does not reach a ptrace stop on this
+            // host: check that it is filtered, by one filter.
+            let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
+                .expect("the thread's status");
+            assert!(status.contains("\nSeccomp:\t2\n"), "{comm}: {status}");
+            assert!(
+                status.contains("\nSeccomp_filters:\t1\n"),
+                "{comm}: {status}"
+            );
+        } else {
+            assert_eq!(
+                installed_filter(tid),
+                expected(category),
+                "thread {comm} ({tid}) does not run the built-in {category} filter"
+            );
+        }
+        seen.insert(category.name());
+    }
+    let _ = child.stdin.take().map(|mut s| s.write_all(b"quit\n"));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["api", "vcpu", "vmm"]);
 }

@@ -951,7 +951,10 @@ mod tests {
             unsafe { libc::getppid() };
             0
         });
-        assert!(exited_with(status, 148), "status {status:#x}, stderr {out:?}");
+        assert!(
+            exited_with(status, 148),
+            "status {status:#x}, stderr {out:?}"
+        );
         assert_eq!(out, "last words, faults=1\n");
     }
 
@@ -1187,7 +1190,11 @@ mod tests {
             ])),
             "unknown thread category `io`: the categories are vmm, api and vcpu"
         );
-        let msg = err(&encode_bitcode(&[("vcpu", &vcpu), ("api", &api), ("VCPU", &vmm)]));
+        let msg = err(&encode_bitcode(&[
+            ("vcpu", &vcpu),
+            ("api", &api),
+            ("VCPU", &vmm),
+        ]));
         assert!(msg.starts_with("two filters for the `"), "{msg}");
         // A cut file is refused, whatever the cut.
         let full = encode_bitcode(&[("vcpu", &vcpu), ("api", &api), ("vmm", &vmm)]);
@@ -1266,9 +1273,7 @@ mod tests {
         let none = Filters::load(&SeccompConfig::None).unwrap();
         assert!(none.is_empty());
         assert!(none.vcpu_hook().is_none());
-        assert!(Filters::builtin()
-            .vcpu_hook()
-            .is_some());
+        assert!(Filters::builtin().vcpu_hook().is_some());
     }
 
     #[test]
