@@ -1,6 +1,7 @@
 //! `--seccomp-filter FILE`: the user-supplied filter file, in Firecracker's
-//! compiled (bincode) format or seccompiler's JSON, through the same
-//! `Filters::from_bpf` / `Filters::from_json` entry points `ember` uses.
+//! compiled format (bitcode since Firecracker 1.10, bincode before) or
+//! seccompiler's JSON, through the same `Filters::from_bpf` /
+//! `Filters::from_json` entry points `ember` uses.
 //!
 //! Checks: no panic, no unbounded allocation from lengths in the file, and
 //! an accepted file never yields an empty program (that means "no filter")
@@ -8,7 +9,7 @@
 
 #![no_main]
 
-use ember::seccomp::{Filters, ThreadCategory, BPF_MAX_LEN};
+use ember_seccomp::{Filters, ThreadCategory, BPF_MAX_LEN};
 use libfuzzer_sys::fuzz_target;
 
 fn check(filters: &Filters) {
