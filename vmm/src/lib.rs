@@ -12,5 +12,6 @@ pub mod event_loop;
 pub mod logger;
 pub mod metrics;
 pub mod seccomp;
+pub mod socket_reaper;
 pub mod terminal;
 pub mod vm;

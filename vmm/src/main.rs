@@ -17,6 +17,7 @@ use ember::api::{
 use ember::config::{self, LogLevel, VmConfig};
 use ember::metrics::{GroupWriter, Metrics};
 use ember::seccomp::{Filters, SeccompConfig};
+use ember::socket_reaper::SocketReaper;
 use ember::{boot_timer, logger, terminal, vm};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -237,6 +238,23 @@ fn run() -> ExitCode {
         );
     }
 
+    // The VMM thread's filter refuses `unlink`: a child forked now, while the
+    // process has one thread, removes the sockets at the end. Dropped after
+    // the API server (declared before it), so it removes them last.
+    let reaper = if cli.no_seccomp {
+        None
+    } else {
+        match SocketReaper::start() {
+            Ok(reaper) => Some(reaper),
+            Err(e) => {
+                return fail(
+                    exit_code::GENERIC_ERROR,
+                    format!("cannot start the socket-removing process: {e}"),
+                )
+            }
+        }
+    };
+
     let config = match (&cli.config_file, cli.no_api) {
         (Some(path), _) => match VmConfig::from_file(path) {
             Ok(c) => Some(c),
@@ -338,8 +356,9 @@ fn run() -> ExitCode {
             Err(e) => return fail(exit_code::GENERIC_ERROR, e),
         }
     };
-    if api.is_some() {
+    if let Some(api) = &api {
         record_startup_time(&cli, start, &metrics);
+        register_socket(reaper.as_ref(), api.socket_path());
     }
 
     let run_opts = vm::RunOptions {
@@ -366,6 +385,13 @@ fn run() -> ExitCode {
         (None, None) => return fail(exit_code::ARG_PARSING, "--no-api requires --config-file"),
     };
 
+    if let Some(vsock) = &vm.config().vsock {
+        register_socket(reaper.as_ref(), &vsock.uds_path);
+    }
+    if let Some(Err(e)) = reaper.as_ref().map(SocketReaper::seal) {
+        log::warn!("the socket-removing process is gone: {e}");
+    }
+
     let raw_terminal = terminal::RawTerminal::enable(libc::STDIN_FILENO);
     let result = vm.run_with(vm::RunContext {
         api: api.as_ref(),
@@ -386,6 +412,13 @@ fn run() -> ExitCode {
         }
         Ok(reason) => fail(exit_code::GENERIC_ERROR, reason),
         Err(e) => fail(exit_code::GENERIC_ERROR, e),
+    }
+}
+
+/// Has `reaper` remove the socket at `path` when the VMM ends.
+fn register_socket(reaper: Option<&SocketReaper>, path: &std::path::Path) {
+    if let Some(Err(e)) = reaper.map(|r| r.register(path)) {
+        log::warn!("{} will not be removed at exit: {e}", path.display());
     }
 }
 

@@ -345,7 +345,7 @@ impl Filters {
     pub fn builtin() -> Filters {
         let programs = &generated::BUILTIN;
         Filters {
-            vmm: Some(Arc::new(program(programs.vmm))),
+            vmm: Some(Arc::new(refuse_unlink(program(programs.vmm)))),
             api: Some(Arc::new(program(programs.api))),
             vcpu: Some(Arc::new(program(programs.vcpu))),
         }
@@ -509,6 +509,11 @@ impl Filters {
             let Some(category) = ThreadCategory::from_name(&name) else {
                 return Err(SeccompError::UnknownCategory(name));
             };
+            let program = if category == ThreadCategory::Vmm && !program.is_empty() {
+                refuse_unlink(program)
+            } else {
+                program
+            };
             if program.len() > BPF_MAX_LEN {
                 return Err(SeccompError::TooLong {
                     category: name,
@@ -569,6 +574,41 @@ impl Filters {
         let filter = self.vcpu.clone()?;
         Some(Box::new(move || apply(&filter).map_err(Into::into)))
     }
+}
+
+/// `AUDIT_ARCH_X86_64` (linux/audit.h).
+const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+
+/// What the VMM thread's filter does first, in front of the program proper: `unlink`
+/// and `unlinkat` fail with `EPERM`, whatever the program says. The VMM thread never
+/// removes a file once filtered: its sockets are removed by a separate process that
+/// learnt their paths before the filter went in (see the `socket_reaper` module of
+/// the `ember` crate), and the code that would remove them in place is answered
+/// `EPERM` instead of being trapped.
+fn refuse_unlink(program: BpfProgram) -> BpfProgram {
+    // BPF_LD | BPF_W | BPF_ABS, BPF_JMP | BPF_JEQ | BPF_K, BPF_RET | BPF_K.
+    const LD: u16 = 0x20;
+    const JEQ: u16 = 0x15;
+    const RET: u16 = 0x06;
+    let insn = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+    let prefix = [
+        // struct seccomp_data: nr at 0, arch at 4. Another architecture goes to
+        // the program proper, which refuses it.
+        insn(LD, 0, 0, 4),
+        insn(JEQ, 0, 4, AUDIT_ARCH_X86_64),
+        insn(LD, 0, 0, 0),
+        insn(JEQ, 1, 0, libc::SYS_unlink as u32),
+        insn(JEQ, 0, 1, libc::SYS_unlinkat as u32),
+        insn(RET, 0, 0, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
+    ];
+    // A program read back from a filter file that Ember's own filters were written
+    // to already has it.
+    if program.starts_with(&prefix) {
+        return program;
+    }
+    let mut out = prefix.to_vec();
+    out.extend(program);
+    out
 }
 
 /// Why a file is not usable bitcode filters.
@@ -971,6 +1011,33 @@ mod tests {
     }
 
     #[test]
+    fn the_vmm_thread_gets_eperm_for_unlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = std::ffi::CString::new(dir.path().join("sock").to_str().unwrap()).unwrap();
+        std::fs::write(dir.path().join("sock"), "").unwrap();
+        let filters = Filters::from_json(DESCRIPTION.as_bytes()).unwrap();
+        for filter in [Filters::builtin().vmm().unwrap(), filters.vmm().unwrap()] {
+            let status = in_child(|| {
+                if apply(&filter).is_err() {
+                    return 3;
+                }
+                // SAFETY: `path` is NUL-terminated and outlives the call.
+                let ret = unsafe { libc::unlink(path.as_ptr()) };
+                let errno = io::Error::last_os_error().raw_os_error();
+                // SAFETY: as above.
+                let ret_at = unsafe { libc::unlinkat(libc::AT_FDCWD, path.as_ptr(), 0) };
+                if ret == -1 && errno == Some(libc::EPERM) && ret_at == -1 {
+                    0
+                } else {
+                    4
+                }
+            });
+            assert!(exited_with(status, 0), "status {status:#x}");
+            assert!(dir.path().join("sock").exists());
+        }
+    }
+
+    #[test]
     fn sigsys_origins_are_told_apart() {
         let info = |code, syscall| SigsysInfo {
             signo: libc::SIGSYS,
@@ -999,7 +1066,11 @@ mod tests {
         let builtin = Filters::builtin();
         for category in ThreadCategory::ALL {
             let program = builtin.get(category).unwrap();
-            assert_eq!(*program, compiled[category.name()], "{category}");
+            let proper = match category {
+                ThreadCategory::Vmm => &program[6..],
+                _ => &program[..],
+            };
+            assert_eq!(proper, &compiled[category.name()][..], "{category}");
             assert!(program.len() <= BPF_MAX_LEN);
             // What a program returns: allow, or trap; never log or errno.
             let rets: std::collections::BTreeSet<u32> = program
@@ -1012,7 +1083,9 @@ mod tests {
                 rets.iter().all(|r| [
                     libc::SECCOMP_RET_ALLOW,
                     libc::SECCOMP_RET_TRAP,
-                    libc::SECCOMP_RET_KILL_PROCESS
+                    libc::SECCOMP_RET_KILL_PROCESS,
+                    // The VMM thread's unlink.
+                    libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
                 ]
                 .contains(r)),
                 "{category}: {rets:x?}"
