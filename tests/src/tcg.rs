@@ -472,15 +472,27 @@ fn noise(len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Builds the outer initramfs in `work` and returns its path.
-fn build_initramfs(work: &Path, assets: &HostAssets) -> Result<PathBuf, Error> {
+/// The inner guest's files, built by [`build_guest`].
+#[derive(Debug, Clone)]
+pub struct GuestFiles {
+    /// The initrd (`newc` cpio): busybox, socat, the virtio modules and
+    /// `tcg/guest-init.sh` as `/init`.
+    pub initrd: PathBuf,
+    /// The same tree as an ext4 image, without the initrd marker.
+    pub root: PathBuf,
+}
+
+/// Builds the inner guest's initrd and root image in `work`.
+pub fn build_guest(work: &Path, assets: &HostAssets) -> Result<GuestFiles, Error> {
     let busybox = require("busybox", "busybox-static")?;
     let socat = require("socat", "socat")?;
-    let debugfs = require("debugfs", "e2fsprogs")?;
     require("cpio", "cpio")?;
 
     // The inner guest's tree: its initrd, and its root filesystem.
-    let guest = Tree::new(work.join("guest-tree"))?;
+    let tree = work.join("guest-tree");
+    // A tree left by an earlier build holds the initrd marker.
+    let _ = fs::remove_dir_all(&tree);
+    let guest = Tree::new(tree)?;
     guest.write("/init", GUEST_INIT.as_bytes(), 0o755)?;
     guest.copy(&busybox, "/bin/busybox", 0o755)?;
     guest.copy_program(&socat, "/bin/socat")?;
@@ -496,6 +508,21 @@ fn build_initramfs(work: &Path, assets: &HostAssets) -> Result<PathBuf, Error> {
     guest.write("/etc/ember-initrd", b"", 0o644)?;
     let initrd = work.join("initrd.cpio");
     guest.cpio(&initrd)?;
+    Ok(GuestFiles {
+        initrd,
+        root: root_img,
+    })
+}
+
+/// Builds the outer initramfs in `work` and returns its path.
+fn build_initramfs(work: &Path, assets: &HostAssets) -> Result<PathBuf, Error> {
+    let busybox = require("busybox", "busybox-static")?;
+    let socat = require("socat", "socat")?;
+    let debugfs = require("debugfs", "e2fsprogs")?;
+    let GuestFiles {
+        initrd,
+        root: root_img,
+    } = build_guest(work, assets)?;
 
     // A read-only drive, and one whose filler the guest deletes and trims.
     let ro = Tree::new(work.join("ro-tree"))?;
@@ -539,6 +566,54 @@ fn build_initramfs(work: &Path, assets: &HostAssets) -> Result<PathBuf, Error> {
     Ok(initramfs)
 }
 
+/// Whether this host's KVM runs a stock Linux kernel at a usable speed:
+/// false on a nested PVM hypervisor (`kvm_pvm` loaded), where ring-0 guest
+/// code is emulated, and on a CPU without VMX or SVM.
+pub fn host_kvm_runs_stock_kernels() -> bool {
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return false;
+    }
+    fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+        info.lines()
+            .filter(|l| l.starts_with("flags"))
+            .flat_map(str::split_whitespace)
+            .any(|flag| flag == "vmx" || flag == "svm")
+    })
+}
+
+/// The QEMU command that boots the test host on `initramfs` with the outer
+/// `/init`'s `scenarios`.
+fn qemu_command(qemu: &Path, assets: &HostAssets, initramfs: &Path, scenarios: &[&str]) -> Command {
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet loglevel=4 ember.scenarios={}",
+        scenarios.join(",")
+    );
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2"])
+        .args(["-m", &OUTER_MEM_MIB.to_string()])
+        .args(["-nodefaults", "-no-reboot", "-display", "none"])
+        .args(["-serial", "stdio", "-monitor", "none"])
+        .arg("-kernel")
+        .arg(&assets.outer_kernel)
+        .arg("-initrd")
+        .arg(initramfs)
+        .args(["-append", &append]);
+    cmd
+}
+
+/// Boots the test host with the `shell` scenario: ember runs the Linux
+/// guest with its console on this terminal, until the guest reboots
+/// (`reboot -f`). Returns QEMU's exit status.
+pub fn run_shell() -> Result<std::process::ExitStatus, Error> {
+    let qemu = require("qemu-system-x86_64", "qemu-system-x86")?;
+    let assets = host_assets()?;
+    let work = TempDir::new_in(&env::temp_dir()).map_err(io_err(&env::temp_dir()))?;
+    let initramfs = build_initramfs(work.path(), &assets)?;
+    qemu_command(&qemu, &assets, &initramfs, &["shell"])
+        .status()
+        .map_err(Error::Spawn)
+}
+
 /// Boots the test host once, runs `scenarios` (names from [`SCENARIOS`]) in
 /// it, and returns what it printed. QEMU is killed after `timeout`; the
 /// report then says `complete: false` and holds the console so far.
@@ -551,20 +626,7 @@ pub fn run_scenarios(scenarios: &[&str], timeout: Duration) -> Result<Report, Er
     let work = TempDir::new_in(&env::temp_dir()).map_err(io_err(&env::temp_dir()))?;
     let initramfs = build_initramfs(work.path(), &assets)?;
 
-    let append = format!(
-        "console=ttyS0 panic=-1 quiet loglevel=4 ember.scenarios={}",
-        scenarios.join(",")
-    );
-    let mut child = Command::new(qemu)
-        .args(["-accel", "tcg", "-cpu", "max", "-smp", "2"])
-        .args(["-m", &OUTER_MEM_MIB.to_string()])
-        .args(["-nodefaults", "-no-reboot", "-display", "none"])
-        .args(["-serial", "stdio", "-monitor", "none"])
-        .arg("-kernel")
-        .arg(&assets.outer_kernel)
-        .arg("-initrd")
-        .arg(&initramfs)
-        .args(["-append", &append])
+    let mut child = qemu_command(&qemu, &assets, &initramfs, scenarios)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -187,6 +187,14 @@ scenario_console() {
 	exec 3>&-
 }
 
+# Interactive: the guest's console is this VM's console (the demo).
+scenario_shell() {
+	config console 2 ""
+	echo "Linux under ember, inside QEMU: a shell comes up on ttyS0; 'reboot -f' ends it."
+	ember --no-api --config-file /tmp/console.json
+	fact shell ember-rc $?
+}
+
 scenarios=
 for word in $(cat /proc/cmdline); do
 	case "$word" in
@@ -195,6 +203,10 @@ for word in $(cat /proc/cmdline); do
 done
 
 for s in $scenarios; do
+	if [ "$s" = shell ]; then
+		scenario_shell
+		continue
+	fi
 	echo "@@ember begin $s"
 	scenario_$s
 	show_console "$s" /tmp/$s.out
