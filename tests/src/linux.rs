@@ -69,8 +69,8 @@ pub enum FetchError {
     /// The `lz4` tool is not installed.
     #[error("the lz4 command is needed to decompress the kernel: apt-get install lz4")]
     Lz4Missing,
-    /// apt does not know the cloud kernel package, even after `apt-get update`.
-    #[error("cannot find the cloud kernel package in `apt-cache depends {METAPACKAGE}`: {0:?}")]
+    /// apt does not know the kernel image package, even after `apt-get update`.
+    #[error("cannot find the kernel image package in `apt-cache depends {0}`")]
     NoPackage(String),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
@@ -154,30 +154,140 @@ pub fn debian_cloud_kernel() -> Result<Kernel, FetchError> {
 
 /// Name of the package the cloud kernel metapackage depends on, read from
 /// `apt-cache depends`; runs `apt-get update` once if apt does not know it.
+/// `$EMBER_LINUX_PACKAGE` overrides it.
 pub fn cloud_kernel_package() -> Result<String, FetchError> {
     if let Some(package) = env::var_os("EMBER_LINUX_PACKAGE") {
         return Ok(package.to_string_lossy().into_owned());
     }
+    image_package(METAPACKAGE, "-cloud-amd64")
+}
+
+/// Name of the `linux-image-*<suffix>` package that `metapackage` depends
+/// on, read from `apt-cache depends`; runs `apt-get update` once if apt
+/// does not know it.
+pub fn image_package(metapackage: &str, suffix: &str) -> Result<String, FetchError> {
     let depends = || -> Result<Option<String>, FetchError> {
         // apt-cache exits non-zero when it has no lists; that is the
         // "update first" case, not an error.
-        let out = command_output(Command::new("apt-cache").args(["depends", METAPACKAGE]))?;
-        Ok(parse_depends(&String::from_utf8_lossy(&out.stdout)))
+        let out = command_output(Command::new("apt-cache").args(["depends", metapackage]))?;
+        Ok(parse_depends(&String::from_utf8_lossy(&out.stdout), suffix))
     };
     if let Some(package) = depends()? {
         return Ok(package);
     }
     run(Command::new("apt-get").args(["update", "-q"]))?;
-    depends()?.ok_or_else(|| FetchError::NoPackage(String::new()))
+    depends()?.ok_or_else(|| FetchError::NoPackage(metapackage.to_string()))
 }
 
-/// The `linux-image-*` dependency in `apt-cache depends` output.
-fn parse_depends(text: &str) -> Option<String> {
+/// The `linux-image-*<suffix>` dependency in `apt-cache depends` output.
+fn parse_depends(text: &str, suffix: &str) -> Option<String> {
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends:"))
         .map(str::trim)
-        .find(|p| p.starts_with("linux-image-") && p.ends_with("-cloud-amd64"))
+        .find(|p| {
+            p.strip_prefix("linux-image-")
+                .and_then(|rest| rest.strip_suffix(suffix))
+                .is_some_and(|version| {
+                    !version.is_empty()
+                        && version
+                            .chars()
+                            .all(|c| c.is_ascii_digit() || c == '.' || c == '-')
+                })
+        })
         .map(str::to_string)
+}
+
+/// Files of the Debian package `package`, downloaded and unpacked on first
+/// use and cached in `cache_dir()/<package>/files/`.
+///
+/// Each name is the file name of a file somewhere in the package (the first
+/// one found); a name ending in `*` matches by prefix and is cached without
+/// the `*`. Returns the cached paths in the order of `names`.
+pub fn package_files(package: &str, names: &[&str]) -> Result<Vec<PathBuf>, FetchError> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| FetchError::Io { path, source }
+    };
+    let cache = cache_dir();
+    let dir = cache.join(package).join("files");
+    let cached: Vec<PathBuf> = names
+        .iter()
+        .map(|n| dir.join(n.trim_end_matches('*')))
+        .collect();
+    if cached.iter().all(|p| p.is_file()) {
+        return Ok(cached);
+    }
+    fs::create_dir_all(&cache).map_err(io_err(&cache))?;
+    let work = TempDir::new_in(&cache).map_err(io_err(&cache))?;
+    run(Command::new("apt-get")
+        .args(["download", "-q", package])
+        .current_dir(work.path()))?;
+    let deb =
+        find_file(work.path(), |n| n.ends_with(".deb"))?.ok_or_else(|| FetchError::Missing {
+            what: "downloaded .deb",
+            dir: work.path().to_path_buf(),
+        })?;
+    let root = work.path().join("root");
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+    let staged = work.path().join("files");
+    fs::create_dir(&staged).map_err(io_err(&staged))?;
+    for name in names {
+        let found = find_in_tree(&root, name)?.ok_or_else(|| FetchError::Missing {
+            what: "a file named in package_files",
+            dir: root.join(name),
+        })?;
+        let to = staged.join(name.trim_end_matches('*'));
+        fs::rename(&found, &to).map_err(io_err(&to))?;
+    }
+    fs::create_dir_all(cache.join(package)).map_err(io_err(&cache))?;
+    // Replace a stale entry that lacked some file; a concurrent process
+    // publishing the same files is as good as ours.
+    let _ = fs::remove_dir_all(&dir);
+    if let Err(e) = fs::rename(&staged, &dir) {
+        if !cached.iter().all(|p| p.is_file()) {
+            return Err(FetchError::Io {
+                path: dir,
+                source: e,
+            });
+        }
+    }
+    Ok(cached)
+}
+
+/// The first file under `dir` (depth first) whose name is `name`, or starts
+/// with it when `name` ends in `*`.
+fn find_in_tree(dir: &Path, name: &str) -> Result<Option<PathBuf>, FetchError> {
+    let entries = fs::read_dir(dir).map_err(|source| FetchError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut subdirs = Vec::new();
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let file_name = entry.file_name();
+        let file_name = file_name.to_string_lossy();
+        let matches = match name.strip_suffix('*') {
+            Some(prefix) => file_name.starts_with(prefix),
+            None => file_name == name,
+        };
+        let kind = entry.file_type().map_err(|source| FetchError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        if kind.is_dir() {
+            subdirs.push(path);
+        } else if matches && kind.is_file() {
+            return Ok(Some(path));
+        }
+    }
+    for sub in subdirs {
+        if let Some(found) = find_in_tree(&sub, name)? {
+            return Ok(Some(found));
+        }
+    }
+    Ok(None)
 }
 
 fn cached(cache: &Path, package: &str) -> Kernel {
@@ -388,10 +498,20 @@ mod tests {
     fn parses_the_image_dependency() {
         let text = "linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-48-cloud-amd64\n";
         assert_eq!(
-            parse_depends(text).as_deref(),
+            parse_depends(text, "-cloud-amd64").as_deref(),
             Some("linux-image-6.1.0-48-cloud-amd64")
         );
-        assert_eq!(parse_depends("E: No packages found\n"), None);
+        assert_eq!(
+            parse_depends("E: No packages found\n", "-cloud-amd64"),
+            None
+        );
+        // The generic image: "-amd64" must not match the cloud package.
+        assert_eq!(parse_depends(text, "-amd64"), None);
+        let text = "linux-image-amd64\n  Depends: linux-image-6.1.0-57-amd64\n";
+        assert_eq!(
+            parse_depends(text, "-amd64").as_deref(),
+            Some("linux-image-6.1.0-57-amd64")
+        );
     }
 
     /// A fake bzImage: boot sector and `setup_sects` sectors, then the

@@ -20,8 +20,10 @@
 //! so this beats a tree, whose node walk costs more than the whole search.
 //!
 //! Accesses that no device fully covers are not errors (a guest may probe
-//! absent hardware): reads return all-ones, as an undriven ISA or PCI bus
-//! does, writes are dropped, and both are counted ([`Bus::unhandled`]).
+//! absent hardware): writes are dropped, reads return
+//! [`BusKind::unhandled_read_value`] (zero on the port-I/O bus, as
+//! Firecracker's vCPU loop answers them; all-ones on MMIO, as an undriven
+//! bus does), and both are counted ([`Bus::unhandled`]).
 //!
 //! # Example
 //!
@@ -59,9 +61,9 @@
 //! assert!(bus.read(0x3ff, &mut data));
 //! assert_eq!(data, [0x5a]);
 //!
-//! // Nothing at 0x80: the read returns all-ones and is counted.
+//! // Nothing at 0x80: the read returns zero and is counted.
 //! assert!(!bus.read(0x80, &mut data));
-//! assert_eq!(data, [0xff]);
+//! assert_eq!(data, [0]);
 //! assert_eq!(bus.unhandled().reads, 1);
 //! # Ok(())
 //! # }
@@ -231,6 +233,22 @@ pub enum BusKind {
     Mmio,
 }
 
+impl BusKind {
+    /// The byte an unhandled read returns on this bus.
+    ///
+    /// Port I/O reads zero, as Firecracker's vCPU loop answers them: Linux
+    /// probes absent legacy ports and must not mistake all-ones for a
+    /// device. Its `rtc_cmos` probe reads the CMOS ports 0x70/0x71, and
+    /// all-ones there (update-in-progress always set) keeps it polling for
+    /// seconds on every boot. MMIO reads all-ones, as an undriven bus does.
+    pub const fn unhandled_read_value(self) -> u8 {
+        match self {
+            BusKind::Pio => 0,
+            BusKind::Mmio => 0xff,
+        }
+    }
+}
+
 impl fmt::Display for BusKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -243,7 +261,8 @@ impl fmt::Display for BusKind {
 /// How many guest accesses no device handled, per direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UnhandledAccesses {
-    /// Reads answered with all-ones because no device covered them.
+    /// Reads answered with [`BusKind::unhandled_read_value`] because no
+    /// device covered them.
     pub reads: u64,
     /// Writes dropped because no device covered them.
     pub writes: u64,
@@ -331,14 +350,15 @@ impl Bus {
     /// Dispatches a guest read of `data.len()` bytes at `addr`.
     ///
     /// Returns `false` when no single device covers the whole access: `data`
-    /// is then filled with `0xff` and the access is counted in
+    /// is then filled with the bus's [`BusKind::unhandled_read_value`] and
+    /// the access is counted in
     /// [`unhandled`](Self::unhandled).
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         if let Some((range, device)) = self.device_for(addr, data.len()) {
             device.read(range.base(), addr - range.base(), data);
             return true;
         }
-        data.fill(0xff);
+        data.fill(self.kind.unhandled_read_value());
         let seen = self.unhandled_reads.fetch_add(1, Ordering::Relaxed);
         self.log_unhandled(seen, "read", addr, data.len());
         false
@@ -645,12 +665,12 @@ mod tests {
     }
 
     #[test]
-    fn unhandled_reads_return_all_ones_and_are_counted() {
+    fn unhandled_pio_reads_return_zero_and_are_counted() {
         let bus = Bus::new(BusKind::Pio);
         for n in 1..=20u64 {
-            let mut data = [0u8, 0x12, 0x34, 0x56];
+            let mut data = [0xffu8, 0x12, 0x34, 0x56];
             assert!(!bus.read(0x80, &mut data));
-            assert_eq!(data, [0xff; 4]);
+            assert_eq!(data, [0; 4]);
             assert!(!bus.write(0x80, &[0]));
             assert_eq!(
                 bus.unhandled(),
@@ -660,6 +680,15 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn unhandled_mmio_reads_return_all_ones() {
+        let bus = Bus::new(BusKind::Mmio);
+        let mut data = [0u8; 4];
+        assert!(!bus.read(0xd000_0000, &mut data));
+        assert_eq!(data, [0xff; 4]);
+        assert_eq!(bus.unhandled().reads, 1);
     }
 
     #[test]

@@ -1,0 +1,762 @@
+//! Real Linux under ember, inside a host with hardware-virtualization
+//! semantics: QEMU in software emulation (TCG) with an emulated AMD CPU.
+//!
+//! The machines Ember is developed on run KVM as a nested PVM hypervisor,
+//! where a stock Linux kernel never reaches init. QEMU's `-accel tcg -cpu
+//! max` shows its guest an AMD CPU with SVM and nested paging, so Debian's
+//! generic kernel loads `kvm-amd` there and gets a real `/dev/kvm`. This
+//! module builds that test host and runs Linux scenarios in it:
+//!
+//! - the outer VM: Debian's generic kernel (`linux-image-*-amd64`) and an
+//!   initramfs with busybox, the kvm modules, the `ember` binary under test
+//!   with its shared libraries, socat and debugfs, and `tcg/outer-init.sh`
+//!   as `/init`;
+//! - the inner guest ember boots: Debian's cloud kernel (PVH vmlinux, see
+//!   [`crate::linux`]), an initrd holding busybox, socat and the cloud
+//!   kernel's virtio modules with `tcg/guest-init.sh` as `/init`, the same
+//!   tree as an ext4 root filesystem, a second (read-only) drive and a
+//!   third one to trim.
+//!
+//! The outer `/init` runs every scenario named on its command line in one
+//! boot and prints each inner console and the facts it measured on the
+//! serial port ([`Report`] parses them), then powers off. Downloads are
+//! cached with [`crate::linux::cache_dir`].
+//!
+//! ```no_run
+//! let report = ember_tests::tcg::run_scenarios(&["boot"], std::time::Duration::from_secs(600))
+//!     .unwrap();
+//! let boot = report.scenario("boot").unwrap();
+//! assert_eq!(boot.fact("ember-rc"), Some("0"), "{report}");
+//! ```
+
+use std::collections::BTreeMap;
+use std::env;
+use std::fmt;
+use std::fs;
+use std::io::{self, BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::ember_binary;
+use crate::linux::{self, debian_cloud_kernel, image_package, package_files, FetchError};
+use crate::vm::TempDir;
+
+/// `/init` of the outer VM.
+const OUTER_INIT: &str = include_str!("../tcg/outer-init.sh");
+/// `/init` of the inner guest.
+const GUEST_INIT: &str = include_str!("../tcg/guest-init.sh");
+
+/// Modules of the generic kernel the outer VM loads, dependencies first:
+/// `kvm` needs `irqbypass`, `kvm-amd` needs `kvm` and `ccp`; `tun` gives
+/// ember its TAP device.
+const OUTER_MODULES: [&str; 5] = ["irqbypass.ko", "kvm.ko", "ccp.ko", "kvm-amd.ko", "tun.ko"];
+
+/// Modules of the cloud kernel the inner guest loads (`guest-init.sh`).
+const GUEST_MODULES: [&str; 10] = [
+    "virtio_ring.ko",
+    "virtio.ko",
+    "virtio_mmio.ko",
+    "virtio_blk.ko",
+    "failover.ko",
+    "net_failover.ko",
+    "virtio_net.ko",
+    "vsock.ko",
+    "vmw_vsock_virtio_transport_common.ko",
+    "vmw_vsock_virtio_transport.ko",
+];
+
+/// Memory of the outer VM: the initramfs, the guest images it copies and
+/// one 256 MiB guest at a time.
+const OUTER_MEM_MIB: u32 = 2048;
+
+/// Prefix of an outer-VM protocol line (`tcg/outer-init.sh`).
+const PROTOCOL: &str = "@@ember ";
+/// Prefix of a line of an inner guest's console.
+const INNER: &str = "@| ";
+/// Prefix of a result line printed by the inner guest (`tcg/guest-init.sh`).
+const GUEST: &str = "ember-guest: ";
+
+/// Errors from building or running the TCG test host.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A kernel package could not be fetched.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// A host tool the test host needs is not installed.
+    #[error("`{tool}` is not installed (Debian package {package}); run tests/install-deps.sh")]
+    ToolMissing {
+        /// The command looked for.
+        tool: &'static str,
+        /// The Debian package that provides it.
+        package: &'static str,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A tool ran and failed.
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// Its standard error.
+        stderr: String,
+    },
+    /// QEMU could not be started.
+    #[error("cannot start qemu-system-x86_64: {0}")]
+    Spawn(#[source] io::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Every scenario `tcg/outer-init.sh` knows, in the order one boot runs them.
+pub const SCENARIOS: [&str; 4] = ["boot", "smp4", "devices", "console"];
+
+/// What one scenario printed and measured.
+#[derive(Debug, Clone, Default)]
+pub struct Scenario {
+    /// The scenario's name.
+    pub name: String,
+    /// The inner guest's console (ember's stdout), line by line.
+    pub console: Vec<String>,
+    /// Ember's standard error, line by line.
+    pub stderr: Vec<String>,
+    /// Facts the outer VM measured (`@@ember fact NAME KEY VALUE`).
+    pub facts: BTreeMap<String, String>,
+    /// Whether the outer VM reported the scenario's end.
+    pub finished: bool,
+}
+
+impl Scenario {
+    /// A fact the outer VM measured, such as `ember-rc`.
+    pub fn fact(&self, key: &str) -> Option<&str> {
+        self.facts.get(key).map(String::as_str)
+    }
+
+    /// The last value the guest printed for `key` in an
+    /// `ember-guest: key=value` line.
+    pub fn guest(&self, key: &str) -> Option<&str> {
+        self.guest_values(key).last().copied()
+    }
+
+    /// Every value the guest printed for `key`, in order.
+    pub fn guest_values(&self, key: &str) -> Vec<&str> {
+        self.console
+            .iter()
+            .filter_map(|line| line.split_once(GUEST).map(|(_, rest)| rest))
+            .flat_map(str::split_whitespace)
+            .filter_map(|word| word.split_once('='))
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    /// The kernel timestamp (seconds) of the first console line containing
+    /// `text` that carries one (`[    1.234567] ...`).
+    pub fn kernel_time(&self, text: &str) -> Option<f64> {
+        self.console
+            .iter()
+            .filter(|l| l.contains(text))
+            .find_map(|l| kernel_timestamp(l))
+    }
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "--- scenario {} (finished: {})",
+            self.name, self.finished
+        )?;
+        for (k, v) in &self.facts {
+            writeln!(f, "fact {k} = {v}")?;
+        }
+        writeln!(f, "--- ember stderr")?;
+        for line in &self.stderr {
+            writeln!(f, "{line}")?;
+        }
+        writeln!(f, "--- guest console")?;
+        for line in &self.console {
+            writeln!(f, "{line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The timestamp of a kernel log line, `[ seconds.micros] message`.
+pub fn kernel_timestamp(line: &str) -> Option<f64> {
+    let rest = line.trim_start().strip_prefix('[')?;
+    let (stamp, _) = rest.split_once(']')?;
+    stamp.trim().parse().ok()
+}
+
+/// Everything one boot of the test host printed.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// The outer VM's whole console.
+    pub console: Vec<String>,
+    /// Facts about the outer VM itself (`@@ember fact host KEY VALUE`).
+    pub host: BTreeMap<String, String>,
+    /// The scenarios, by name.
+    pub scenarios: BTreeMap<String, Scenario>,
+    /// Whether the outer VM reported that it ran every scenario.
+    pub complete: bool,
+    /// Wall time from starting QEMU to its exit.
+    pub wall: Duration,
+    /// Seconds from starting QEMU to the outer `/init`'s first fact.
+    pub outer_boot: Option<Duration>,
+}
+
+impl Report {
+    /// Parses the outer VM's console.
+    pub fn parse(console: &[String]) -> Report {
+        let mut report = Report {
+            console: console.to_vec(),
+            ..Report::default()
+        };
+        let mut current: Option<String> = None;
+        for line in console {
+            if let Some(text) = line.strip_prefix(INNER) {
+                if let Some(s) = current.as_ref().and_then(|n| report.scenarios.get_mut(n)) {
+                    s.console.push(text.to_string());
+                }
+                continue;
+            }
+            let Some(rest) = line.strip_prefix(PROTOCOL) else {
+                continue;
+            };
+            let mut words = rest.splitn(4, ' ');
+            match (words.next(), words.next(), words.next(), words.next()) {
+                (Some("begin"), Some(name), _, _) => {
+                    let name = name.trim().to_string();
+                    report.scenarios.insert(
+                        name.clone(),
+                        Scenario {
+                            name: name.clone(),
+                            ..Scenario::default()
+                        },
+                    );
+                    current = Some(name);
+                }
+                (Some("end"), Some(name), _, _) => {
+                    if let Some(s) = report.scenarios.get_mut(name.trim()) {
+                        s.finished = true;
+                    }
+                    current = None;
+                }
+                (Some("fact"), Some("host"), Some(key), value) => {
+                    report
+                        .host
+                        .insert(key.to_string(), value.unwrap_or("").trim().to_string());
+                }
+                (Some("fact"), Some(name), Some(key), value) => {
+                    if let Some(s) = report.scenarios.get_mut(name) {
+                        s.facts
+                            .insert(key.to_string(), value.unwrap_or("").trim().to_string());
+                    }
+                }
+                (Some("stderr"), _, _, _) => {
+                    if let Some(s) = current.as_ref().and_then(|n| report.scenarios.get_mut(n)) {
+                        s.stderr
+                            .push(rest.strip_prefix("stderr ").unwrap_or("").to_string());
+                    }
+                }
+                (Some("all-done"), _, _, _) => report.complete = true,
+                _ => {}
+            }
+        }
+        report
+    }
+
+    /// The scenario `name`, if the outer VM began it.
+    pub fn scenario(&self, name: &str) -> Option<&Scenario> {
+        self.scenarios.get(name)
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "=== TCG test host: complete {}, wall {:?}, outer boot {:?}",
+            self.complete, self.wall, self.outer_boot
+        )?;
+        writeln!(f, "=== outer console")?;
+        for line in &self.console {
+            writeln!(f, "{line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The Debian packages and files the test host is built from.
+#[derive(Debug, Clone)]
+pub struct HostAssets {
+    /// The generic kernel's package, e.g. `linux-image-6.1.0-57-amd64`.
+    pub outer_package: String,
+    /// Its bzImage.
+    pub outer_kernel: PathBuf,
+    /// Its modules, in [`OUTER_MODULES`] order.
+    pub outer_modules: Vec<PathBuf>,
+    /// The cloud kernel the inner guest runs.
+    pub guest_kernel: linux::Kernel,
+    /// The cloud kernel's modules, in [`GUEST_MODULES`] order.
+    pub guest_modules: Vec<PathBuf>,
+}
+
+/// Fetches (or finds in the cache) both kernels and their modules.
+pub fn host_assets() -> Result<HostAssets, Error> {
+    let outer_package = match env::var_os("EMBER_HOST_LINUX_PACKAGE") {
+        Some(p) => p.to_string_lossy().into_owned(),
+        None => image_package("linux-image-amd64", "-amd64")?,
+    };
+    let mut names = vec!["vmlinuz-*"];
+    names.extend(OUTER_MODULES);
+    let mut outer = package_files(&outer_package, &names)?;
+    let outer_kernel = outer.remove(0);
+    let guest_kernel = debian_cloud_kernel()?;
+    let guest_modules = package_files(&guest_kernel.package, &GUEST_MODULES)?;
+    Ok(HostAssets {
+        outer_package,
+        outer_kernel,
+        outer_modules: outer,
+        guest_kernel,
+        guest_modules,
+    })
+}
+
+/// Path of `tool` in `PATH` or the sbin directories, if installed.
+fn find_tool(tool: &str) -> Option<PathBuf> {
+    let path = env::var_os("PATH").unwrap_or_default();
+    env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+}
+
+fn require(tool: &'static str, package: &'static str) -> Result<PathBuf, Error> {
+    find_tool(tool).ok_or(Error::ToolMissing { tool, package })
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn run(cmd: &mut Command) -> Result<Vec<u8>, Error> {
+    let out = cmd.output().map_err(|source| Error::Io {
+        path: PathBuf::from(cmd.get_program()),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            command: describe(cmd),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(out.stdout)
+}
+
+/// A directory tree that becomes a cpio archive or an ext4 image.
+struct Tree {
+    root: PathBuf,
+}
+
+impl Tree {
+    fn new(root: PathBuf) -> Result<Self, Error> {
+        fs::create_dir_all(&root).map_err(io_err(&root))?;
+        Ok(Tree { root })
+    }
+
+    /// Copies `from` to `to` (absolute inside the tree) with `mode`.
+    fn copy(&self, from: &Path, to: &str, mode: u32) -> Result<(), Error> {
+        let dest = self.root.join(to.trim_start_matches('/'));
+        if let Some(dir) = dest.parent() {
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        fs::copy(from, &dest).map_err(io_err(from))?;
+        fs::set_permissions(&dest, fs::Permissions::from_mode(mode)).map_err(io_err(&dest))
+    }
+
+    /// Writes `text` to `to` with `mode`.
+    fn write(&self, to: &str, text: &[u8], mode: u32) -> Result<(), Error> {
+        let dest = self.root.join(to.trim_start_matches('/'));
+        if let Some(dir) = dest.parent() {
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        fs::write(&dest, text).map_err(io_err(&dest))?;
+        fs::set_permissions(&dest, fs::Permissions::from_mode(mode)).map_err(io_err(&dest))
+    }
+
+    /// Copies the dynamic executable `bin` to `to`, with every shared
+    /// library `ldd` names at its own path.
+    fn copy_program(&self, bin: &Path, to: &str) -> Result<(), Error> {
+        self.copy(bin, to, 0o755)?;
+        let ldd = run(Command::new("ldd").arg(bin))?;
+        for lib in shared_libraries(&String::from_utf8_lossy(&ldd)) {
+            let lib_path = Path::new(&lib);
+            self.copy(lib_path, &lib, 0o755)?;
+        }
+        Ok(())
+    }
+
+    /// Packs the tree as a `newc` cpio archive at `out`.
+    fn cpio(&self, out: &Path) -> Result<(), Error> {
+        let script = format!(
+            "find . | sort | cpio --quiet -o -H newc -R 0:0 > '{}'",
+            out.display()
+        );
+        run(Command::new("sh")
+            .args(["-c", &script])
+            .current_dir(&self.root))?;
+        Ok(())
+    }
+
+    /// Builds an ext4 image of `size_mib` at `out` holding the tree.
+    fn ext4(&self, out: &Path, size_mib: u32) -> Result<(), Error> {
+        let mkfs = require("mkfs.ext4", "e2fsprogs")?;
+        run(Command::new(mkfs)
+            .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+            .arg(&self.root)
+            .arg(out)
+            .arg(format!("{size_mib}M")))?;
+        Ok(())
+    }
+}
+
+/// The absolute library paths in `ldd` output.
+fn shared_libraries(ldd: &str) -> Vec<String> {
+    ldd.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.trim(),
+                None => line,
+            };
+            let path = path.split_whitespace().next()?;
+            path.starts_with('/').then(|| path.to_string())
+        })
+        .collect()
+}
+
+/// Bytes that do not compress and that no filesystem stores as a hole.
+fn noise(len: usize) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// The inner guest's files, built by [`build_guest`].
+#[derive(Debug, Clone)]
+pub struct GuestFiles {
+    /// The initrd (`newc` cpio): busybox, socat, the virtio modules and
+    /// `tcg/guest-init.sh` as `/init`.
+    pub initrd: PathBuf,
+    /// The same tree as an ext4 image, without the initrd marker.
+    pub root: PathBuf,
+}
+
+/// Builds the inner guest's initrd and root image in `work`.
+pub fn build_guest(work: &Path, assets: &HostAssets) -> Result<GuestFiles, Error> {
+    let busybox = require("busybox", "busybox-static")?;
+    let socat = require("socat", "socat")?;
+    require("cpio", "cpio")?;
+
+    // The inner guest's tree: its initrd, and its root filesystem.
+    let tree = work.join("guest-tree");
+    // A tree left by an earlier build holds the initrd marker.
+    let _ = fs::remove_dir_all(&tree);
+    let guest = Tree::new(tree)?;
+    guest.write("/init", GUEST_INIT.as_bytes(), 0o755)?;
+    guest.copy(&busybox, "/bin/busybox", 0o755)?;
+    guest.copy_program(&socat, "/bin/socat")?;
+    for (module, name) in assets.guest_modules.iter().zip(GUEST_MODULES) {
+        guest.copy(module, &format!("/lib/modules/{name}"), 0o644)?;
+    }
+    for dir in ["proc", "sys", "dev", "tmp", "mnt", "newroot", "etc"] {
+        let d = guest.root.join(dir);
+        fs::create_dir_all(&d).map_err(io_err(&d))?;
+    }
+    let root_img = work.join("root.ext4");
+    guest.ext4(&root_img, 48)?;
+    guest.write("/etc/ember-initrd", b"", 0o644)?;
+    let initrd = work.join("initrd.cpio");
+    guest.cpio(&initrd)?;
+    Ok(GuestFiles {
+        initrd,
+        root: root_img,
+    })
+}
+
+/// Builds the outer initramfs in `work` and returns its path.
+fn build_initramfs(work: &Path, assets: &HostAssets) -> Result<PathBuf, Error> {
+    let busybox = require("busybox", "busybox-static")?;
+    let socat = require("socat", "socat")?;
+    let debugfs = require("debugfs", "e2fsprogs")?;
+    let GuestFiles {
+        initrd,
+        root: root_img,
+    } = build_guest(work, assets)?;
+
+    // A read-only drive, and one whose filler the guest deletes and trims.
+    let ro = Tree::new(work.join("ro-tree"))?;
+    ro.write("/hello", b"read-only drive\n", 0o644)?;
+    let ro_img = work.join("ro.ext4");
+    ro.ext4(&ro_img, 8)?;
+    let trim = Tree::new(work.join("trim-tree"))?;
+    trim.write("/filler", &noise(16 << 20), 0o644)?;
+    let trim_img = work.join("trim.ext4");
+    trim.ext4(&trim_img, 32)?;
+
+    // The outer VM.
+    let outer = Tree::new(work.join("outer-tree"))?;
+    outer.write("/init", OUTER_INIT.as_bytes(), 0o755)?;
+    outer.copy(&busybox, "/bin/busybox", 0o755)?;
+    let ember = ember_binary();
+    let stripped = work.join("ember");
+    // Debug builds carry tens of MiB of symbols the test host has no use for.
+    let strip = Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(&ember)
+        .status();
+    let ember = match strip {
+        Ok(status) if status.success() => stripped,
+        _ => ember,
+    };
+    outer.copy_program(&ember, "/usr/bin/ember")?;
+    outer.copy_program(&socat, "/usr/bin/socat")?;
+    outer.copy_program(&debugfs, "/usr/sbin/debugfs")?;
+    for (module, name) in assets.outer_modules.iter().zip(OUTER_MODULES) {
+        outer.copy(module, &format!("/lib/modules/{name}"), 0o644)?;
+    }
+    outer.copy(&assets.guest_kernel.vmlinux, "/guest/vmlinux", 0o644)?;
+    outer.copy(&initrd, "/guest/initrd.cpio", 0o644)?;
+    outer.copy(&root_img, "/guest/root.ext4", 0o644)?;
+    outer.copy(&ro_img, "/guest/ro.ext4", 0o644)?;
+    outer.copy(&trim_img, "/guest/trim.ext4", 0o644)?;
+    let initramfs = work.join("outer.cpio");
+    outer.cpio(&initramfs)?;
+    Ok(initramfs)
+}
+
+/// Whether this host's KVM runs a stock Linux kernel at a usable speed:
+/// false on a nested PVM hypervisor (`kvm_pvm` loaded), where ring-0 guest
+/// code is emulated, and on a CPU without VMX or SVM.
+pub fn host_kvm_runs_stock_kernels() -> bool {
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return false;
+    }
+    fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+        info.lines()
+            .filter(|l| l.starts_with("flags"))
+            .flat_map(str::split_whitespace)
+            .any(|flag| flag == "vmx" || flag == "svm")
+    })
+}
+
+/// The QEMU command that boots the test host on `initramfs` with the outer
+/// `/init`'s `scenarios`.
+fn qemu_command(qemu: &Path, assets: &HostAssets, initramfs: &Path, scenarios: &[&str]) -> Command {
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet loglevel=4 ember.scenarios={}",
+        scenarios.join(",")
+    );
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2"])
+        .args(["-m", &OUTER_MEM_MIB.to_string()])
+        .args(["-nodefaults", "-no-reboot", "-display", "none"])
+        .args(["-serial", "stdio", "-monitor", "none"])
+        .arg("-kernel")
+        .arg(&assets.outer_kernel)
+        .arg("-initrd")
+        .arg(initramfs)
+        .args(["-append", &append]);
+    cmd
+}
+
+/// Boots the test host with the `shell` scenario: ember runs the Linux
+/// guest with its console on this terminal, until the guest reboots
+/// (`reboot -f`). Returns QEMU's exit status.
+pub fn run_shell() -> Result<std::process::ExitStatus, Error> {
+    let qemu = require("qemu-system-x86_64", "qemu-system-x86")?;
+    let assets = host_assets()?;
+    let work = TempDir::new_in(&env::temp_dir()).map_err(io_err(&env::temp_dir()))?;
+    let initramfs = build_initramfs(work.path(), &assets)?;
+    qemu_command(&qemu, &assets, &initramfs, &["shell"])
+        .status()
+        .map_err(Error::Spawn)
+}
+
+/// Boots the test host once, runs `scenarios` (names from [`SCENARIOS`]) in
+/// it, and returns what it printed. QEMU is killed after `timeout`; the
+/// report then says `complete: false` and holds the console so far.
+///
+/// `EMBER_TCG_VERBOSE=1` echoes the outer console on stderr as it comes;
+/// `EMBER_TCG_LOG=FILE` writes it to FILE when QEMU has exited.
+pub fn run_scenarios(scenarios: &[&str], timeout: Duration) -> Result<Report, Error> {
+    let qemu = require("qemu-system-x86_64", "qemu-system-x86")?;
+    let assets = host_assets()?;
+    let work = TempDir::new_in(&env::temp_dir()).map_err(io_err(&env::temp_dir()))?;
+    let initramfs = build_initramfs(work.path(), &assets)?;
+
+    let mut child = qemu_command(&qemu, &assets, &initramfs, scenarios)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(Error::Spawn)?;
+    let start = Instant::now();
+    let verbose = env::var_os("EMBER_TCG_VERBOSE").is_some_and(|v| v != "0");
+
+    let (tx, rx) = mpsc::channel::<(Instant, String)>();
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let err_tx = tx.clone();
+    let readers = [
+        stdout.map(|out| {
+            thread::spawn(move || {
+                for line in BufReader::new(out).split(b'\n').map_while(Result::ok) {
+                    let line = String::from_utf8_lossy(&line).trim_end().to_string();
+                    if tx.send((Instant::now(), line)).is_err() {
+                        break;
+                    }
+                }
+            })
+        }),
+        stderr.map(|err| {
+            thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    let _ = err_tx.send((Instant::now(), format!("qemu: {line}")));
+                }
+            })
+        }),
+    ];
+
+    let mut console = Vec::new();
+    let mut outer_boot = None;
+    let deadline = start + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((at, line)) => {
+                if verbose {
+                    eprintln!(
+                        "tcg {:6.1}s | {line}",
+                        at.duration_since(start).as_secs_f64()
+                    );
+                }
+                if outer_boot.is_none() && line.starts_with(PROTOCOL) {
+                    outer_boot = Some(at.duration_since(start));
+                }
+                console.push(line);
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                console.push(format!("harness: QEMU killed after {timeout:?}"));
+                let _ = child.kill();
+                break;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let _ = child.wait();
+    for reader in readers.into_iter().flatten() {
+        let _ = reader.join();
+    }
+    if let Some(path) = env::var_os("EMBER_TCG_LOG") {
+        let path = PathBuf::from(path);
+        fs::write(&path, console.join("\n") + "\n").map_err(io_err(&path))?;
+    }
+    let mut report = Report::parse(&console);
+    report.wall = start.elapsed();
+    report.outer_boot = outer_boot;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_outer_protocol() {
+        let console: Vec<String> = [
+            "Linux version 6.1",
+            "@@ember fact host kvm present",
+            "@@ember begin boot",
+            "@| [    0.000000] Linux version 6.1.0",
+            "@| ember-guest: cpus-online=0-1",
+            "@| [    1.500000] ember-guest: init reached",
+            "@| ember-guest: net-in-rc=0 net-in-md5=abc",
+            "@@ember fact boot ember-rc 0",
+            "@@ember stderr some warning",
+            "@@ember end boot",
+            "@@ember begin devices",
+            "@| ember-guest: ping=ok",
+            "@@ember all-done",
+        ]
+        .map(String::from)
+        .to_vec();
+        let report = Report::parse(&console);
+        assert!(report.complete);
+        assert_eq!(report.host.get("kvm").map(String::as_str), Some("present"));
+        let boot = report.scenario("boot").unwrap();
+        assert!(boot.finished);
+        assert_eq!(boot.fact("ember-rc"), Some("0"));
+        assert_eq!(boot.guest("cpus-online"), Some("0-1"));
+        assert_eq!(boot.guest("net-in-md5"), Some("abc"));
+        assert_eq!(boot.guest("net-in-rc"), Some("0"));
+        assert_eq!(boot.kernel_time("init reached"), Some(1.5));
+        assert_eq!(boot.stderr, ["some warning"]);
+        assert_eq!(boot.console.len(), 4);
+        let devices = report.scenario("devices").unwrap();
+        assert!(!devices.finished, "no end line");
+        assert_eq!(devices.guest("ping"), Some("ok"));
+    }
+
+    #[test]
+    fn kernel_timestamps() {
+        assert_eq!(kernel_timestamp("[   12.345678] rtc_cmos"), Some(12.345678));
+        assert_eq!(kernel_timestamp("no stamp"), None);
+        assert_eq!(kernel_timestamp("[ bad ] x"), None);
+    }
+
+    #[test]
+    fn ldd_output_to_library_paths() {
+        let ldd = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                   \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\
+                   \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
+        assert_eq!(
+            shared_libraries(ldd),
+            [
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+        );
+    }
+}

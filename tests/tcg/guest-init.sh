@@ -1,0 +1,125 @@
+#!/bin/busybox sh
+# /init of the Linux guest that ember boots inside the TCG test host.
+#
+# The same tree is the guest's initrd and the root filesystem image of the
+# `devices` scenario. The kernel command line picks the scenario
+# (`ember.scenario=NAME`); results are `ember-guest: key=value` lines on
+# the console, which the harness parses. Every scenario ends with
+# `reboot -f`, which ember must answer by exiting 0, except `console`,
+# which waits for Ctrl+Alt+Del from ember's API.
+
+export PATH=/bin
+busybox mkdir -p /proc /sys /dev /tmp /mnt /newroot
+busybox mount -t proc proc /proc
+busybox mount -t sysfs sysfs /sys
+busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
+busybox mount -t tmpfs tmpfs /tmp
+busybox --install -s /bin 2>/dev/null
+
+say() { echo "ember-guest: $*"; }
+# Timestamped by the kernel, for the boot-time checks.
+mark() { echo "ember-guest: $*" > /dev/kmsg; }
+
+scenario=
+root=
+for word in $(cat /proc/cmdline); do
+	case "$word" in
+	ember.scenario=*) scenario=${word#*=} ;;
+	root=*) root=${word#*=} ;;
+	esac
+done
+
+finish() {
+	say "done"
+	sync
+	reboot -f
+}
+
+if [ -e /etc/ember-initrd ]; then
+	mark "init reached"
+	say "init-uptime=$(cut -d' ' -f1 /proc/uptime)"
+	say "cpus-online=$(cat /sys/devices/system/cpu/online)"
+	for m in virtio_ring virtio virtio_mmio virtio_blk failover net_failover \
+		virtio_net vsock vmw_vsock_virtio_transport_common \
+		vmw_vsock_virtio_transport; do
+		insmod /lib/modules/$m.ko || say "insmod-failed=$m"
+	done
+	if [ -n "$root" ]; then
+		# Drivers are modules: wait for the disk, then move onto it.
+		i=0
+		while [ ! -b "$root" ] && [ $i -lt 100 ]; do
+			sleep 0.1
+			i=$((i + 1))
+		done
+		mount -t ext4 "$root" /newroot || say "root-mount-failed=$root"
+		umount /proc /sys /tmp
+		exec switch_root /newroot /init
+	fi
+fi
+
+case "$scenario" in
+boot)
+	finish
+	;;
+devices)
+	say "root-mount=$(grep ' / ' /proc/mounts | head -n1 | tr ' ' ,)"
+	for d in /sys/bus/virtio/devices/*; do
+		say "virtio-features=$(cat $d/device):$(cat $d/features)"
+	done
+
+	# Read-write root on virtio-blk: the harness reads this file back from
+	# the image after ember exits.
+	dd if=/dev/urandom of=/written.bin bs=4096 count=256 2>/dev/null
+	say "written-md5=$(md5sum /written.bin | cut -d' ' -f1)"
+	sync
+
+	# Read-only drive: the kernel marks the disk read-only and a write fails.
+	say "ro-flag=$(cat /sys/block/vdb/ro)"
+	if dd if=/dev/zero of=/dev/vdb bs=4096 count=1 oflag=direct 2>/dev/null; then
+		say "ro-write=succeeded"
+	else
+		say "ro-write=failed"
+	fi
+
+	# Discard: delete the filler and trim; the host image must lose blocks.
+	mount -t ext4 /dev/vdc /mnt && rm -f /mnt/filler && sync
+	say "fstrim=$(fstrim -v /mnt 2>&1 | tr ' ' _)"
+	umount /mnt
+
+	# virtio-net: the peer is the outer VM's end of the TAP.
+	ip link set eth0 up
+	ip addr add 172.30.0.2/24 dev eth0
+	if ping -c 3 -W 5 172.30.0.1 >/tmp/ping 2>&1; then
+		say "ping=ok"
+	else
+		say "ping=failed"
+		cat /tmp/ping
+	fi
+	dd if=/dev/urandom of=/tmp/net-out bs=65536 count=64 2>/dev/null
+	say "net-out-md5=$(md5sum /tmp/net-out | cut -d' ' -f1)"
+	socat -u FILE:/tmp/net-out TCP:172.30.0.1:5555,connect-timeout=30
+	say "net-out-rc=$?"
+	socat -u TCP:172.30.0.1:5556,connect-timeout=30 CREATE:/tmp/net-in
+	say "net-in-rc=$? net-in-md5=$(md5sum /tmp/net-in | cut -d' ' -f1)"
+
+	# vsock: the host connects in through ember's Unix socket (CONNECT
+	# 5000), then the guest connects out to the host's <uds_path>_5001.
+	say "vsock-listening"
+	timeout 120 socat -u VSOCK-LISTEN:5000 CREATE:/tmp/vsock-in
+	say "vsock-in-rc=$? vsock-in-md5=$(md5sum /tmp/vsock-in | cut -d' ' -f1)"
+	dd if=/dev/urandom of=/tmp/vsock-out bs=65536 count=8 2>/dev/null
+	say "vsock-out-md5=$(md5sum /tmp/vsock-out | cut -d' ' -f1)"
+	socat -u FILE:/tmp/vsock-out VSOCK-CONNECT:2:5001
+	say "vsock-out-rc=$?"
+	finish
+	;;
+console)
+	say "shell ready"
+	export PS1='guest# '
+	exec setsid cttyhack sh
+	;;
+*)
+	say "unknown-scenario=$scenario"
+	finish
+	;;
+esac

@@ -1,0 +1,217 @@
+#!/bin/busybox sh
+# /init of the TCG test host: a QEMU guest whose emulated AMD CPU has SVM,
+# so kvm-amd gives it a /dev/kvm with hardware-virtualization semantics.
+#
+# It loads kvm, runs each scenario named on its command line
+# (`ember.scenarios=a,b,c`) with the ember binary under test, and reports on
+# its console in lines the harness parses:
+#
+#   @@ember begin NAME            start of scenario NAME
+#   @| LINE                       a line of the inner guest's console
+#   @@ember fact NAME KEY VALUE   a fact measured on this host
+#   @@ember end NAME              end of scenario NAME
+#
+# then powers off. Guest assets are in /guest, ember in /usr/bin.
+
+export PATH=/bin:/usr/bin:/usr/sbin
+/bin/busybox mkdir -p /proc /sys /dev /tmp /run
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+/bin/busybox mount -t tmpfs -o size=1536m tmpfs /tmp
+/bin/busybox --install -s /bin
+
+fact() { echo "@@ember fact $1 $2 $3"; }
+now() { cut -d' ' -f1 /proc/uptime; }
+fact host kernel "$(uname -r)"
+fact host boot-seconds "$(now)"
+
+for m in irqbypass kvm ccp kvm-amd tun; do
+	insmod /lib/modules/$m.ko 2>/dev/null || fact host insmod-failed "$m"
+done
+if [ -c /dev/kvm ]; then fact host kvm present; else fact host kvm missing; fi
+ip link set lo up
+
+# Waits until file $1 contains the fixed string $2, for at most $3 seconds.
+wait_for() {
+	i=0
+	while ! grep -qF -- "$2" "$1" 2>/dev/null; do
+		i=$((i + 1))
+		[ $i -gt $(($3 * 5)) ] && return 1
+		sleep 0.2
+	done
+}
+
+# Prints the inner console of scenario $1 from file $2.
+show_console() {
+	sed 's/^/@| /' "$2"
+}
+
+# Writes ember's config for scenario $1: vCPUs $2, extra JSON members $3.
+config() {
+	cat > /tmp/$1.json <<EOF
+{
+  "boot-source": {
+    "kernel_image_path": "/guest/vmlinux",
+    "initrd_path": "/guest/initrd.cpio",
+    "boot_args": "console=ttyS0 reboot=k panic=1 pci=off ember.scenario=$1"
+  },
+  "machine-config": { "vcpu_count": $2, "mem_size_mib": 256, "smt": false }$3
+}
+EOF
+}
+
+# Runs ember on scenario $1 until it exits or $2 seconds pass; stdin from $3.
+run_ember() {
+	start=$(now)
+	timeout "$2" ember --no-api --config-file /tmp/$1.json <"$3" >/tmp/$1.out 2>/tmp/$1.err
+	fact "$1" ember-rc $?
+	fact "$1" ember-seconds "$(awk "BEGIN{print $(now) - $start}")"
+}
+
+scenario_boot() {
+	config boot 2 ""
+	run_ember boot 300 /dev/null
+}
+
+scenario_smp4() {
+	config smp4 4 ""
+	run_ember smp4 300 /dev/null
+}
+
+scenario_devices() {
+	cp /guest/root.ext4 /guest/ro.ext4 /guest/trim.ext4 /tmp/
+	fact devices ro-md5-before "$(md5sum /tmp/ro.ext4 | cut -d' ' -f1)"
+	fact devices trim-blocks-before "$(stat -c %b /tmp/trim.ext4)"
+	config devices 1 ',
+  "drives": [
+    {"drive_id": "rootfs", "path_on_host": "/tmp/root.ext4", "is_root_device": true, "is_read_only": false},
+    {"drive_id": "ro", "path_on_host": "/tmp/ro.ext4", "is_root_device": false, "is_read_only": true},
+    {"drive_id": "trim", "path_on_host": "/tmp/trim.ext4", "is_root_device": false, "is_read_only": false}
+  ],
+  "network-interfaces": [
+    {"iface_id": "eth0", "guest_mac": "06:00:ac:1e:00:02", "host_dev_name": "embertap0"}
+  ],
+  "vsock": {"guest_cid": 3, "uds_path": "/tmp/v.sock"}'
+
+	# The TAP appears when ember opens it; give it the host's address.
+	(
+		i=0
+		while [ ! -e /sys/class/net/embertap0 ] && [ $i -lt 3000 ]; do
+			sleep 0.1
+			i=$((i + 1))
+		done
+		ip addr add 172.30.0.1/24 dev embertap0
+		ip link set embertap0 up
+	) &
+	dd if=/dev/urandom of=/tmp/net-send bs=65536 count=64 2>/dev/null
+	fact devices net-send-md5 "$(md5sum /tmp/net-send | cut -d' ' -f1)"
+	socat -u TCP-LISTEN:5555,reuseaddr CREATE:/tmp/net-recv &
+	socat -u FILE:/tmp/net-send TCP-LISTEN:5556,reuseaddr &
+	socat -u UNIX-LISTEN:/tmp/v.sock_5001 CREATE:/tmp/vsock-recv &
+	dd if=/dev/urandom of=/tmp/vsock-send bs=65536 count=4 2>/dev/null
+	fact devices vsock-send-md5 "$(md5sum /tmp/vsock-send | cut -d' ' -f1)"
+	# Host to guest: once the guest listens, CONNECT through ember's socket.
+	(
+		wait_for /tmp/devices.out "ember-guest: vsock-listening" 600 || exit
+		i=0
+		while [ $i -lt 30 ]; do
+			(printf 'CONNECT 5000\n'; sleep 1; cat /tmp/vsock-send; sleep 1) |
+				socat -t 5 - UNIX-CONNECT:/tmp/v.sock >/tmp/vsock-reply 2>/dev/null
+			if grep -q '^OK ' /tmp/vsock-reply; then break; fi
+			i=$((i + 1))
+			sleep 1
+		done
+		fact devices vsock-connect-reply "$(head -n1 /tmp/vsock-reply | tr ' ' _)"
+	) &
+	run_ember devices 600 /dev/null
+
+	debugfs -R 'cat /written.bin' /tmp/root.ext4 2>/dev/null >/tmp/written.bin
+	fact devices written-md5 "$(md5sum /tmp/written.bin | cut -d' ' -f1)"
+	fact devices ro-md5-after "$(md5sum /tmp/ro.ext4 | cut -d' ' -f1)"
+	fact devices trim-blocks-after "$(stat -c %b /tmp/trim.ext4)"
+	fact devices net-recv-md5 "$(md5sum /tmp/net-recv | cut -d' ' -f1)"
+	fact devices vsock-recv-md5 "$(md5sum /tmp/vsock-recv | cut -d' ' -f1)"
+	rm -f /tmp/*.ext4
+}
+
+# Sends an API request: method $1, path $2, JSON body $3; prints the status line.
+api() {
+	printf '%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s' \
+		"$1" "$2" "${#3}" "$3" | socat -t 2 - UNIX-CONNECT:/tmp/api.sock | head -n1 | tr -d '\r'
+}
+
+scenario_console() {
+	config console 1 ""
+	rm -f /tmp/console.in /tmp/api.sock
+	mkfifo /tmp/console.in
+	start=$(now)
+	timeout 600 ember --api-sock /tmp/api.sock --config-file /tmp/console.json \
+		</tmp/console.in >/tmp/console.out 2>/tmp/console.err &
+	pid=$!
+	exec 3>/tmp/console.in
+	send() { printf '%s\n' "$*" >&3; }
+
+	if wait_for /tmp/console.out "ember-guest: shell ready" 300; then
+		sleep 1
+		send 'echo typed-$((6 * 7))'
+		wait_for /tmp/console.out typed-42 60
+		# A few KiB typed, and a few KiB printed.
+		seq 1 80 | sed 's/$/ the quick brown fox jumps over the lazy dog 0123456789/' >/tmp/typed
+		fact console typed-md5 "$(md5sum /tmp/typed | cut -d' ' -f1)"
+		fact console typed-bytes "$(wc -c </tmp/typed)"
+		send 'cat > /tmp/typed'
+		cat /tmp/typed >&3
+		printf '\004' >&3
+		# Each marker is computed by the shell, so that the echo of the
+		# typed command does not match it.
+		send 'echo typed-$((1))-md5=$(md5sum /tmp/typed)'
+		wait_for /tmp/console.out "typed-1-md5=" 120
+		send 'seq 1 1000; echo seq-$((1))-done'
+		wait_for /tmp/console.out "seq-1-done" 120
+
+		# Pause and resume: the clock and the console work afterwards.
+		send 'echo uptime-$((1))-before=$(cut -d" " -f1 /proc/uptime)'
+		wait_for /tmp/console.out "uptime-1-before=" 60
+		fact console pause "$(api PATCH /vm '{"state": "Paused"}' | tr ' ' _)"
+		sleep 3
+		fact console resume "$(api PATCH /vm '{"state": "Resumed"}' | tr ' ' _)"
+		send 'echo uptime-$((1))-after=$(cut -d" " -f1 /proc/uptime)'
+		wait_for /tmp/console.out "uptime-1-after=" 60
+
+		fact console ctrl-alt-del "$(api PUT /actions '{"action_type": "SendCtrlAltDel"}' | tr ' ' _)"
+	fi
+	wait $pid
+	fact console ember-rc $?
+	fact console ember-seconds "$(awk "BEGIN{print $(now) - $start}")"
+	exec 3>&-
+}
+
+# Interactive: the guest's console is this VM's console (the demo).
+scenario_shell() {
+	config console 2 ""
+	echo "Linux under ember, inside QEMU: a shell comes up on ttyS0; 'reboot -f' ends it."
+	ember --no-api --config-file /tmp/console.json
+	fact shell ember-rc $?
+}
+
+scenarios=
+for word in $(cat /proc/cmdline); do
+	case "$word" in
+	ember.scenarios=*) scenarios=$(echo "${word#*=}" | tr , ' ') ;;
+	esac
+done
+
+for s in $scenarios; do
+	if [ "$s" = shell ]; then
+		scenario_shell
+		continue
+	fi
+	echo "@@ember begin $s"
+	scenario_$s
+	show_console "$s" /tmp/$s.out
+	sed 's/^/@@ember stderr /' /tmp/$s.err
+	echo "@@ember end $s"
+done
+echo "@@ember all-done"
+poweroff -f
