@@ -33,9 +33,9 @@ use crate::api::{
     check_allowed, patch_drive, ActionHandler, ApiError, ApiServerHandle, InstanceInfo,
     InstanceState, VmmAction, VmmData, VmmResponse, FIRECRACKER_API_VERSION,
 };
-use crate::config::VmConfig;
 use crate::metrics::{Metrics, FLUSH_INTERVAL};
 use crate::vm::I8042;
+use ember_config::VmConfig;
 
 type Serial = Arc<Mutex<SerialDevice<Box<dyn Write + Send>>>>;
 
@@ -503,8 +503,8 @@ mod tests {
 
     use super::*;
     use crate::api::{DriveUpdate, MachineConfigUpdate};
-    use crate::config::{BootSource, Drive, Logger};
     use crate::vm::ResetTrigger;
+    use ember_config::{BootSource, Drive, Logger};
 
     struct Setup {
         dir: tempfile::TempDir,
@@ -722,7 +722,7 @@ mod tests {
         let path = s.dir.path().join("metrics.json");
         s.metrics
             .configure(
-                &crate::config::Metrics {
+                &ember_config::Metrics {
                     metrics_path: path.clone(),
                     emit_id: true,
                     properties: None,

@@ -6,7 +6,6 @@
 
 pub mod api;
 pub mod boot_timer;
-pub mod config;
 pub mod devices;
 pub mod event_loop;
 pub mod logger;

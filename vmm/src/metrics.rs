@@ -26,7 +26,7 @@
 //! ```
 //! use std::sync::Arc;
 //!
-//! use ember::config::Metrics as MetricsConfig;
+//! use ember_config::Metrics as MetricsConfig;
 //! use ember::metrics::{Counter, GroupWriter, Metrics};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -77,7 +77,7 @@ use ember_virtio_blk::BlockMetrics;
 use ember_virtio_net::NetMetrics;
 use ember_vsock::VsockMetrics;
 
-use crate::config;
+use ember_config as config;
 
 /// How often the VMM writes a metrics line on its own (Firecracker's period).
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(60);

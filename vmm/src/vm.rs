@@ -22,11 +22,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::api::{ApiError, ApiServerHandle, Responder, VmmData};
 use crate::boot_timer::BootTimer;
-use crate::config::{drives_in_attach_order, CacheType, IoEngine, VmConfig};
 use crate::devices::{attach_virtio_device, BlockEvents, MmioAllocator, MmioSlot};
 use crate::event_loop::{self, ApiDrive, LoopContext, RuntimeApi, Subscriber};
 use crate::metrics::Metrics;
 use crate::seccomp::Filters;
+use ember_config::{drives_in_attach_order, VmConfig};
 use ember_virtio_blk::{Block, BlockConfig};
 use ember_virtio_mmio::MmioTransport;
 use ember_virtio_net::{Net, NetConfig};
@@ -69,7 +69,7 @@ pub enum VmError {
     },
     /// The configuration has no `boot-source`.
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] ember_config::ConfigError),
     /// Kernel, initrd, command line or boot structures.
     #[error("{0}")]
     Boot(#[source] ember_boot::Error),
@@ -323,19 +323,7 @@ impl Vm {
         let mut extra_args = Vec::new();
         let mut drives = Vec::new();
         for drive in drives_in_attach_order(&config.drives) {
-            let block_config = BlockConfig {
-                drive_id: drive.drive_id.clone(),
-                path_on_host: drive.path_on_host.clone().unwrap_or_default(),
-                is_read_only: drive.is_read_only.unwrap_or(false),
-                cache_type: match drive.cache_type {
-                    CacheType::Unsafe => ember_virtio_blk::CacheType::Unsafe,
-                    CacheType::Writeback => ember_virtio_blk::CacheType::Writeback,
-                },
-                io_engine: match drive.io_engine {
-                    IoEngine::Sync => ember_virtio_blk::IoEngine::Sync,
-                    IoEngine::Async => ember_virtio_blk::IoEngine::Async,
-                },
-            };
+            let block_config = BlockConfig::from(drive);
             let block = Block::new(&block_config).map_err(|source| VmError::Drive {
                 id: drive.drive_id.clone(),
                 source,
@@ -373,27 +361,12 @@ impl Vm {
 
         let mut nets = Vec::new();
         for iface in &config.network_interfaces {
-            let guest_mac = match &iface.guest_mac {
-                Some(mac) => {
-                    Some(
-                        ember_virtio_net::parse_mac(mac).map_err(|source| VmError::Net {
-                            id: iface.iface_id.clone(),
-                            source,
-                        })?,
-                    )
-                }
-                None => None,
-            };
-            let net = Net::new(NetConfig {
-                iface_id: iface.iface_id.clone(),
-                host_dev_name: iface.host_dev_name.clone(),
-                guest_mac,
-                mtu: iface.mtu,
-            })
-            .map_err(|source| VmError::Net {
-                id: iface.iface_id.clone(),
-                source,
-            })?;
+            let net = NetConfig::try_from(iface)
+                .and_then(Net::new)
+                .map_err(|source| VmError::Net {
+                    id: iface.iface_id.clone(),
+                    source,
+                })?;
             let net = Arc::new(Mutex::new(net));
             let name = format!("network interface `{}`", iface.iface_id);
             let attached =
@@ -411,11 +384,7 @@ impl Vm {
 
         let mut vsock = None;
         if let Some(v) = &config.vsock {
-            let device = Vsock::new(VsockConfig {
-                guest_cid: v.guest_cid,
-                uds_path: v.uds_path.clone(),
-            })
-            .map_err(VmError::Vsock)?;
+            let device = Vsock::new(VsockConfig::from(v)).map_err(VmError::Vsock)?;
             let device = Arc::new(Mutex::new(device));
             let attached = attach_virtio_device(
                 &vm_fd,
@@ -697,7 +666,7 @@ fn insert(
 /// Loads the kernel and initrd and writes the boot structures.
 fn load_kernel(
     mem: &GuestMemoryMmap,
-    boot: &crate::config::BootSource,
+    boot: &ember_config::BootSource,
     boot_args: &str,
     vcpu_count: u8,
     virtio_slots: &[MmioSlot],

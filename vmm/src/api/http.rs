@@ -452,7 +452,7 @@ pub fn response_to_http(response: &VmmResponse) -> HttpResponse {
 mod tests {
     use super::*;
     use crate::api::action::{InstanceInfo, InstanceState};
-    use crate::config::MachineConfig;
+    use ember_config::MachineConfig;
 
     fn decode_all(d: &mut RequestDecoder) -> Vec<Decoded> {
         std::iter::from_fn(|| d.decode()).collect()

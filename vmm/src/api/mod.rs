@@ -12,7 +12,7 @@
 //! The VMM side is an [`ActionHandler`]: before boot,
 //! [`PreBootResources`] applies every configuration request with
 //! Firecracker's rules and the configuration file's validation, and hands
-//! the resulting [`VmConfig`](crate::config::VmConfig) over on
+//! the resulting [`VmConfig`](ember_config::VmConfig) over on
 //! `InstanceStart`; after boot, [`check_allowed`] says which actions remain
 //! allowed.
 //!

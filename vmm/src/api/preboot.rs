@@ -10,7 +10,7 @@ use super::action::{
     ApiError, DriveUpdate, InstanceInfo, InstanceState, VmmAction, VmmData, VmmResponse,
     FIRECRACKER_API_VERSION,
 };
-use crate::config::{ConfigError, Drive, NetworkInterface, VmConfig};
+use ember_config::{ConfigError, Drive, NetworkInterface, VmConfig};
 
 /// Something that carries out actions: the VMM implements it for each phase
 /// of a microVM's life.
@@ -321,7 +321,7 @@ mod tests {
 
     use super::*;
     use crate::api::action::MachineConfigUpdate;
-    use crate::config::{BootSource, Logger, MachineConfig, Metrics, Vsock};
+    use ember_config::{BootSource, Logger, MachineConfig, Metrics, Vsock};
 
     fn kernel() -> tempfile::NamedTempFile {
         tempfile::NamedTempFile::new().unwrap()
