@@ -33,9 +33,9 @@ use crate::api::{
     check_allowed, patch_drive, ActionHandler, ApiError, ApiServerHandle, InstanceInfo,
     InstanceState, VmmAction, VmmData, VmmResponse, FIRECRACKER_API_VERSION,
 };
-use crate::metrics::{Metrics, FLUSH_INTERVAL};
 use crate::vm::I8042;
 use ember_config::VmConfig;
+use ember_logger::metrics::{Metrics, FLUSH_INTERVAL};
 
 type Serial = Arc<Mutex<SerialDevice<Box<dyn Write + Send>>>>;
 

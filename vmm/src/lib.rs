@@ -8,8 +8,6 @@ pub mod api;
 pub mod boot_timer;
 pub mod devices;
 pub mod event_loop;
-pub mod logger;
-pub mod metrics;
 pub mod seccomp;
 pub mod terminal;
 pub mod vm;

@@ -14,10 +14,11 @@ use ember::api::{
     start_api_server_with, ActionHandler, ApiError, ApiServerHandle, PreBootResources, Responder,
     ServerOptions, VmmAction, VmmData, VmmResponse,
 };
-use ember::metrics::Metrics;
 use ember::seccomp::{Filters, SeccompConfig};
-use ember::{boot_timer, logger, terminal, vm};
+use ember::{boot_timer, terminal, vm};
 use ember_config::{self as config, LogLevel, VmConfig};
+use ember_logger::logger;
+use ember_logger::metrics::Metrics;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Exit codes, Firecracker's values.

@@ -24,9 +24,9 @@ use crate::api::{ApiError, ApiServerHandle, Responder, VmmData};
 use crate::boot_timer::BootTimer;
 use crate::devices::{attach_virtio_device, BlockEvents, MmioAllocator, MmioSlot};
 use crate::event_loop::{self, ApiDrive, LoopContext, RuntimeApi, Subscriber};
-use crate::metrics::Metrics;
 use crate::seccomp::Filters;
 use ember_config::{drives_in_attach_order, VmConfig};
+use ember_logger::metrics::Metrics;
 use ember_virtio_blk::{Block, BlockConfig};
 use ember_virtio_mmio::MmioTransport;
 use ember_virtio_net::{Net, NetConfig};
@@ -150,7 +150,7 @@ pub struct RunContext<'a> {
     /// loop.
     pub api: Option<&'a ApiServerHandle>,
     /// Where device and vCPU counters are registered; a line is written
-    /// every [`FLUSH_INTERVAL`](crate::metrics::FLUSH_INTERVAL) and when the
+    /// every [`FLUSH_INTERVAL`](ember_logger::metrics::FLUSH_INTERVAL) and when the
     /// VM stops.
     pub metrics: Option<Arc<Metrics>>,
     /// The microVM id (`GET /`).

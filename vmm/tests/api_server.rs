@@ -543,7 +543,7 @@ fn too_many_connections_evicts_the_idle_or_refuses() {
 fn request_counts_reach_the_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let path = socket(&dir);
-    let metrics = ember::metrics::Metrics::new();
+    let metrics = ember_logger::metrics::Metrics::new();
     let opts = ServerOptions {
         metrics: metrics.api_requests(),
         ..ServerOptions::new(DEFAULT_MAX_PAYLOAD)

@@ -25,8 +25,8 @@ use super::http::{
 };
 use super::preboot::ActionHandler;
 use super::request::{allowed_methods, parse_request, request_counters, DEFAULT_MAX_PAYLOAD};
-use crate::metrics::ApiRequestMetrics;
 use crate::seccomp::{self, BpfProgram, SeccompError};
+use ember_logger::metrics::ApiRequestMetrics;
 
 /// Name of the API server thread.
 pub const THREAD_NAME: &str = "ember_api";

@@ -27,7 +27,7 @@
 //! use std::sync::Arc;
 //!
 //! use ember_config::Metrics as MetricsConfig;
-//! use ember::metrics::{Counter, GroupWriter, Metrics};
+//! use ember_logger::metrics::{Counter, GroupWriter, Metrics};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dir = tempfile::tempdir()?;
@@ -184,7 +184,7 @@ impl GroupWriter<'_> {
 ///
 /// ```
 /// # use std::sync::Arc;
-/// # use ember::metrics::{Counter, GroupWriter, Metrics};
+/// # use ember_logger::metrics::{Counter, GroupWriter, Metrics};
 /// struct NetMetrics { rx_bytes_count: Counter }
 /// let net = Arc::new(NetMetrics { rx_bytes_count: Counter::new() });
 /// let metrics = Metrics::new();
