@@ -11,7 +11,7 @@
 //! Where each thread installs its filter, before it does anything a guest or an API
 //! client can influence:
 //!
-//! - the API thread, first thing ([`ServerOptions::seccomp_filter`]);
+//! - the API thread, first thing ([`ServerOptions::thread_hook`], with [`crate::api_thread_hook`]);
 //! - each vCPU thread, first thing, before its first `KVM_RUN`
 //!   ([`Filters::vcpu_hook`] with `ember_vcpu::Vcpu::start_with_hook`);
 //! - the VMM thread, once the VM is built and before the guest runs: the vCPUs start
@@ -46,7 +46,7 @@
 //! # Ok::<(), ember::seccomp::SeccompError>(())
 //! ```
 //!
-//! [`ServerOptions::seccomp_filter`]: crate::api::ServerOptions::seccomp_filter
+//! [`ServerOptions::thread_hook`]: ember_api::ServerOptions::thread_hook
 
 use std::fmt;
 use std::io::{self, Read};

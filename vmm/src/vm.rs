@@ -20,11 +20,13 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::api::{ApiError, ApiServerHandle, Responder, VmmData};
 use crate::boot_timer::BootTimer;
 use crate::devices::{attach_virtio_device, BlockEvents, MmioAllocator, MmioSlot};
-use crate::event_loop::{self, ApiDrive, LoopContext, RuntimeApi, Subscriber};
+use crate::event_loop::{self, LoopContext, Subscriber};
 use crate::seccomp::Filters;
+use ember_api::{
+    ApiError, ApiServerHandle, Responder, RuntimeApiController, RuntimeVm, VmActionError, VmmData,
+};
 use ember_config::{drives_in_attach_order, VmConfig};
 use ember_logger::metrics::Metrics;
 use ember_virtio_blk::{Block, BlockConfig};
@@ -585,23 +587,22 @@ impl Vm {
         log::info!("microVM running with {} vCPU(s)", handles.len());
 
         let api = ctx.api.map(|server| {
-            let drives = self
-                .drives
-                .iter()
-                .map(|d| ApiDrive {
-                    id: d.id.clone(),
-                    block: d.block.clone(),
-                })
-                .collect();
-            let handler = RuntimeApi::new(
+            let running = RunningVm {
+                control: self.control.clone(),
+                i8042: self.i8042.clone(),
+                drives: self
+                    .drives
+                    .iter()
+                    .map(|d| (d.id.clone(), d.block.clone()))
+                    .collect(),
+            };
+            let controller = RuntimeApiController::new(
                 ctx.instance_id.clone(),
                 self.config.clone(),
-                self.control.clone(),
-                self.i8042.clone(),
-                drives,
+                running,
                 ctx.metrics.clone(),
             );
-            (server, handler)
+            (server, controller)
         });
         let loop_result = event_loop::run(LoopContext {
             control: &self.control,
@@ -624,6 +625,46 @@ impl Vm {
         }
         loop_result.map_err(VmError::EventLoop)?;
         Ok(self.control.exit_reason().unwrap_or(ExitReason::Stopped))
+    }
+}
+
+/// The running VM as the API's runtime controller sees it.
+struct RunningVm {
+    control: Arc<VmControl>,
+    i8042: I8042,
+    drives: Vec<(String, Arc<Mutex<Block>>)>,
+}
+
+impl RuntimeVm for RunningVm {
+    fn pause(&mut self) -> Result<(), VmActionError> {
+        self.control
+            .pause()
+            .map_err(|e| VmActionError::Failed(e.into()))
+    }
+
+    fn resume(&mut self) {
+        self.control.resume()
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.control.is_exiting()
+    }
+
+    fn send_ctrl_alt_del(&mut self) -> Result<(), VmActionError> {
+        lock(&self.i8042)
+            .trigger_ctrl_alt_del()
+            .map_err(|e| VmActionError::Failed(e.into()))
+    }
+
+    fn replace_drive_file(&mut self, id: &str, path: &Path) -> Result<(), VmActionError> {
+        let (_, block) = self
+            .drives
+            .iter()
+            .find(|(d, _)| d == id)
+            .ok_or_else(|| VmActionError::NoSuchDrive(id.to_string()))?;
+        lock(block)
+            .update_backing_file(path)
+            .map_err(|e| VmActionError::Failed(e.into()))
     }
 }
 

@@ -15,11 +15,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
-use ember::api::{
+use ember::seccomp::{sock_filter, Filters, MismatchAction};
+use ember_api::{
     start_api_server_with, ActionHandler, ApiServerError, ApiServerHandle, PreBootResources,
     ServerOptions, THREAD_NAME,
 };
-use ember::seccomp::{sock_filter, Filters, MismatchAction};
 
 /// Sends `raw` on a new connection and reads until `n` complete answers
 /// have arrived or the server closes the connection.
@@ -145,7 +145,9 @@ fn the_api_thread_serves_under_its_filter() {
     let options = ServerOptions {
         request_timeout: Duration::from_millis(200),
         max_connections: 2,
-        seccomp_filter: Filters::builtin(MismatchAction::KillProcess).api(),
+        thread_hook: Filters::builtin(MismatchAction::KillProcess)
+            .api()
+            .map(ember::api_thread_hook),
         ..ServerOptions::new(1024)
     };
     let api = start_api_server_with(&path, options).unwrap();
@@ -226,7 +228,7 @@ fn a_filter_the_kernel_refuses_stops_the_server_from_starting() {
         k: 0,
     }]);
     let options = ServerOptions {
-        seccomp_filter: Some(bogus),
+        thread_hook: Some(ember::api_thread_hook(bogus)),
         ..ServerOptions::default()
     };
     let err = start_api_server_with(&path, options).unwrap_err();
