@@ -32,6 +32,20 @@ use ember_logger::metrics::{Metrics, FLUSH_INTERVAL};
 
 type Serial = Arc<Mutex<SerialDevice<Box<dyn Write + Send>>>>;
 
+/// Why the event loop could not run on.
+#[derive(Debug, thiserror::Error)]
+pub enum EventLoopError {
+    /// An event manager (epoll set) could not be created.
+    #[error("cannot create the event manager: {0}")]
+    CreateManager(#[source] event_manager::Error),
+    /// The metrics timer could not be created or armed.
+    #[error("cannot set up the metrics timer: {0}")]
+    Timer(#[source] vmm_sys_util::errno::Error),
+    /// Waiting for events failed.
+    #[error("epoll failed: {0}")]
+    Epoll(#[source] event_manager::Error),
+}
+
 /// A subscriber of the VMM thread's event loop.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -210,7 +224,7 @@ pub struct LoopContext<'a, V> {
 }
 
 /// Runs until the VM's exit event fires.
-pub fn run<V: RuntimeVm>(ctx: LoopContext<'_, V>) -> Result<(), String> {
+pub fn run<V: RuntimeVm>(ctx: LoopContext<'_, V>) -> Result<(), EventLoopError> {
     let LoopContext {
         control,
         serial,
@@ -221,19 +235,18 @@ pub fn run<V: RuntimeVm>(ctx: LoopContext<'_, V>) -> Result<(), String> {
         metrics,
         stop,
     } = ctx;
-    let new_manager = || -> Result<EventManager<Subscriber>, String> {
-        EventManager::new().map_err(|e| format!("cannot create the event manager: {e:?}"))
+    let new_manager = || -> Result<EventManager<Subscriber>, EventLoopError> {
+        EventManager::new().map_err(EventLoopError::CreateManager)
     };
     let mut running = new_manager()?;
     let mut paused = new_manager()?;
 
     let timer = match &metrics {
         Some(_) => {
-            let mut timer =
-                TimerFd::new().map_err(|e| format!("cannot create the metrics timer: {e}"))?;
+            let mut timer = TimerFd::new().map_err(EventLoopError::Timer)?;
             timer
                 .reset(FLUSH_INTERVAL, Some(FLUSH_INTERVAL))
-                .map_err(|e| format!("cannot arm the metrics timer: {e}"))?;
+                .map_err(EventLoopError::Timer)?;
             Some(timer)
         }
         None => None,
@@ -280,7 +293,7 @@ pub fn run<V: RuntimeVm>(ctx: LoopContext<'_, V>) -> Result<(), String> {
             .as_ref()
             .is_some_and(|(_, h)| h.state() == InstanceState::Paused);
         let manager = if is_paused { &mut paused } else { &mut running };
-        manager.run().map_err(|e| format!("epoll failed: {e:?}"))?;
+        manager.run().map_err(EventLoopError::Epoll)?;
 
         if wakeups.api.swap(false, Ordering::SeqCst) {
             if let Some((server, handler)) = api.as_mut() {

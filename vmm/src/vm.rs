@@ -122,9 +122,12 @@ pub enum VmError {
     /// A virtio device could not be attached.
     #[error(transparent)]
     Device(#[from] crate::devices::DeviceError),
+    /// A virtio device has no queue to run.
+    #[error("{0} has no queue")]
+    NoQueue(String),
     /// The event loop failed.
     #[error("event loop: {0}")]
-    EventLoop(String),
+    EventLoop(#[from] crate::event_loop::EventLoopError),
     /// The VMM thread could not install its seccomp filter.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
@@ -343,7 +346,7 @@ impl Vm {
             let queue = attached
                 .queue_events
                 .first()
-                .ok_or_else(|| VmError::EventLoop(format!("{name} has no queue")))?
+                .ok_or_else(|| VmError::NoQueue(name.clone()))?
                 .try_clone()
                 .map_err(VmError::EventFd)?;
             subscribers.push(Arc::new(Mutex::new(
@@ -623,7 +626,7 @@ impl Vm {
                 log::warn!("cannot write the last metrics line: {e}");
             }
         }
-        loop_result.map_err(VmError::EventLoop)?;
+        loop_result?;
         Ok(self.control.exit_reason().unwrap_or(ExitReason::Stopped))
     }
 }

@@ -53,7 +53,7 @@ mod walk;
 
 use std::sync::OnceLock;
 
-pub use control::{ExitReason, VmControl};
+pub use control::{ExitReason, RunState, VmControl};
 pub use cpuid::CpuidError;
 pub use metrics::{Counter, VcpuMetrics};
 pub use vcpu::{ThreadHook, Vcpu, VcpuHandle};

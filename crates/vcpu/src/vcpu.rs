@@ -11,7 +11,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 
-use crate::control::{KickTarget, EXITING, PAUSED, RUNNING};
+use crate::control::{KickTarget, RunState};
 use crate::metrics::VcpuMetrics;
 use crate::walk::{fetch_instruction, MAX_INSN_LEN};
 use crate::{
@@ -276,15 +276,14 @@ impl Runner {
             // One atomic load per exit: a device that stopped the VM during the last exit
             // (the i8042 reset) ends this vCPU before the guest runs again.
             match control.state() {
-                RUNNING => {}
-                PAUSED => {
+                RunState::Running => {}
+                RunState::Paused => {
                     if control.park() {
                         continue;
                     }
                     return None;
                 }
-                EXITING => return None,
-                _ => return None,
+                RunState::Exiting => return None,
             }
             match self.fd.run() {
                 Ok(exit) => match exit {
