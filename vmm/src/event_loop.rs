@@ -16,21 +16,17 @@
 //! SIGTERM and SIGINT handler) stops the VM like an i8042 reset would, so
 //! that the VMM still writes its last metrics line and removes its socket.
 
-use std::io::Write;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ember_legacy_devices::serial::SerialDevice;
+use ember_devices::{Serial, Subscriber};
 use ember_vcpu::VmControl;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use ember_api::{ActionHandler, ApiServerHandle, InstanceState, RuntimeApiController, RuntimeVm};
 use ember_logger::metrics::{Metrics, FLUSH_INTERVAL};
-
-type Serial = Arc<Mutex<SerialDevice<Box<dyn Write + Send>>>>;
 
 /// Why the event loop could not run on.
 #[derive(Debug, thiserror::Error)]
@@ -45,9 +41,6 @@ pub enum EventLoopError {
     #[error("epoll failed: {0}")]
     Epoll(#[source] event_manager::Error),
 }
-
-/// A subscriber of the VMM thread's event loop.
-pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Device state stays usable after a panic elsewhere: the VMM must still
@@ -206,10 +199,9 @@ impl MutEventSubscriber for StdinToSerial {
 pub struct LoopContext<'a, V> {
     /// The VM's run state.
     pub control: &'a VmControl,
-    /// The UART, fed from `stdin`.
-    pub serial: Serial,
-    /// Written by the UART when the guest made room in its receive FIFO.
-    pub input_ready: &'a EventFd,
+    /// The UART, fed from `stdin`, and the eventfd it writes when the guest
+    /// made room in its receive FIFO.
+    pub serial: Option<(Serial, RawFd)>,
     /// Host input for the serial console.
     pub stdin: RawFd,
     /// The device subscribers (virtio queues, TAPs, vsock sockets).
@@ -228,7 +220,6 @@ pub fn run<V: RuntimeVm>(ctx: LoopContext<'_, V>) -> Result<(), EventLoopError> 
     let LoopContext {
         control,
         serial,
-        input_ready,
         stdin,
         devices,
         mut api,
@@ -262,21 +253,23 @@ pub fn run<V: RuntimeVm>(ctx: LoopContext<'_, V>) -> Result<(), EventLoopError> 
     running.add_subscriber(control_events.clone());
     paused.add_subscriber(control_events);
 
-    // Non-blocking stdin so a spurious wake-up never stalls the loop.
-    // SAFETY: fcntl on a file descriptor we were given; failure is harmless.
-    unsafe {
-        let flags = libc::fcntl(stdin, libc::F_GETFL);
-        if flags >= 0 {
-            libc::fcntl(stdin, libc::F_SETFL, flags | libc::O_NONBLOCK);
+    if let Some((serial, input_ready)) = serial {
+        // Non-blocking stdin so a spurious wake-up never stalls the loop.
+        // SAFETY: fcntl on a file descriptor we were given; failure is harmless.
+        unsafe {
+            let flags = libc::fcntl(stdin, libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(stdin, libc::F_SETFL, flags | libc::O_NONBLOCK);
+            }
         }
+        running.add_subscriber(Arc::new(Mutex::new(StdinToSerial {
+            stdin,
+            input_ready,
+            serial,
+            pending: Vec::new(),
+            stdin_open: false,
+        })));
     }
-    running.add_subscriber(Arc::new(Mutex::new(StdinToSerial {
-        stdin,
-        input_ready: input_ready.as_raw_fd(),
-        serial,
-        pending: Vec::new(),
-        stdin_open: false,
-    })));
     for device in devices {
         running.add_subscriber(device);
     }

@@ -4,8 +4,6 @@
 
 #![deny(missing_docs)]
 
-pub mod boot_timer;
-pub mod devices;
 pub mod event_loop;
 pub mod seccomp;
 pub mod terminal;

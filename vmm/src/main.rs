@@ -11,12 +11,13 @@ use std::time::Instant;
 use clap::Parser;
 
 use ember::seccomp::{Filters, SeccompConfig};
-use ember::{boot_timer, terminal, vm};
+use ember::{terminal, vm};
 use ember_api::{
     start_api_server_with, ApiError, ApiServerHandle, PrebootApiController, PrebootOutcome,
     Responder, ServerOptions, VmmAction,
 };
 use ember_config::{self as config, LogLevel, VmConfig};
+use ember_devices::boot_timer;
 use ember_logger::logger;
 use ember_logger::metrics::Metrics;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
