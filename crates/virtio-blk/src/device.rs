@@ -7,10 +7,12 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use ember_virtio_mmio::{ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
+use ember_virtio::{
+    drain_eventfd, needs_interrupt, take_queues, ActivateError, ActiveQueue, InterruptKind,
+    VirtioConfig, VirtioDevice, VirtioInterrupt,
+};
 use log::{debug, error, warn};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -19,7 +21,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap};
@@ -426,28 +428,13 @@ fn add_used(active: &mut Active, head: u16, len: u32, metrics: &BlockMetrics) {
 /// Interrupts the driver once for everything added to the used ring since
 /// the last call, unless it asked not to be.
 fn signal_used(active: &mut Active, metrics: &BlockMetrics) {
-    match active.queue.needs_notification(&active.mem) {
+    match needs_interrupt(&mut active.queue, &active.mem) {
         Ok(true) => {}
         Ok(false) => return,
         Err(e) => {
             // Better a spurious interrupt than a lost one.
             metrics.event_fails.inc();
             error!("virtio-blk: cannot read the notification state: {e}");
-        }
-    }
-    if !active.queue.event_idx_enabled() {
-        // virtio 1.2 §2.7.7.2: without VIRTIO_F_EVENT_IDX, the device
-        // SHOULD NOT interrupt while the driver sets
-        // VRING_AVAIL_F_NO_INTERRUPT in the available ring's flags (Linux
-        // does while it is already reaping used buffers). needs_notification
-        // above fenced the used ring writes before this read.
-        let flags = active
-            .mem
-            .load::<u16>(GuestAddress(active.queue.avail_ring()), Ordering::Acquire)
-            .map(u16::from_le)
-            .unwrap_or(0);
-        if u32::from(flags) & VRING_AVAIL_F_NO_INTERRUPT != 0 {
-            return;
         }
     }
     match active.interrupt.trigger(InterruptKind::Vring) {
@@ -460,22 +447,16 @@ fn signal_used(active: &mut Active, metrics: &BlockMetrics) {
 }
 
 fn drain_event(evt: &EventFd, metrics: &BlockMetrics) {
-    match evt.read() {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-        Err(e) => {
-            metrics.event_fails.inc();
-            error!("virtio-blk: failed to read an EventFd: {e}");
-        }
+    if let Err(e) = drain_eventfd(evt) {
+        metrics.event_fails.inc();
+        error!("virtio-blk: failed to read an EventFd: {e}");
     }
 }
 
 /// A virtio block device (virtio 1.2 §5.2) backed by a raw image file.
 pub struct Block {
     config: BlockConfig,
-    avail_features: u64,
-    acked_features: u64,
-    config_space: [u8; CONFIG_SPACE_SIZE],
+    virtio: VirtioConfig,
     metrics: Arc<BlockMetrics>,
     disk: Disk,
     active: Option<Active>,
@@ -488,8 +469,8 @@ impl std::fmt::Debug for Block {
         f.debug_struct("Block")
             .field("config", &self.config)
             .field("capacity", &self.disk.nsectors)
-            .field("avail_features", &self.avail_features)
-            .field("acked_features", &self.acked_features)
+            .field("avail_features", &self.virtio.avail_features())
+            .field("acked_features", &self.virtio.acked_features())
             .field("activated", &self.active.is_some())
             .field("pending", &self.disk.in_use)
             .finish_non_exhaustive()
@@ -612,9 +593,10 @@ impl Block {
 
         Ok(Block {
             config: config.clone(),
-            avail_features,
-            acked_features: 0,
-            config_space: build_config_space(nsectors, discard_alignment),
+            virtio: VirtioConfig::new(
+                avail_features,
+                build_config_space(nsectors, discard_alignment).to_vec(),
+            ),
             metrics: Arc::new(BlockMetrics::default()),
             disk: Disk {
                 engine,
@@ -690,7 +672,9 @@ impl Block {
         }
         drop(old);
         self.disk.nsectors = backing.nsectors;
-        self.config_space = build_config_space(backing.nsectors, backing.discard_alignment);
+        self.virtio.set_config_space(
+            build_config_space(backing.nsectors, backing.discard_alignment).to_vec(),
+        );
         self.config.path_on_host = path.to_path_buf();
         self.metrics.update_count.inc();
         if let Some(active) = self.active.as_mut() {
@@ -931,27 +915,21 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        self.avail_features
+        self.virtio.avail_features()
     }
 
     fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-        self.disk.discard = self.acked_features & (1u64 << VIRTIO_BLK_F_DISCARD) != 0;
-        self.disk.write_zeroes = self.acked_features & (1u64 << VIRTIO_BLK_F_WRITE_ZEROES) != 0;
+        self.virtio.ack_features(features);
+        self.disk.discard = self.virtio.has_acked(VIRTIO_BLK_F_DISCARD);
+        self.disk.write_zeroes = self.virtio.has_acked(VIRTIO_BLK_F_WRITE_ZEROES);
     }
 
     fn config_size(&self) -> u64 {
-        CONFIG_SPACE_SIZE as u64
+        self.virtio.config_size()
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let src = usize::try_from(offset)
-            .ok()
-            .and_then(|start| self.config_space.get(start..start.checked_add(data.len())?));
-        match src {
-            Some(src) => data.copy_from_slice(src),
-            None => data.fill(0),
-        }
+        self.virtio.read_config(offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -974,23 +952,12 @@ impl VirtioDevice for Block {
             self.metrics.activate_fails.inc();
             return Err(ActivateError::AlreadyActivated);
         }
-        let count = queues.len();
-        let mut queues = queues.into_iter();
-        let (Some(active), None) = (queues.next(), queues.next()) else {
-            self.metrics.activate_fails.inc();
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                actual: count,
-            });
-        };
-        if active.index != 0 {
-            self.metrics.activate_fails.inc();
-            return Err(ActivateError::QueueNotReady(0));
-        }
+        let [queue] =
+            take_queues::<1>(queues).inspect_err(|_| self.metrics.activate_fails.inc())?;
         self.active = Some(Active {
             mem,
-            queue: active.queue,
-            notify: active.notify,
+            queue: queue.queue,
+            notify: queue.notify,
             interrupt,
         });
         Ok(())
@@ -999,7 +966,7 @@ impl VirtioDevice for Block {
     fn reset(&mut self) -> bool {
         let stopped = self.stop();
         self.active = None;
-        self.acked_features = 0;
+        self.virtio.reset();
         self.disk.discard = false;
         self.disk.write_zeroes = false;
         stopped

@@ -3,8 +3,8 @@
 //! A virtio block device (virtio 1.2 §5.2) backed by a raw image file on the
 //! host.
 //!
-//! [`Block`] implements [`ember_virtio_mmio::VirtioDevice`]; put it behind an
-//! [`ember_virtio_mmio::MmioTransport`]. It serves reads, writes, flushes,
+//! [`Block`] implements [`ember_virtio::VirtioDevice`]; put it behind a
+//! transport such as `ember_virtio_mmio::MmioTransport`. It serves reads, writes, flushes,
 //! GET_ID (the drive ID), discard and write zeroes, on one queue of
 //! [`QUEUE_SIZE`] entries, with two I/O engines as in Firecracker:
 //! [`IoEngine::Sync`] (`preadv`/`pwritev` straight into guest memory) and
@@ -75,7 +75,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use device::Block;
-pub use metrics::{BlockMetrics, Counter};
+pub use metrics::BlockMetrics;
 pub use request::{
     Request, RequestError, RequestErrorKind, RequestType, SectorRange, Segment, HEADER_SIZE,
     MAX_DESCRIPTORS, RANGE_SIZE,

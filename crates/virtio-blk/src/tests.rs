@@ -9,8 +9,8 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ember_virtio::{ActivateError, ActiveQueue, VirtioDevice};
 use ember_virtio_mmio::test_utils::{MockInterrupt, QueueLayout};
-use ember_virtio_mmio::{ActivateError, ActiveQueue, VirtioDevice};
 use tempfile::NamedTempFile;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_WRITE_ZEROES,

@@ -30,7 +30,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
+use ember_virtio::{
+    features_page, ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt,
+};
 
 /// Size of the MMIO window of one device: registers up to 0xff, configuration
 /// space from 0x100 (virtio 1.2 §4.2.2).
@@ -437,11 +439,7 @@ impl MmioTransport {
             REG_VENDOR_ID => VENDOR_ID,
             REG_DEVICE_FEATURES => {
                 let features = self.locked_device().features();
-                match self.device_features_sel {
-                    0 => features as u32,
-                    1 => (features >> 32) as u32,
-                    _ => 0,
-                }
+                features_page(features, self.device_features_sel)
             }
             // 0 means "queue not available" (virtio 1.2 §4.2.2).
             REG_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
