@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::api::{ApiError, ApiServerHandle, Responder, VmmData};
 use crate::boot_timer::BootTimer;
 use crate::config::{drives_in_attach_order, CacheType, IoEngine, VmConfig};
-use crate::devices::{attach_virtio_device, BlockEvents, MmioAllocator, MmioSlot};
+use crate::devices::{attach_virtio_device, MmioAllocator, MmioSlot};
 use crate::event_loop::{self, ApiDrive, LoopContext, RuntimeApi, Subscriber};
 use crate::metrics::Metrics;
 use crate::seccomp::Filters;
@@ -350,15 +350,7 @@ impl Vm {
                 block.clone(),
                 &name,
             )?;
-            let queue = attached
-                .queue_events
-                .first()
-                .ok_or_else(|| VmError::EventLoop(format!("{name} has no queue")))?
-                .try_clone()
-                .map_err(VmError::EventFd)?;
-            subscribers.push(Arc::new(Mutex::new(
-                BlockEvents::new(block.clone(), queue, name).map_err(VmError::EventFd)?,
-            )));
+            subscribers.push(block.clone());
             if let Some(root) = drive.root_args() {
                 extra_args.push(root);
             }

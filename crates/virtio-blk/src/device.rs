@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -42,10 +42,10 @@ use crate::{
 const MAX_IN_FLIGHT: usize = QUEUE_SIZE as usize;
 
 /// What an activated device holds.
-struct Active {
+pub(crate) struct Active {
     mem: GuestMemoryMmap,
     queue: Queue,
-    notify: EventFd,
+    pub(crate) notify: EventFd,
     interrupt: Arc<dyn VirtioInterrupt>,
 }
 
@@ -459,7 +459,17 @@ pub struct Block {
     virtio: VirtioConfig,
     metrics: Arc<BlockMetrics>,
     disk: Disk,
-    active: Option<Active>,
+    pub(crate) active: Option<Active>,
+    /// Signalled at activation and reset, so that the event loop starts or
+    /// stops watching the queue.
+    pub(crate) control_evt: EventFd,
+    /// Whether the device was added to an event loop.
+    pub(crate) subscribed: bool,
+    /// The queue descriptor registered with the event loop, if any.
+    pub(crate) registered: Option<RawFd>,
+    /// Notify EventFds of a previous activation, kept open until the event
+    /// loop has unregistered them.
+    pub(crate) retired: Vec<EventFd>,
     throttled: bool,
     completions: Vec<(u64, io::Result<u32>)>,
 }
@@ -571,6 +581,7 @@ impl Block {
             discard_alignment,
         } = open_backing_file(&config.path_on_host, config.is_read_only)?;
 
+        let control_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
         let engine: Box<dyn Engine> = match config.io_engine {
             IoEngine::Sync => Box::new(SyncEngine::new(file)),
             IoEngine::Async => {
@@ -612,6 +623,10 @@ impl Block {
                 max_in_flight: MAX_IN_FLIGHT,
             },
             active: None,
+            control_evt,
+            subscribed: false,
+            registered: None,
+            retired: Vec::new(),
             throttled: false,
             completions: Vec::new(),
         })
@@ -954,6 +969,10 @@ impl VirtioDevice for Block {
         }
         let [queue] =
             take_queues::<1>(queues).inspect_err(|_| self.metrics.activate_fails.inc())?;
+        if let Err(e) = self.control_evt.write(1) {
+            self.metrics.activate_fails.inc();
+            return Err(ActivateError::Io(e));
+        }
         self.active = Some(Active {
             mem,
             queue: queue.queue,
@@ -965,7 +984,17 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) -> bool {
         let stopped = self.stop();
-        self.active = None;
+        if let Some(active) = self.active.take() {
+            if self.subscribed {
+                // The event loop may be watching it: it stays open until the
+                // event loop has unregistered it.
+                self.retired.push(active.notify);
+                if let Err(e) = self.control_evt.write(1) {
+                    self.metrics.event_fails.inc();
+                    error!("virtio-blk: cannot signal the reset to the event loop: {e}");
+                }
+            }
+        }
         self.virtio.reset();
         self.disk.discard = false;
         self.disk.write_zeroes = false;
