@@ -1548,3 +1548,48 @@ fn runs_from_an_event_loop_through_activation_and_reset() {
     events.run_with_timeout(50).unwrap();
     assert_eq!(block.lock().unwrap().metrics().queue_event_count.count(), 1);
 }
+
+#[test]
+fn event_idx_suppresses_interrupts_and_publishes_avail_event() {
+    use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+    use virtio_queue::QueueT;
+
+    let mut h = Harness::inactive(Opts::new(IoEngine::Sync));
+    let features = h.block.features();
+    assert_ne!(features & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
+    h.block.ack_features(features);
+    let mut queue: Queue = h.vq.create_queue().unwrap();
+    // What the transport does when the driver accepted EVENT_IDX.
+    queue.set_event_idx(true);
+    h.block
+        .activate(
+            h.mem.clone(),
+            vec![ActiveQueue {
+                index: 0,
+                queue,
+                notify: EventFd::new(EFD_NONBLOCK).unwrap(),
+            }],
+            h.interrupt.clone(),
+        )
+        .unwrap();
+    // used_event (after the 256 ring entries of the available ring) = 1:
+    // the driver wants an interrupt once the used index passes 1.
+    let used_event = GuestAddress(h.vq.avail_addr().raw_value() + 4 + 2 * 256);
+    let avail_event = GuestAddress(h.vq.used_addr().raw_value() + 4 + 8 * 256);
+    h.mem.write_obj(1u16.to_le(), used_event).unwrap();
+
+    h.rw(0, VIRTIO_BLK_T_IN, 0, DATA, 512);
+    h.block.process_queue().unwrap();
+    assert_eq!(h.take_used().len(), 1);
+    // Used index 0 -> 1 does not pass used_event 1: no interrupt.
+    assert_eq!(h.interrupt.vring_count(), 0);
+    // The device published how far it read: kick me at avail index 1.
+    assert_eq!(u16::from_le(h.mem.read_obj(avail_event).unwrap()), 1);
+
+    h.rw(1, VIRTIO_BLK_T_IN, 0, DATA, 512);
+    h.block.process_queue().unwrap();
+    assert_eq!(h.take_used().len(), 1);
+    // 1 -> 2 passes used_event 1.
+    assert_eq!(h.interrupt.vring_count(), 1);
+    assert_eq!(u16::from_le(h.mem.read_obj(avail_event).unwrap()), 2);
+}

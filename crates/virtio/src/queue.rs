@@ -144,6 +144,53 @@ mod tests {
     }
 
     #[test]
+    fn used_event_wraps_at_2_16() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let used_event = GuestAddress(mock.avail_addr().0 + 4 + 2 * 16);
+        let mut q: Queue = mock.create_queue().unwrap();
+        q.set_event_idx(true);
+        q.set_next_used(u16::MAX - 1);
+        // The driver wants an interrupt when the used index passes 65535.
+        mem.write_obj(u16::MAX.to_le(), used_event).unwrap();
+        q.add_used(&mem, 0, 0).unwrap(); // 65534 -> 65535
+        assert!(!needs_interrupt(&mut q, &mem).unwrap());
+        q.add_used(&mem, 1, 0).unwrap(); // 65535 -> 0: passes 65535
+        assert_eq!(q.next_used(), 0);
+        assert!(needs_interrupt(&mut q, &mem).unwrap());
+        // A batch that crosses the wrap and used_event 0 at once.
+        q.set_next_used(u16::MAX - 1);
+        mem.write_obj(0u16.to_le(), used_event).unwrap();
+        q.add_used(&mem, 2, 0).unwrap();
+        q.add_used(&mem, 3, 0).unwrap();
+        q.add_used(&mem, 4, 0).unwrap(); // 65534 -> 1
+        assert!(needs_interrupt(&mut q, &mem).unwrap());
+        // used_event far behind (the driver is not asking): none.
+        mem.write_obj(0x8000u16.to_le(), used_event).unwrap();
+        q.add_used(&mem, 5, 0).unwrap();
+        assert!(!needs_interrupt(&mut q, &mem).unwrap());
+    }
+
+    #[test]
+    fn avail_event_wraps_at_2_16() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let avail_event = GuestAddress(mock.used_addr().0 + 4 + 8 * 16);
+        let mut q: Queue = mock.create_queue().unwrap();
+        q.set_event_idx(true);
+        q.set_next_avail(u16::MAX);
+        // The driver's avail idx is also 65535: nothing new.
+        mem.write_obj(u16::MAX.to_le(), GuestAddress(mock.avail_addr().0 + 2))
+            .unwrap();
+        assert!(!q.enable_notification(&mem).unwrap());
+        assert_eq!(u16::from_le(mem.read_obj(avail_event).unwrap()), u16::MAX);
+        // The driver publishes one more entry: its index wraps to 0.
+        mem.write_obj(0u16.to_le(), GuestAddress(mock.avail_addr().0 + 2))
+            .unwrap();
+        assert!(q.enable_notification(&mem).unwrap());
+    }
+
+    #[test]
     fn drain_eventfd_is_quiet_when_empty() {
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
         drain_eventfd(&evt).unwrap();
