@@ -67,6 +67,7 @@
 
 #![deny(missing_docs)]
 
+mod state;
 mod transport;
 
 #[cfg(any(test, feature = "test-utils"))]
@@ -78,6 +79,7 @@ mod tests;
 // The device contract, re-exported for the VMM that wires devices to this
 // transport.
 pub use ember_virtio::{ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
+pub use state::{MmioTransportState, QueueState, StateError};
 pub use transport::{
     Error, MmioInterrupt, MmioMetrics, MmioTransport, CONFIG_SPACE_OFFSET, MMIO_MAGIC_VALUE,
     MMIO_SLOT_SIZE, MMIO_VERSION, NOTIFY_REG_OFFSET, VENDOR_ID,
