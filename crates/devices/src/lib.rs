@@ -75,7 +75,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot_timer::{BootTimer, BOOT_TIMER_LEN};
-use crate::mmio::{attach_virtio_device, BlockEvents, DeviceError, MmioAllocator, MmioSlot};
+use crate::mmio::{attach_virtio_device, DeviceError, MmioAllocator, MmioSlot};
 
 /// Errors placing a device.
 #[derive(Debug, thiserror::Error)]
@@ -121,9 +121,6 @@ pub enum Error {
     /// A virtio device could not be attached.
     #[error(transparent)]
     Attach(#[from] DeviceError),
-    /// A virtio device has no queue to run.
-    #[error("{0} has no queue")]
-    NoQueue(String),
     /// The buses are shared with running vCPUs: the address map is final.
     #[error("cannot add {0}: the vCPUs already use the buses")]
     BusesInUse(&'static str),
@@ -311,15 +308,8 @@ impl Devices {
             block.clone(),
             &name,
         )?;
-        let queue = attached
-            .queue_events
-            .first()
-            .ok_or_else(|| Error::NoQueue(name.clone()))?
-            .try_clone()
-            .map_err(Error::EventFd)?;
-        self.subscribers.push(Arc::new(Mutex::new(
-            BlockEvents::new(block.clone(), queue, name).map_err(Error::EventFd)?,
-        )));
+        // The device registers its queue (and io_uring) fds itself.
+        self.subscribers.push(block.clone());
         if let Some(root) = drive.root_args() {
             self.kernel_args.push(root);
         }
