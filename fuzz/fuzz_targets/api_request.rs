@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 
 //! Fuzzes the API server's request path without a socket: the HTTP framing
-//! (`ember::api::http::RequestDecoder`) and the router and body parser
-//! (`ember::api::parse_request`), exactly as the API thread calls them.
+//! (`ember_api::http::RequestDecoder`) and the router and body parser
+//! (`ember_api::parse_request`), exactly as the API thread calls them.
 //!
 //! Input: the first byte picks how the rest is cut into reads (1 to 64
 //! bytes at a time, as a slow or bursty client would send it); the rest is
@@ -18,8 +18,8 @@
 
 #![no_main]
 
-use ember::api::http::{Decoded, RequestDecoder};
-use ember::api::{error_to_http, parse_request, VmmAction, DEFAULT_MAX_PAYLOAD};
+use ember_api::http::{Decoded, RequestDecoder};
+use ember_api::{error_to_http, parse_request, VmmAction, DEFAULT_MAX_PAYLOAD};
 use libfuzzer_sys::fuzz_target;
 
 /// A small limit so oversized bodies are reachable by the fuzzer.

@@ -61,7 +61,7 @@ use ember_virtio_blk::{
     SectorRange, Segment, MAX_DESCRIPTORS, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
     MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG,
 };
-use ember_virtio_mmio::{ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
+use ember_virtio::{ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 
-//! Fuzzes the `--config-file` parser, `ember::config::VmConfig::from_json`,
+//! Fuzzes the `--config-file` parser, `ember_config::VmConfig::from_json`,
 //! on arbitrary text (inputs that are not UTF-8 are skipped: the VMM reads
 //! the file with `read_to_string`, which rejects them first).
 //!
@@ -10,7 +10,7 @@
 
 #![no_main]
 
-use ember::config::VmConfig;
+use ember_config::VmConfig;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

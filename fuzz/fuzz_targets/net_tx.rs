@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ember_virtio_mmio::{ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
+use ember_virtio::{ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
 use ember_virtio_net::{Net, NetConfig, MAX_BUFFER_SIZE, VNET_HDR_LEN};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};

@@ -4,14 +4,14 @@
 
 #![deny(missing_docs)]
 
-pub mod api;
-pub mod boot_timer;
-pub mod config;
-pub mod devices;
 pub mod event_loop;
-pub mod logger;
-pub mod metrics;
 pub mod seccomp;
 pub mod socket_reaper;
 pub mod terminal;
 pub mod vm;
+
+/// The API thread's start hook that installs `filter` (its seccomp filter)
+/// before the thread serves anything.
+pub fn api_thread_hook(filter: std::sync::Arc<seccomp::BpfProgram>) -> ember_api::ThreadHook {
+    std::sync::Arc::new(move || seccomp::apply(&filter).map_err(Into::into))
+}

@@ -10,15 +10,17 @@ use std::time::Instant;
 
 use clap::Parser;
 
-use ember::api::{
-    start_api_server_with, ActionHandler, ApiError, ApiServerHandle, PreBootResources, Responder,
-    ServerOptions, VmmAction, VmmData, VmmResponse,
-};
-use ember::config::{self, LogLevel, VmConfig};
-use ember::metrics::{GroupWriter, Metrics};
 use ember::seccomp::{Filters, SeccompConfig};
 use ember::socket_reaper::SocketReaper;
-use ember::{boot_timer, logger, terminal, vm};
+use ember::{terminal, vm};
+use ember_api::{
+    start_api_server_with, ApiError, ApiServerHandle, PrebootApiController, PrebootOutcome,
+    Responder, ServerOptions, VmmAction,
+};
+use ember_config::{self as config, LogLevel, VmConfig};
+use ember_devices::boot_timer;
+use ember_logger::logger;
+use ember_logger::metrics::{GroupWriter, Metrics};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Exit codes, Firecracker's values.
@@ -348,7 +350,7 @@ fn run() -> ExitCode {
     } else {
         let options = ServerOptions {
             metrics: metrics.api_requests(),
-            seccomp_filter: seccomp_filters.api(),
+            thread_hook: seccomp_filters.api().map(ember::api_thread_hook),
             ..ServerOptions::new(cli.http_api_max_payload_size)
         };
         match start_api_server_with(&cli.api_sock, options) {
@@ -495,9 +497,8 @@ fn next_request(api: &ApiServerHandle, stop: &EventFd) -> Result<(VmmAction, Res
     }
 }
 
-/// The pre-boot phase with the API: configuration requests go to
-/// [`PreBootResources`], `PUT /logger` and `PUT /metrics` take effect at
-/// once, and `InstanceStart` builds the VM.
+/// The pre-boot phase with the API: [`PrebootApiController`] answers every
+/// request until `InstanceStart` builds the VM.
 fn serve_until_start(
     api: &ApiServerHandle,
     stop: &EventFd,
@@ -505,53 +506,21 @@ fn serve_until_start(
     metrics: &Metrics,
     run_opts: &vm::RunOptions,
 ) -> PreBoot {
-    let mut resources = PreBootResources::new(id);
+    let mut controller = PrebootApiController::new(id, metrics);
     loop {
         let (action, responder) = match next_request(api, stop) {
             Ok(request) => request,
             Err(end) => return end,
         };
-        let response = match action {
-            VmmAction::InstanceStart => {
-                match resources.boot_config().and_then(|cfg| {
-                    vm::Vm::build(&cfg, run_opts)
-                        .map_err(|e| ApiError::bad_request(format!("Start microvm error: {e}")))
-                }) {
-                    Ok(vm) => return PreBoot::Start(Box::new(vm), responder),
-                    Err(e) => Err(e),
-                }
-            }
-            VmmAction::PutLogger(cfg) => {
-                apply_preboot(&mut resources, VmmAction::PutLogger(cfg.clone()), || {
-                    logger::reconfigure(&cfg)
-                        .map_err(|e| ApiError::bad_request(format!("Logger error: {e}")))
-                })
-            }
-            VmmAction::PutMetrics(cfg) => {
-                apply_preboot(&mut resources, VmmAction::PutMetrics(cfg.clone()), || {
-                    metrics
-                        .configure(&cfg, id)
-                        .map_err(|e| ApiError::bad_request(format!("Metrics error: {e}")))
-                })
-            }
-            other => resources.handle(other),
+        let response = match controller.handle(action) {
+            PrebootOutcome::Answer(response) => response,
+            PrebootOutcome::Start(config) => match vm::Vm::build(&config, run_opts) {
+                Ok(vm) => return PreBoot::Start(Box::new(vm), responder),
+                Err(e) => Err(ApiError::bad_request(format!("Start microvm error: {e}"))),
+            },
         };
         responder.respond(response);
     }
-}
-
-/// Records `action` in the pre-boot configuration and carries it out with
-/// `apply`; the configuration keeps the action only if both succeed.
-fn apply_preboot(
-    resources: &mut PreBootResources,
-    action: VmmAction,
-    apply: impl FnOnce() -> Result<(), ApiError>,
-) -> VmmResponse {
-    let mut candidate = resources.clone();
-    candidate.handle(action)?;
-    apply()?;
-    *resources = candidate;
-    Ok(VmmData::Empty)
 }
 
 #[cfg(test)]

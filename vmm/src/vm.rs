@@ -1,7 +1,8 @@
-//! Assembles a microVM from a validated [`VmConfig`]: KVM, guest memory, the
-//! in-kernel interrupt controllers, the legacy devices, the kernel and its
-//! boot structures, and the vCPU threads; then runs it to its end, serving
-//! the API and writing metrics meanwhile ([`Vm::run_with`]).
+//! Assembles a microVM from a validated [`VmConfig`], in order: KVM and
+//! guest memory, the in-kernel interrupt controllers, the devices (placed by
+//! [`Devices`]), the kernel and its boot structures, the vCPUs; then runs it
+//! to its end, serving the API and writing metrics meanwhile
+//! ([`Vm::run_with`]).
 
 use std::fs::File;
 use std::io::Write;
@@ -10,27 +11,21 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use ember_api::{
+    ApiError, ApiServerHandle, Responder, RuntimeApiController, RuntimeVm, VmActionError, VmmData,
+};
 use ember_boot::{KernelEntry, VirtioMmioDeviceInfo};
-use ember_bus::{Bus, BusKind, BusRange};
-use ember_legacy_devices::i8042::{I8042Device, I8042_BASE, I8042_KBD_GSI, I8042_LEN};
-use ember_legacy_devices::serial::{SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN};
-use ember_legacy_devices::EventFdTrigger;
+use ember_config::{drives_in_attach_order, VmConfig};
+use ember_devices::{Devices, I8042};
+use ember_logger::metrics::Metrics;
 use ember_vcpu::{ExitReason, Vcpu, VcpuConfig, VcpuHandle, VmControl};
+use ember_virtio_blk::Block;
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::api::{ApiError, ApiServerHandle, Responder, VmmData};
-use crate::boot_timer::BootTimer;
-use crate::config::{drives_in_attach_order, CacheType, IoEngine, VmConfig};
-use crate::devices::{attach_virtio_device, BlockEvents, MmioAllocator, MmioSlot};
-use crate::event_loop::{self, ApiDrive, LoopContext, RuntimeApi, Subscriber};
-use crate::metrics::Metrics;
+use crate::event_loop::{self, LoopContext};
 use crate::seccomp::Filters;
-use ember_virtio_blk::{Block, BlockConfig};
-use ember_virtio_mmio::MmioTransport;
-use ember_virtio_net::{Net, NetConfig};
-use ember_vsock::{Vsock, VsockConfig};
 
 /// Everything that can stop a VM from being built.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +64,7 @@ pub enum VmError {
     },
     /// The configuration has no `boot-source`.
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] ember_config::ConfigError),
     /// Kernel, initrd, command line or boot structures.
     #[error("{0}")]
     Boot(#[source] ember_boot::Error),
@@ -79,50 +74,15 @@ pub enum VmError {
     /// The kernel command line is invalid or too long.
     #[error("invalid kernel command line: {0}")]
     Cmdline(#[source] linux_loader::cmdline::Error),
-    /// An eventfd could not be created.
-    #[error("cannot create an eventfd: {0}")]
-    EventFd(#[source] std::io::Error),
-    /// A device could not be placed on a bus.
-    #[error("cannot add {device} to the {bus} bus: {source}")]
-    Bus {
-        /// Device name.
-        device: &'static str,
-        /// Bus name.
-        bus: &'static str,
-        /// Cause.
-        #[source]
-        source: ember_bus::Error,
-    },
+    /// A device could not be placed.
+    #[error(transparent)]
+    Devices(#[from] ember_devices::Error),
     /// vCPU creation, set-up or start.
     #[error(transparent)]
     Vcpu(#[from] ember_vcpu::Error),
-    /// A drive could not be opened.
-    #[error("drive `{id}`: {source}")]
-    Drive {
-        /// `drive_id`.
-        id: String,
-        /// Cause.
-        #[source]
-        source: ember_virtio_blk::Error,
-    },
-    /// A network interface could not be set up.
-    #[error("network interface `{id}`: {source}")]
-    Net {
-        /// `iface_id`.
-        id: String,
-        /// Cause.
-        #[source]
-        source: ember_virtio_net::Error,
-    },
-    /// The vsock device could not be set up.
-    #[error("vsock: {0}")]
-    Vsock(#[source] ember_vsock::Error),
-    /// A virtio device could not be attached.
-    #[error(transparent)]
-    Device(#[from] crate::devices::DeviceError),
     /// The event loop failed.
     #[error("event loop: {0}")]
-    EventLoop(String),
+    EventLoop(#[from] crate::event_loop::EventLoopError),
     /// The VMM thread could not install its seccomp filter.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
@@ -139,10 +99,6 @@ pub struct RunOptions {
     pub start_cpu_us: u64,
 }
 
-/// The VM's i8042 controller: its reset line stops the VM, and the VMM
-/// injects Ctrl+Alt+Del through it.
-pub type I8042 = Arc<Mutex<I8042Device<ResetTrigger, EventFdTrigger>>>;
-
 /// What serves a VM while it runs, besides its devices.
 #[derive(Default)]
 pub struct RunContext<'a> {
@@ -150,7 +106,7 @@ pub struct RunContext<'a> {
     /// loop.
     pub api: Option<&'a ApiServerHandle>,
     /// Where device and vCPU counters are registered; a line is written
-    /// every [`FLUSH_INTERVAL`](crate::metrics::FLUSH_INTERVAL) and when the
+    /// every [`FLUSH_INTERVAL`](ember_logger::metrics::FLUSH_INTERVAL) and when the
     /// VM stops.
     pub metrics: Option<Arc<Metrics>>,
     /// The microVM id (`GET /`).
@@ -174,62 +130,10 @@ pub struct Vm {
     vm_fd: VmFd,
     mem: GuestMemoryMmap,
     control: Arc<VmControl>,
-    pio_bus: Arc<Bus>,
-    mmio_bus: Arc<Bus>,
+    devices: Devices,
     vcpus: Vec<Vcpu>,
-    serial: Arc<Mutex<SerialDevice<Box<dyn Write + Send>>>>,
-    serial_input_ready: EventFd,
-    i8042: I8042,
-    subscribers: Vec<Subscriber>,
-    drives: Vec<DriveHandle>,
-    nets: Vec<NetHandle>,
-    vsock: Option<Arc<Mutex<Vsock>>>,
-    virtio_slots: Vec<MmioSlot>,
     /// The configuration the VM was built from (`GET /vm/config`).
     config: VmConfig,
-}
-
-/// A network interface of the VM.
-pub struct NetHandle {
-    /// `iface_id`.
-    pub id: String,
-    /// The device.
-    pub net: Arc<Mutex<Net>>,
-    /// Its transport.
-    pub transport: Arc<Mutex<MmioTransport>>,
-}
-
-/// A block device of the VM.
-pub struct DriveHandle {
-    /// `drive_id`.
-    pub id: String,
-    /// The device.
-    pub block: Arc<Mutex<Block>>,
-    /// Its transport.
-    pub transport: Arc<Mutex<MmioTransport>>,
-}
-
-/// The i8042 reset line: asks every vCPU to stop with [`ExitReason::GuestReset`].
-pub struct ResetTrigger(Arc<VmControl>);
-
-impl ResetTrigger {
-    /// The reset line of the VM run by `control`.
-    pub fn new(control: Arc<VmControl>) -> Self {
-        ResetTrigger(control)
-    }
-}
-
-impl vm_superio::Trigger for ResetTrigger {
-    type E = std::io::Error;
-
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.request_stop(ExitReason::GuestReset);
-        Ok(())
-    }
-}
-
-fn eventfd() -> Result<EventFd, VmError> {
-    EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, VmError> {
@@ -280,159 +184,27 @@ impl Vm {
         ember_irqchip::setup(&vm_fd)?;
 
         let control = VmControl::new()?;
-        let mut pio_bus = Bus::new(BusKind::Pio);
-        let mut mmio_bus = Bus::new(BusKind::Mmio);
-
-        // COM1, its interrupt delivered by KVM through an irqfd.
-        let serial_evt = eventfd()?;
-        ember_irqchip::register_irqfd(&vm_fd, &serial_evt, COM1_GSI)?;
-        let serial_input_ready = eventfd()?;
-        let out: Box<dyn Write + Send> = Box::new(std::io::stdout());
-        let serial = Arc::new(Mutex::new(
-            SerialDevice::new(EventFdTrigger::new(serial_evt), out)
-                .with_input_ready(serial_input_ready.try_clone().map_err(VmError::EventFd)?),
-        ));
-        insert(
-            &mut pio_bus,
-            "the serial port",
-            COM1_BASE,
-            COM1_LEN,
-            serial.clone(),
-        )?;
-
-        // i8042: 0xFE on port 0x64 resets (ends) the VM; keyboard IRQ 1.
-        let kbd_evt = eventfd()?;
-        ember_irqchip::register_irqfd(&vm_fd, &kbd_evt, I8042_KBD_GSI)?;
-        let i8042 = Arc::new(Mutex::new(I8042Device::new(
-            ResetTrigger(control.clone()),
-            EventFdTrigger::new(kbd_evt),
-        )));
-        insert(
-            &mut pio_bus,
-            "the i8042",
-            I8042_BASE,
-            I8042_LEN,
-            i8042.clone(),
-        )?;
-
-        // virtio-mmio devices: slots from 0xC000_1000, GSIs from 5, root
-        // drive first, as Firecracker.
-        let mut slots = MmioAllocator::default();
-        let mut subscribers: Vec<Subscriber> = Vec::new();
-        let mut virtio_slots = Vec::new();
-        let mut extra_args = Vec::new();
-        let mut drives = Vec::new();
+        let mut devices = Devices::new(mem.clone());
+        devices.attach_serial(&vm_fd, Box::new(std::io::stdout()))?;
+        devices.attach_i8042(&vm_fd, control.clone())?;
+        // virtio-mmio slots in Firecracker's order: drives (root first),
+        // network interfaces, vsock.
         for drive in drives_in_attach_order(&config.drives) {
-            let block_config = BlockConfig {
-                drive_id: drive.drive_id.clone(),
-                path_on_host: drive.path_on_host.clone().unwrap_or_default(),
-                is_read_only: drive.is_read_only.unwrap_or(false),
-                cache_type: match drive.cache_type {
-                    CacheType::Unsafe => ember_virtio_blk::CacheType::Unsafe,
-                    CacheType::Writeback => ember_virtio_blk::CacheType::Writeback,
-                },
-                io_engine: match drive.io_engine {
-                    IoEngine::Sync => ember_virtio_blk::IoEngine::Sync,
-                    IoEngine::Async => ember_virtio_blk::IoEngine::Async,
-                },
-            };
-            let block = Block::new(&block_config).map_err(|source| VmError::Drive {
-                id: drive.drive_id.clone(),
-                source,
-            })?;
-            let block = Arc::new(Mutex::new(block));
-            let name = format!("drive `{}`", drive.drive_id);
-            let attached = attach_virtio_device(
-                &vm_fd,
-                &mem,
-                &mut mmio_bus,
-                &mut slots,
-                block.clone(),
-                &name,
-            )?;
-            let queue = attached
-                .queue_events
-                .first()
-                .ok_or_else(|| VmError::EventLoop(format!("{name} has no queue")))?
-                .try_clone()
-                .map_err(VmError::EventFd)?;
-            subscribers.push(Arc::new(Mutex::new(
-                BlockEvents::new(block.clone(), queue, name).map_err(VmError::EventFd)?,
-            )));
-            if let Some(root) = drive.root_args() {
-                extra_args.push(root);
-            }
-            extra_args.push(attached.slot.cmdline_entry());
-            virtio_slots.push(attached.slot);
-            drives.push(DriveHandle {
-                id: drive.drive_id.clone(),
-                block,
-                transport: attached.transport,
-            });
+            devices.attach_block(&vm_fd, drive)?;
         }
-
-        let mut nets = Vec::new();
         for iface in &config.network_interfaces {
-            let guest_mac = match &iface.guest_mac {
-                Some(mac) => {
-                    Some(
-                        ember_virtio_net::parse_mac(mac).map_err(|source| VmError::Net {
-                            id: iface.iface_id.clone(),
-                            source,
-                        })?,
-                    )
-                }
-                None => None,
-            };
-            let net = Net::new(NetConfig {
-                iface_id: iface.iface_id.clone(),
-                host_dev_name: iface.host_dev_name.clone(),
-                guest_mac,
-                mtu: iface.mtu,
-            })
-            .map_err(|source| VmError::Net {
-                id: iface.iface_id.clone(),
-                source,
-            })?;
-            let net = Arc::new(Mutex::new(net));
-            let name = format!("network interface `{}`", iface.iface_id);
-            let attached =
-                attach_virtio_device(&vm_fd, &mem, &mut mmio_bus, &mut slots, net.clone(), &name)?;
-            // The device registers its queue and TAP fds itself.
-            subscribers.push(net.clone());
-            extra_args.push(attached.slot.cmdline_entry());
-            virtio_slots.push(attached.slot);
-            nets.push(NetHandle {
-                id: iface.iface_id.clone(),
-                net,
-                transport: attached.transport,
-            });
+            devices.attach_net(&vm_fd, iface)?;
         }
-
-        let mut vsock = None;
-        if let Some(v) = &config.vsock {
-            let device = Vsock::new(VsockConfig {
-                guest_cid: v.guest_cid,
-                uds_path: v.uds_path.clone(),
-            })
-            .map_err(VmError::Vsock)?;
-            let device = Arc::new(Mutex::new(device));
-            let attached = attach_virtio_device(
-                &vm_fd,
-                &mem,
-                &mut mmio_bus,
-                &mut slots,
-                device.clone(),
-                "the vsock device",
-            )?;
-            subscribers.push(device.clone());
-            extra_args.push(attached.slot.cmdline_entry());
-            virtio_slots.push(attached.slot);
-            vsock = Some(device);
+        if let Some(vsock) = &config.vsock {
+            devices.attach_vsock(&vm_fd, vsock)?;
+        }
+        if opts.boot_timer {
+            devices
+                .attach_boot_timer(opts.start.unwrap_or_else(Instant::now), opts.start_cpu_us)?;
         }
 
         let mut boot_args = config.boot_args().to_string();
-        for arg in &extra_args {
+        for arg in devices.kernel_args() {
             boot_args.push(' ');
             boot_args.push_str(arg);
         }
@@ -441,22 +213,8 @@ impl Vm {
             boot_source,
             &boot_args,
             machine.vcpu_count,
-            &virtio_slots,
+            &devices.acpi_devices(),
         )?;
-
-        if opts.boot_timer {
-            let timer = Arc::new(Mutex::new(BootTimer::new(
-                opts.start.unwrap_or_else(Instant::now),
-                opts.start_cpu_us,
-            )));
-            insert(
-                &mut mmio_bus,
-                "the boot timer",
-                ember_boot::layout::MMIO32_START,
-                crate::boot_timer::BOOT_TIMER_LEN,
-                timer,
-            )?;
-        }
 
         let vcpu_config = VcpuConfig {
             vcpu_count: machine.vcpu_count,
@@ -474,17 +232,8 @@ impl Vm {
             vm_fd,
             mem,
             control,
-            pio_bus: Arc::new(pio_bus),
-            mmio_bus: Arc::new(mmio_bus),
+            devices,
             vcpus,
-            serial,
-            serial_input_ready,
-            i8042,
-            subscribers,
-            drives,
-            nets,
-            vsock,
-            virtio_slots,
             config: config.clone(),
         })
     }
@@ -494,29 +243,9 @@ impl Vm {
         &self.vm_fd
     }
 
-    /// The block devices, in attach order.
-    pub fn drives(&self) -> &[DriveHandle] {
-        &self.drives
-    }
-
-    /// The network interfaces, in attach order.
-    pub fn nets(&self) -> &[NetHandle] {
-        &self.nets
-    }
-
-    /// The vsock device, if configured.
-    pub fn vsock(&self) -> Option<&Arc<Mutex<Vsock>>> {
-        self.vsock.as_ref()
-    }
-
-    /// The virtio-mmio slots in use, in attach order.
-    pub fn virtio_slots(&self) -> &[MmioSlot] {
-        &self.virtio_slots
-    }
-
-    /// The i8042 controller.
-    pub fn i8042(&self) -> &I8042 {
-        &self.i8042
+    /// The devices and where they sit.
+    pub fn devices(&self) -> &Devices {
+        &self.devices
     }
 
     /// The configuration the VM was built from.
@@ -524,26 +253,11 @@ impl Vm {
         &self.config
     }
 
-    /// Registers the counters of every device (Firecracker's groups `uart`,
-    /// `i8042`, `block` and `block_<drive_id>`, `net` and `net_<iface_id>`,
-    /// `vsock`) with `metrics`, and makes the vCPUs count their exits in its
-    /// `vcpu` group.
+    /// Registers the counters of every device with `metrics` (see
+    /// [`Devices::register_metrics`]), and makes the vCPUs count their exits
+    /// in its `vcpu` group.
     pub fn register_metrics(&mut self, metrics: &Metrics) {
-        metrics.register("uart", lock(&self.serial).metrics());
-        metrics.register("i8042", lock(&self.i8042).metrics());
-        for d in &self.drives {
-            let m = lock(&d.block).metrics().clone();
-            metrics.register("block", m.clone());
-            metrics.register(format!("block_{}", d.id), m);
-        }
-        for n in &self.nets {
-            let m = lock(&n.net).metrics().clone();
-            metrics.register("net", m.clone());
-            metrics.register(format!("net_{}", n.id), m);
-        }
-        if let Some(v) = &self.vsock {
-            metrics.register("vsock", lock(v).metrics().clone());
-        }
+        self.devices.register_metrics(metrics);
         let vcpu = metrics.vcpu();
         for v in &mut self.vcpus {
             v.set_metrics(vcpu.clone());
@@ -584,8 +298,8 @@ impl Vm {
         let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
         for vcpu in std::mem::take(&mut self.vcpus) {
             match vcpu.start_with_hook(
-                self.pio_bus.clone(),
-                self.mmio_bus.clone(),
+                self.devices.pio_bus().clone(),
+                self.devices.mmio_bus().clone(),
                 self.mem.clone(),
                 self.control.clone(),
                 ctx.seccomp.vcpu_hook(),
@@ -616,30 +330,32 @@ impl Vm {
         log::info!("microVM running with {} vCPU(s)", handles.len());
 
         let api = ctx.api.map(|server| {
-            let drives = self
-                .drives
-                .iter()
-                .map(|d| ApiDrive {
-                    id: d.id.clone(),
-                    block: d.block.clone(),
-                })
-                .collect();
-            let handler = RuntimeApi::new(
+            let running = RunningVm {
+                control: self.control.clone(),
+                i8042: self.devices.i8042().cloned(),
+                drives: self
+                    .devices
+                    .drives()
+                    .iter()
+                    .map(|d| (d.id.clone(), d.block.clone()))
+                    .collect(),
+            };
+            let controller = RuntimeApiController::new(
                 ctx.instance_id.clone(),
                 self.config.clone(),
-                self.control.clone(),
-                self.i8042.clone(),
-                drives,
+                running,
                 ctx.metrics.clone(),
             );
-            (server, handler)
+            (server, controller)
         });
         let loop_result = event_loop::run(LoopContext {
             control: &self.control,
-            serial: self.serial.clone(),
-            input_ready: &self.serial_input_ready,
+            serial: self
+                .devices
+                .serial()
+                .map(|(serial, ready)| (serial.clone(), ready.as_raw_fd())),
             stdin: std::io::stdin().as_raw_fd(),
-            devices: std::mem::take(&mut self.subscribers),
+            devices: self.devices.take_subscribers(),
             api,
             metrics: ctx.metrics.clone(),
             stop: ctx.stop.map(|e| e.as_raw_fd()),
@@ -653,8 +369,52 @@ impl Vm {
                 log::warn!("cannot write the last metrics line: {e}");
             }
         }
-        loop_result.map_err(VmError::EventLoop)?;
+        loop_result?;
         Ok(self.control.exit_reason().unwrap_or(ExitReason::Stopped))
+    }
+}
+
+/// The running VM as the API's runtime controller sees it.
+struct RunningVm {
+    control: Arc<VmControl>,
+    i8042: Option<I8042>,
+    drives: Vec<(String, Arc<Mutex<Block>>)>,
+}
+
+impl RuntimeVm for RunningVm {
+    fn pause(&mut self) -> Result<(), VmActionError> {
+        self.control
+            .pause()
+            .map_err(|e| VmActionError::Failed(e.into()))
+    }
+
+    fn resume(&mut self) {
+        self.control.resume()
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.control.is_exiting()
+    }
+
+    fn send_ctrl_alt_del(&mut self) -> Result<(), VmActionError> {
+        let i8042 = self
+            .i8042
+            .as_ref()
+            .ok_or_else(|| VmActionError::Failed("the VM has no i8042".into()))?;
+        lock(i8042)
+            .trigger_ctrl_alt_del()
+            .map_err(|e| VmActionError::Failed(e.into()))
+    }
+
+    fn replace_drive_file(&mut self, id: &str, path: &Path) -> Result<(), VmActionError> {
+        let (_, block) = self
+            .drives
+            .iter()
+            .find(|(d, _)| d == id)
+            .ok_or_else(|| VmActionError::NoSuchDrive(id.to_string()))?;
+        lock(block)
+            .update_backing_file(path)
+            .map_err(|e| VmActionError::Failed(e.into()))
     }
 }
 
@@ -671,36 +431,13 @@ fn join_all(handles: Vec<VcpuHandle>) {
     }
 }
 
-fn insert(
-    bus: &mut Bus,
-    device: &'static str,
-    base: u64,
-    len: u64,
-    dev: Arc<dyn ember_bus::BusDeviceSync>,
-) -> Result<(), VmError> {
-    let bus_name = match bus.kind() {
-        BusKind::Pio => "PIO",
-        BusKind::Mmio => "MMIO",
-    };
-    let range = BusRange::new(base, len).map_err(|source| VmError::Bus {
-        device,
-        bus: bus_name,
-        source,
-    })?;
-    bus.insert(range, dev).map_err(|source| VmError::Bus {
-        device,
-        bus: bus_name,
-        source,
-    })
-}
-
 /// Loads the kernel and initrd and writes the boot structures.
 fn load_kernel(
     mem: &GuestMemoryMmap,
-    boot: &crate::config::BootSource,
+    boot: &ember_config::BootSource,
     boot_args: &str,
     vcpu_count: u8,
-    virtio_slots: &[MmioSlot],
+    devices: &[VirtioMmioDeviceInfo],
 ) -> Result<KernelEntry, VmError> {
     let mut kernel = open("kernel image", &boot.kernel_image_path)?;
     let entry = ember_boot::load_kernel(mem, &mut kernel).map_err(VmError::Boot)?;
@@ -715,15 +452,7 @@ fn load_kernel(
     cmdline.insert_str(boot_args).map_err(VmError::Cmdline)?;
     // ACPI tables describe the UART, the i8042 and every virtio-mmio device
     // (how a kernel without VIRTIO_MMIO_CMDLINE_DEVICES finds them).
-    let devices: Vec<VirtioMmioDeviceInfo> = virtio_slots
-        .iter()
-        .map(|s| VirtioMmioDeviceInfo {
-            addr: s.addr,
-            len: s.len,
-            gsi: s.gsi,
-        })
-        .collect();
-    let rsdp = ember_boot::create_acpi_tables(mem, vcpu_count, &devices).map_err(VmError::Acpi)?;
+    let rsdp = ember_boot::create_acpi_tables(mem, vcpu_count, devices).map_err(VmError::Acpi)?;
     ember_boot::configure_system_with_rsdp(
         mem,
         &entry,

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
-use ember::api::{
+use ember_api::{
     start_api_server_with, ActionHandler, ApiServerError, ApiServerHandle, PreBootResources,
     ServerOptions, THREAD_NAME,
 };
@@ -145,7 +145,7 @@ fn the_api_thread_serves_under_its_filter() {
     let options = ServerOptions {
         request_timeout: Duration::from_millis(200),
         max_connections: 2,
-        seccomp_filter: Filters::builtin().api(),
+        thread_hook: Filters::builtin().api().map(ember::api_thread_hook),
         ..ServerOptions::new(1024)
     };
     let api = start_api_server_with(&path, options).unwrap();
@@ -226,7 +226,7 @@ fn a_filter_the_kernel_refuses_stops_the_server_from_starting() {
         k: 0,
     }]);
     let options = ServerOptions {
-        seccomp_filter: Some(bogus),
+        thread_hook: Some(ember::api_thread_hook(bogus)),
         ..ServerOptions::default()
     };
     let err = start_api_server_with(&path, options).unwrap_err();

@@ -162,10 +162,47 @@ impl fmt::Display for ExitReason {
     }
 }
 
-/// Run states, stored in one atomic byte.
-pub(crate) const RUNNING: u8 = 0;
-pub(crate) const PAUSED: u8 = 1;
-pub(crate) const EXITING: u8 = 2;
+/// The run state of a VM, which every vCPU thread checks after each exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RunState {
+    /// The vCPUs run the guest.
+    Running = 0,
+    /// The vCPUs park outside KVM_RUN until resumed.
+    Paused = 1,
+    /// The VM is stopping; final.
+    Exiting = 2,
+}
+
+/// A [`RunState`] in one atomic byte: the vCPU loop's check is one load.
+struct AtomicRunState(AtomicU8);
+
+impl AtomicRunState {
+    fn new(state: RunState) -> Self {
+        AtomicRunState(AtomicU8::new(state as u8))
+    }
+
+    #[inline]
+    fn load(&self) -> RunState {
+        match self.0.load(Ordering::SeqCst) {
+            0 => RunState::Running,
+            1 => RunState::Paused,
+            // Only the three values are ever stored.
+            _ => RunState::Exiting,
+        }
+    }
+
+    fn store(&self, state: RunState) {
+        self.0.store(state as u8, Ordering::SeqCst)
+    }
+
+    /// Sets `new` if the state is `current`; whether it did.
+    fn transition(&self, current: RunState, new: RunState) -> bool {
+        self.0
+            .compare_exchange(current as u8, new as u8, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+}
 
 /// How long [`VmControl::pause`] waits for the vCPUs to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -280,7 +317,7 @@ struct Shared {
 
 /// Shared run state of all vCPUs: running, paused or exiting. The first stop reason wins.
 pub struct VmControl {
-    state: AtomicU8,
+    state: AtomicRunState,
     reason: Mutex<Option<ExitReason>>,
     shared: Mutex<Shared>,
     changed: Condvar,
@@ -290,7 +327,7 @@ pub struct VmControl {
 impl fmt::Debug for VmControl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VmControl")
-            .field("state", &self.state.load(Ordering::Relaxed))
+            .field("state", &self.state.load())
             .field("reason", &self.exit_reason())
             .finish()
     }
@@ -304,7 +341,7 @@ impl VmControl {
     /// [`Error::EventFd`] when the exit eventfd cannot be created.
     pub fn new() -> Result<Arc<Self>, Error> {
         Ok(Arc::new(VmControl {
-            state: AtomicU8::new(RUNNING),
+            state: AtomicRunState::new(RunState::Running),
             reason: Mutex::new(None),
             shared: Mutex::new(Shared {
                 vcpus: Vec::new(),
@@ -342,7 +379,7 @@ impl VmControl {
             }
         };
         let shared = self.shared();
-        self.state.store(EXITING, Ordering::SeqCst);
+        self.state.store(RunState::Exiting);
         self.changed.notify_all();
         for vcpu in &shared.vcpus {
             vcpu.kick();
@@ -378,20 +415,20 @@ impl VmControl {
 
     fn pause_within(&self, timeout: Duration) -> Result<(), Error> {
         let mut shared = self.shared();
-        if self.state.load(Ordering::SeqCst) == EXITING {
+        if self.state.load() == RunState::Exiting {
             return Err(Error::Exiting);
         }
-        self.state.store(PAUSED, Ordering::SeqCst);
+        self.state.store(RunState::Paused);
         for vcpu in &shared.vcpus {
             vcpu.kick();
         }
         let deadline = Instant::now() + timeout;
         loop {
-            match self.state.load(Ordering::SeqCst) {
-                EXITING => return Err(Error::Exiting),
+            match self.state.load() {
+                RunState::Exiting => return Err(Error::Exiting),
                 // Resumed by someone else meanwhile.
-                RUNNING => return Ok(()),
-                _ => {}
+                RunState::Running => return Ok(()),
+                RunState::Paused => {}
             }
             if shared.parked >= shared.vcpus.len() {
                 return Ok(());
@@ -421,11 +458,7 @@ impl VmControl {
     /// Resumes a paused VM. Does nothing when the VM is running or exiting.
     pub fn resume(&self) {
         let _shared = self.shared();
-        if self
-            .state
-            .compare_exchange(PAUSED, RUNNING, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
-        {
+        if self.state.transition(RunState::Paused, RunState::Running) {
             self.changed.notify_all();
         }
     }
@@ -433,13 +466,13 @@ impl VmControl {
     /// Whether a stop was requested: a single atomic load, checked after every exit.
     #[inline]
     pub fn is_exiting(&self) -> bool {
-        self.state.load(Ordering::SeqCst) == EXITING
+        self.state.load() == RunState::Exiting
     }
 
     /// The run state: one atomic load.
     #[inline]
-    pub(crate) fn state(&self) -> u8 {
-        self.state.load(Ordering::SeqCst)
+    pub fn state(&self) -> RunState {
+        self.state.load()
     }
 
     /// Adds a vCPU that is about to start.
@@ -462,11 +495,11 @@ impl VmControl {
         let mut shared = self.shared();
         shared.parked += 1;
         self.changed.notify_all();
-        while self.state.load(Ordering::SeqCst) == PAUSED {
+        while self.state.load() == RunState::Paused {
             shared = self.changed.wait(shared).unwrap_or_else(|e| e.into_inner());
         }
         shared.parked -= 1;
-        self.state.load(Ordering::SeqCst) != EXITING
+        self.state.load() != RunState::Exiting
     }
 }
 
@@ -562,9 +595,9 @@ mod tests {
     fn pause_without_vcpus_returns_at_once() {
         let control = VmControl::new().unwrap();
         control.pause().unwrap();
-        assert_eq!(control.state(), PAUSED);
+        assert_eq!(control.state(), RunState::Paused);
         control.resume();
-        assert_eq!(control.state(), RUNNING);
+        assert_eq!(control.state(), RunState::Running);
     }
 
     #[test]
@@ -580,8 +613,8 @@ mod tests {
             let mut parks = 0;
             loop {
                 match c.state() {
-                    EXITING => break,
-                    PAUSED => {
+                    RunState::Exiting => break,
+                    RunState::Paused => {
                         parks += 1;
                         if !c.park() {
                             break;

@@ -7,7 +7,8 @@
 //! ([`Vcpu::start`]). All vCPU threads share one [`VmControl`] through which the VMM and
 //! the devices pause, resume and stop the VM; the first reason given for a stop
 //! ([`ExitReason`]) is kept and the VMM learns about it through
-//! [`VmControl::exit_event`].
+//! [`VmControl::exit_event`]. A vCPU's guest-visible state goes out and back in as
+//! one serializable [`VcpuState`] ([`Vcpu::save_state`], [`Vcpu::restore_state`]).
 //!
 //! # Example
 //!
@@ -48,14 +49,16 @@ mod control;
 mod cpuid;
 mod metrics;
 mod regs;
+mod state;
 mod vcpu;
 mod walk;
 
 use std::sync::OnceLock;
 
-pub use control::{ExitReason, VmControl};
+pub use control::{ExitReason, RunState, VmControl};
 pub use cpuid::CpuidError;
 pub use metrics::{Counter, VcpuMetrics};
+pub use state::{CpuidEntry, MsrEntry, StateError, VcpuState};
 pub use vcpu::{ThreadHook, Vcpu, VcpuHandle};
 use vmm_sys_util::errno;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};

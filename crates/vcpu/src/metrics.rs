@@ -4,36 +4,8 @@
 //! The run loop pays one relaxed atomic add per exit, with no allocation and
 //! no lock, so counting stays invisible next to the cost of the exit itself.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-/// A counter that only grows, written by vCPU threads and read by anyone.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    /// A counter at zero.
-    pub const fn new() -> Self {
-        Counter(AtomicU64::new(0))
-    }
-
-    /// Adds one.
-    #[inline]
-    pub fn inc(&self) {
-        self.add(1);
-    }
-
-    /// Adds `n`.
-    #[inline]
-    pub fn add(&self, n: u64) {
-        // Relaxed: the counters order nothing, readers only want a total.
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Everything counted so far.
-    pub fn count(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
+/// The shared counter type: one relaxed atomic add per event.
+pub use ember_metrics::Counter;
 
 /// VM exits handled by the vCPU threads of one VM, by kind, with
 /// Firecracker's field names. Every vCPU of the VM shares one instance (see

@@ -11,8 +11,9 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 
-use crate::control::{KickTarget, EXITING, PAUSED, RUNNING};
+use crate::control::{KickTarget, RunState};
 use crate::metrics::VcpuMetrics;
+use crate::state::{StateError, VcpuState};
 use crate::walk::{fetch_instruction, MAX_INSN_LEN};
 use crate::{
     cpuid, register_kick_signal_handler, regs, Error, ExitReason, VcpuConfig, VmControl, MAX_VCPUS,
@@ -118,6 +119,25 @@ impl Vcpu {
         regs::configure_sregs(mem, &mut sregs, &entry.protocol)?;
         self.fd.set_sregs(&sregs).map_err(Error::SetSregs)?;
         regs::set_lint(&self.fd)
+    }
+
+    /// The vCPU's guest-visible state (see [`VcpuState::save`]).
+    ///
+    /// # Errors
+    ///
+    /// The ioctl that failed.
+    pub fn save_state(&self, kvm: &Kvm) -> Result<VcpuState, StateError> {
+        VcpuState::save(kvm, &self.fd)
+    }
+
+    /// Puts `state` into this vCPU instead of [`Vcpu::configure`]ing it (see
+    /// [`VcpuState::restore`]).
+    ///
+    /// # Errors
+    ///
+    /// The ioctl that failed.
+    pub fn restore_state(&mut self, state: &VcpuState) -> Result<(), StateError> {
+        state.restore(&self.fd)
     }
 
     /// Spawns the vCPU thread, named `ember_vcpu<index>`, which loops on KVM_RUN and
@@ -276,15 +296,14 @@ impl Runner {
             // One atomic load per exit: a device that stopped the VM during the last exit
             // (the i8042 reset) ends this vCPU before the guest runs again.
             match control.state() {
-                RUNNING => {}
-                PAUSED => {
+                RunState::Running => {}
+                RunState::Paused => {
                     if control.park() {
                         continue;
                     }
                     return None;
                 }
-                EXITING => return None,
-                _ => return None,
+                RunState::Exiting => return None,
             }
             match self.fd.run() {
                 Ok(exit) => match exit {

@@ -4,13 +4,15 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use ember_virtio_mmio::{ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
+use ember_virtio::{
+    drain_eventfd, needs_interrupt, take_queues, ActivateError, ActiveQueue, InterruptKind,
+    VirtioConfig, VirtioDevice, VirtioInterrupt,
+};
 use log::{debug, error, warn};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -19,7 +21,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap};
@@ -40,10 +42,10 @@ use crate::{
 const MAX_IN_FLIGHT: usize = QUEUE_SIZE as usize;
 
 /// What an activated device holds.
-struct Active {
+pub(crate) struct Active {
     mem: GuestMemoryMmap,
     queue: Queue,
-    notify: EventFd,
+    pub(crate) notify: EventFd,
     interrupt: Arc<dyn VirtioInterrupt>,
 }
 
@@ -426,28 +428,13 @@ fn add_used(active: &mut Active, head: u16, len: u32, metrics: &BlockMetrics) {
 /// Interrupts the driver once for everything added to the used ring since
 /// the last call, unless it asked not to be.
 fn signal_used(active: &mut Active, metrics: &BlockMetrics) {
-    match active.queue.needs_notification(&active.mem) {
+    match needs_interrupt(&mut active.queue, &active.mem) {
         Ok(true) => {}
         Ok(false) => return,
         Err(e) => {
             // Better a spurious interrupt than a lost one.
             metrics.event_fails.inc();
             error!("virtio-blk: cannot read the notification state: {e}");
-        }
-    }
-    if !active.queue.event_idx_enabled() {
-        // virtio 1.2 §2.7.7.2: without VIRTIO_F_EVENT_IDX, the device
-        // SHOULD NOT interrupt while the driver sets
-        // VRING_AVAIL_F_NO_INTERRUPT in the available ring's flags (Linux
-        // does while it is already reaping used buffers). needs_notification
-        // above fenced the used ring writes before this read.
-        let flags = active
-            .mem
-            .load::<u16>(GuestAddress(active.queue.avail_ring()), Ordering::Acquire)
-            .map(u16::from_le)
-            .unwrap_or(0);
-        if u32::from(flags) & VRING_AVAIL_F_NO_INTERRUPT != 0 {
-            return;
         }
     }
     match active.interrupt.trigger(InterruptKind::Vring) {
@@ -460,25 +447,29 @@ fn signal_used(active: &mut Active, metrics: &BlockMetrics) {
 }
 
 fn drain_event(evt: &EventFd, metrics: &BlockMetrics) {
-    match evt.read() {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-        Err(e) => {
-            metrics.event_fails.inc();
-            error!("virtio-blk: failed to read an EventFd: {e}");
-        }
+    if let Err(e) = drain_eventfd(evt) {
+        metrics.event_fails.inc();
+        error!("virtio-blk: failed to read an EventFd: {e}");
     }
 }
 
 /// A virtio block device (virtio 1.2 §5.2) backed by a raw image file.
 pub struct Block {
     config: BlockConfig,
-    avail_features: u64,
-    acked_features: u64,
-    config_space: [u8; CONFIG_SPACE_SIZE],
+    virtio: VirtioConfig,
     metrics: Arc<BlockMetrics>,
     disk: Disk,
-    active: Option<Active>,
+    pub(crate) active: Option<Active>,
+    /// Signalled at activation and reset, so that the event loop starts or
+    /// stops watching the queue.
+    pub(crate) control_evt: EventFd,
+    /// Whether the device was added to an event loop.
+    pub(crate) subscribed: bool,
+    /// The queue descriptor registered with the event loop, if any.
+    pub(crate) registered: Option<RawFd>,
+    /// Notify EventFds of a previous activation, kept open until the event
+    /// loop has unregistered them.
+    pub(crate) retired: Vec<EventFd>,
     throttled: bool,
     completions: Vec<(u64, io::Result<u32>)>,
 }
@@ -488,8 +479,8 @@ impl std::fmt::Debug for Block {
         f.debug_struct("Block")
             .field("config", &self.config)
             .field("capacity", &self.disk.nsectors)
-            .field("avail_features", &self.avail_features)
-            .field("acked_features", &self.acked_features)
+            .field("avail_features", &self.virtio.avail_features())
+            .field("acked_features", &self.virtio.acked_features())
             .field("activated", &self.active.is_some())
             .field("pending", &self.disk.in_use)
             .finish_non_exhaustive()
@@ -590,6 +581,7 @@ impl Block {
             discard_alignment,
         } = open_backing_file(&config.path_on_host, config.is_read_only)?;
 
+        let control_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
         let engine: Box<dyn Engine> = match config.io_engine {
             IoEngine::Sync => Box::new(SyncEngine::new(file)),
             IoEngine::Async => {
@@ -597,7 +589,11 @@ impl Block {
             }
         };
 
+        // VIRTIO_RING_F_EVENT_IDX as Firecracker offers it: the driver
+        // then kicks and takes interrupts only past the indices each side
+        // publishes (virtio 1.2 §2.7.7, §2.7.10).
         let mut avail_features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_RING_F_EVENT_IDX)
             | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1u64 << VIRTIO_BLK_F_SEG_MAX)
             | (1u64 << VIRTIO_BLK_F_BLK_SIZE);
@@ -612,9 +608,10 @@ impl Block {
 
         Ok(Block {
             config: config.clone(),
-            avail_features,
-            acked_features: 0,
-            config_space: build_config_space(nsectors, discard_alignment),
+            virtio: VirtioConfig::new(
+                avail_features,
+                build_config_space(nsectors, discard_alignment).to_vec(),
+            ),
             metrics: Arc::new(BlockMetrics::default()),
             disk: Disk {
                 engine,
@@ -630,6 +627,10 @@ impl Block {
                 max_in_flight: MAX_IN_FLIGHT,
             },
             active: None,
+            control_evt,
+            subscribed: false,
+            registered: None,
+            retired: Vec::new(),
             throttled: false,
             completions: Vec::new(),
         })
@@ -690,7 +691,9 @@ impl Block {
         }
         drop(old);
         self.disk.nsectors = backing.nsectors;
-        self.config_space = build_config_space(backing.nsectors, backing.discard_alignment);
+        self.virtio.set_config_space(
+            build_config_space(backing.nsectors, backing.discard_alignment).to_vec(),
+        );
         self.config.path_on_host = path.to_path_buf();
         self.metrics.update_count.inc();
         if let Some(active) = self.active.as_mut() {
@@ -931,27 +934,21 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        self.avail_features
+        self.virtio.avail_features()
     }
 
     fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-        self.disk.discard = self.acked_features & (1u64 << VIRTIO_BLK_F_DISCARD) != 0;
-        self.disk.write_zeroes = self.acked_features & (1u64 << VIRTIO_BLK_F_WRITE_ZEROES) != 0;
+        self.virtio.ack_features(features);
+        self.disk.discard = self.virtio.has_acked(VIRTIO_BLK_F_DISCARD);
+        self.disk.write_zeroes = self.virtio.has_acked(VIRTIO_BLK_F_WRITE_ZEROES);
     }
 
     fn config_size(&self) -> u64 {
-        CONFIG_SPACE_SIZE as u64
+        self.virtio.config_size()
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let src = usize::try_from(offset)
-            .ok()
-            .and_then(|start| self.config_space.get(start..start.checked_add(data.len())?));
-        match src {
-            Some(src) => data.copy_from_slice(src),
-            None => data.fill(0),
-        }
+        self.virtio.read_config(offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -974,23 +971,16 @@ impl VirtioDevice for Block {
             self.metrics.activate_fails.inc();
             return Err(ActivateError::AlreadyActivated);
         }
-        let count = queues.len();
-        let mut queues = queues.into_iter();
-        let (Some(active), None) = (queues.next(), queues.next()) else {
+        let [queue] =
+            take_queues::<1>(queues).inspect_err(|_| self.metrics.activate_fails.inc())?;
+        if let Err(e) = self.control_evt.write(1) {
             self.metrics.activate_fails.inc();
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                actual: count,
-            });
-        };
-        if active.index != 0 {
-            self.metrics.activate_fails.inc();
-            return Err(ActivateError::QueueNotReady(0));
+            return Err(ActivateError::Io(e));
         }
         self.active = Some(Active {
             mem,
-            queue: active.queue,
-            notify: active.notify,
+            queue: queue.queue,
+            notify: queue.notify,
             interrupt,
         });
         Ok(())
@@ -998,8 +988,18 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) -> bool {
         let stopped = self.stop();
-        self.active = None;
-        self.acked_features = 0;
+        if let Some(active) = self.active.take() {
+            if self.subscribed {
+                // The event loop may be watching it: it stays open until the
+                // event loop has unregistered it.
+                self.retired.push(active.notify);
+                if let Err(e) = self.control_evt.write(1) {
+                    self.metrics.event_fails.inc();
+                    error!("virtio-blk: cannot signal the reset to the event loop: {e}");
+                }
+            }
+        }
+        self.virtio.reset();
         self.disk.discard = false;
         self.disk.write_zeroes = false;
         stopped

@@ -3,8 +3,8 @@
 //! A virtio block device (virtio 1.2 §5.2) backed by a raw image file on the
 //! host.
 //!
-//! [`Block`] implements [`ember_virtio_mmio::VirtioDevice`]; put it behind an
-//! [`ember_virtio_mmio::MmioTransport`]. It serves reads, writes, flushes,
+//! [`Block`] implements [`ember_virtio::VirtioDevice`]; put it behind a
+//! transport such as `ember_virtio_mmio::MmioTransport`. It serves reads, writes, flushes,
 //! GET_ID (the drive ID), discard and write zeroes, on one queue of
 //! [`QUEUE_SIZE`] entries, with two I/O engines as in Firecracker:
 //! [`IoEngine::Sync`] (`preadv`/`pwritev` straight into guest memory) and
@@ -19,14 +19,23 @@
 //!
 //! # Driving the device
 //!
-//! The VMM keeps an `Arc<Mutex<Block>>` and gives the transport a clone as
-//! `Arc<Mutex<dyn VirtioDevice>>`. Then, from an event loop or a thread of
-//! its own:
-//! - when the queue's notify EventFd (the transport's
-//!   `queue_notify_events()[0]`) is readable, call
-//!   [`Block::handle_queue_event`];
-//! - with the async engine, when [`Block::io_completion_event`] is readable,
-//!   call [`Block::handle_completion_event`].
+//! [`Block`] implements both [`ember_virtio::VirtioDevice`] and
+//! [`event_manager::MutEventSubscriber`], as the network and vsock devices
+//! do. The VMM keeps an `Arc<Mutex<Block>>`, gives the transport a clone as
+//! `Arc<Mutex<dyn VirtioDevice>>` and adds another to its `EventManager`:
+//! 1. When added, the device watches an internal control EventFd and, with
+//!    the async engine, the io_uring completion EventFd.
+//! 2. At DRIVER_OK the transport calls `activate` (vCPU thread), which keeps
+//!    the queue and signals the control EventFd; on that event the device
+//!    starts watching the queue's notify EventFd (the transport's
+//!    `queue_notify_events()[0]`, a KVM ioeventfd). A kick that came before
+//!    is not lost: the EventFd still holds it.
+//! 3. A reset stops the device and signals the control EventFd again; the
+//!    event loop then stops watching the queue.
+//!
+//! A VMM with a loop of its own can instead call
+//! [`Block::handle_queue_event`] and [`Block::handle_completion_event`]
+//! when those EventFds are readable.
 //!
 //! # Example
 //!
@@ -54,9 +63,14 @@
 //! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)])?;
 //! let device: Arc<Mutex<dyn VirtioDevice>> = block.clone();
 //! let transport = MmioTransport::new(mem, device, EventFd::new(0)?)?;
-//! // Register transport.queue_notify_events()[0] as an ioeventfd and poll it;
-//! // on each event: block.lock().unwrap().handle_queue_event()?
+//! // Register transport.queue_notify_events()[0] as an ioeventfd, then run
+//! // the device from the event loop.
 //! assert_eq!(transport.queue_notify_events().len(), 1);
+//! let mut events = event_manager::EventManager::<
+//!     Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>,
+//! >::new()?;
+//! use event_manager::SubscriberOps;
+//! events.add_subscriber(block);
 //! # Ok(())
 //! # }
 //! ```
@@ -65,6 +79,7 @@
 
 mod device;
 mod engine;
+mod event_handler;
 mod metrics;
 mod request;
 
@@ -75,7 +90,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use device::Block;
-pub use metrics::{BlockMetrics, Counter};
+pub use metrics::BlockMetrics;
 pub use request::{
     Request, RequestError, RequestErrorKind, RequestType, SectorRange, Segment, HEADER_SIZE,
     MAX_DESCRIPTORS, RANGE_SIZE,
@@ -171,6 +186,10 @@ pub enum Error {
     /// The queue is unusable (the driver corrupted its rings).
     #[error("virtqueue error: {0}")]
     Queue(#[source] virtio_queue::Error),
+    /// The EventFd that tells the event loop about activation and reset
+    /// could not be created.
+    #[error("cannot create the block device's control EventFd: {0}")]
+    EventFd(#[source] io::Error),
     /// Waiting for the requests in flight (before replacing the backing
     /// file) failed.
     #[error("cannot wait for the block requests in flight: {0}")]

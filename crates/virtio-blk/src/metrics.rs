@@ -1,32 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0
 
 //! Block device counters, named as Firecracker names them where it has one.
+//!
+//! The struct serializes itself as Firecracker's `block` group: each
+//! counter as its growth since the previous serialization, Firecracker's
+//! fields first, then Ember's own (`discard_count`, `write_zeroes_count`,
+//! `io_completion_event_count`, `interrupts`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-/// A monotonically increasing counter, readable from any thread.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    /// Adds one.
-    pub fn inc(&self) {
-        self.add(1);
-    }
-
-    /// Adds `n`.
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Current value.
-    pub fn count(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
+use ember_metrics::Counter;
+use serde::Serialize;
 
 /// Counters of one block device.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize)]
 pub struct BlockMetrics {
     /// Activations refused (wrong queues, already active).
     pub activate_fails: Counter,
@@ -45,6 +30,11 @@ pub struct BlockMetrics {
     pub flush_count: Counter,
     /// Queue notifications handled.
     pub queue_event_count: Counter,
+    /// Backing files replaced on a running device
+    /// ([`Block::update_backing_file`](crate::Block::update_backing_file)).
+    pub update_count: Counter,
+    /// Backing file replacements refused or failed.
+    pub update_fails: Counter,
     /// Bytes read from the disk into guest memory.
     pub read_bytes: Counter,
     /// Bytes written from guest memory to the disk.
@@ -53,19 +43,77 @@ pub struct BlockMetrics {
     pub read_count: Counter,
     /// Successful writes.
     pub write_count: Counter,
+    /// Times the io_uring was full and processing paused until completions.
+    pub io_engine_throttled_events: Counter,
     /// Successful discards.
     pub discard_count: Counter,
     /// Successful write zeroes.
     pub write_zeroes_count: Counter,
-    /// Times the io_uring was full and processing paused until completions.
-    pub io_engine_throttled_events: Counter,
     /// Completion events handled (async engine).
     pub io_completion_event_count: Counter,
     /// Used-buffer interrupts sent.
     pub interrupts: Counter,
-    /// Backing files replaced on a running device
-    /// ([`Block::update_backing_file`](crate::Block::update_backing_file)).
-    pub update_count: Counter,
-    /// Backing file replacements refused or failed.
-    pub update_fails: Counter,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serializes_firecracker_names_as_deltas() {
+        let m = BlockMetrics::default();
+        m.read_count.add(3);
+        m.write_bytes.add(4096);
+        let line = serde_json::to_value(&m).unwrap();
+        let fields: Vec<&str> = line
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(fields.len(), 19);
+        assert_eq!(line["read_count"], 3);
+        assert_eq!(line["write_bytes"], 4096);
+        assert_eq!(line["flush_count"], 0);
+        // The next line only shows what happened since.
+        m.read_count.inc();
+        let line = serde_json::to_value(&m).unwrap();
+        assert_eq!(line["read_count"], 1);
+        assert_eq!(line["write_bytes"], 0);
+        assert_eq!(m.read_count.count(), 4);
+    }
+
+    #[test]
+    fn field_order_is_firecracker_then_ember() {
+        let text = serde_json::to_string(&BlockMetrics::default()).unwrap();
+        let names: Vec<&str> = text
+            .trim_matches(|c| c == '{' || c == '}')
+            .split(',')
+            .map(|kv| kv.split(':').next().unwrap().trim_matches('"'))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "activate_fails",
+                "cfg_fails",
+                "no_avail_buffer",
+                "event_fails",
+                "execute_fails",
+                "invalid_reqs_count",
+                "flush_count",
+                "queue_event_count",
+                "update_count",
+                "update_fails",
+                "read_bytes",
+                "write_bytes",
+                "read_count",
+                "write_count",
+                "io_engine_throttled_events",
+                "discard_count",
+                "write_zeroes_count",
+                "io_completion_event_count",
+                "interrupts",
+            ]
+        );
+    }
 }

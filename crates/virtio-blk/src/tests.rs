@@ -9,8 +9,8 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ember_virtio::{ActivateError, ActiveQueue, VirtioDevice};
 use ember_virtio_mmio::test_utils::{MockInterrupt, QueueLayout};
-use ember_virtio_mmio::{ActivateError, ActiveQueue, VirtioDevice};
 use tempfile::NamedTempFile;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -1471,4 +1471,125 @@ fn handle_queue_event_clears_the_notify_eventfd() {
     // A queue event with nothing to do is counted as such.
     h.block.handle_queue_event().unwrap();
     assert_eq!(h.block.metrics().no_avail_buffer.count(), 1);
+}
+
+#[test]
+fn runs_from_an_event_loop_through_activation_and_reset() {
+    use ember_virtio_mmio::test_utils::{initialize, write_reg};
+    use ember_virtio_mmio::{MmioTransport, NOTIFY_REG_OFFSET};
+    use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+
+    let image = image(true);
+    let block = Arc::new(Mutex::new(
+        Block::new(&BlockConfig {
+            drive_id: "evl".into(),
+            path_on_host: image.path().to_path_buf(),
+            is_read_only: false,
+            cache_type: CacheType::Unsafe,
+            io_engine: IoEngine::Sync,
+        })
+        .unwrap(),
+    ));
+    let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+    // Added before the driver starts the device, as the VMM does.
+    events.add_subscriber(block.clone());
+    let mem = new_memory();
+    let device: Arc<Mutex<dyn VirtioDevice>> = block.clone();
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut transport = MmioTransport::new(mem.clone(), device, irq.try_clone().unwrap()).unwrap();
+    let vq = MockSplitQueue::new(mem, 256);
+    let features = block.lock().unwrap().features();
+    let layout = QueueLayout {
+        size: 256,
+        desc: vq.desc_table_addr().raw_value(),
+        driver: vq.avail_addr().raw_value(),
+        device: vq.used_addr().raw_value(),
+    };
+    assert_eq!(initialize(&mut transport, features, &[layout]), 0xf);
+
+    let read_at = |sector: u64, head: u16| {
+        let mut hdr = [0u8; 16];
+        hdr[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        hdr[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
+        let next = VRING_DESC_F_NEXT as u16;
+        vq.add_desc_chains(
+            &[
+                RawDescriptor::from(SplitDescriptor::new(HDR, 16, next, head + 1)),
+                RawDescriptor::from(SplitDescriptor::new(DATA, 512, W | next, head + 2)),
+                RawDescriptor::from(SplitDescriptor::new(STATUS, 1, W, 0)),
+            ],
+            head,
+        )
+        .unwrap();
+    };
+    // A kick before the event loop has seen the activation is kept.
+    read_at(2, 0);
+    write_reg(&mut transport, NOTIFY_REG_OFFSET, 0);
+    for _ in 0..3 {
+        events.run_with_timeout(100).unwrap();
+        if vq.used().idx().load() == 1 {
+            break;
+        }
+    }
+    assert_eq!(vq.used().idx().load(), 1);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+    assert_eq!(transport.interrupt_status() & 1, 1);
+    assert!(irq.read().is_ok());
+    assert_eq!(block.lock().unwrap().metrics().queue_event_count.count(), 1);
+
+    // After a reset the event loop stops watching the queue: a kick on the
+    // old EventFd is not processed.
+    let notify = transport.queue_notify_events()[0].try_clone().unwrap();
+    write_reg(&mut transport, 0x70, 0);
+    assert!(!block.lock().unwrap().is_activated());
+    events.run_with_timeout(100).unwrap();
+    notify.write(1).unwrap();
+    events.run_with_timeout(50).unwrap();
+    assert_eq!(block.lock().unwrap().metrics().queue_event_count.count(), 1);
+}
+
+#[test]
+fn event_idx_suppresses_interrupts_and_publishes_avail_event() {
+    use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+    use virtio_queue::QueueT;
+
+    let mut h = Harness::inactive(Opts::new(IoEngine::Sync));
+    let features = h.block.features();
+    assert_ne!(features & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
+    h.block.ack_features(features);
+    let mut queue: Queue = h.vq.create_queue().unwrap();
+    // What the transport does when the driver accepted EVENT_IDX.
+    queue.set_event_idx(true);
+    h.block
+        .activate(
+            h.mem.clone(),
+            vec![ActiveQueue {
+                index: 0,
+                queue,
+                notify: EventFd::new(EFD_NONBLOCK).unwrap(),
+            }],
+            h.interrupt.clone(),
+        )
+        .unwrap();
+    // used_event (after the 256 ring entries of the available ring) = 1:
+    // the driver wants an interrupt once the used index passes 1.
+    let used_event = GuestAddress(h.vq.avail_addr().raw_value() + 4 + 2 * 256);
+    let avail_event = GuestAddress(h.vq.used_addr().raw_value() + 4 + 8 * 256);
+    h.mem.write_obj(1u16.to_le(), used_event).unwrap();
+
+    h.rw(0, VIRTIO_BLK_T_IN, 0, DATA, 512);
+    h.block.process_queue().unwrap();
+    assert_eq!(h.take_used().len(), 1);
+    // Used index 0 -> 1 does not pass used_event 1: no interrupt.
+    assert_eq!(h.interrupt.vring_count(), 0);
+    // The device published how far it read: kick me at avail index 1.
+    assert_eq!(u16::from_le(h.mem.read_obj(avail_event).unwrap()), 1);
+
+    h.rw(1, VIRTIO_BLK_T_IN, 0, DATA, 512);
+    h.block.process_queue().unwrap();
+    assert_eq!(h.take_used().len(), 1);
+    // 1 -> 2 passes used_event 1.
+    assert_eq!(h.interrupt.vring_count(), 1);
+    assert_eq!(u16::from_le(h.mem.read_obj(avail_event).unwrap()), 2);
 }

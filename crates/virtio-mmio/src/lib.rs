@@ -3,9 +3,10 @@
 //! The virtio-mmio transport (virtio 1.2 §4.2.2, version 2), independent of
 //! KVM and of any particular device.
 //!
-//! A device implements [`VirtioDevice`]: its type, queue sizes, feature
-//! bits, configuration space, and what to do at activation and reset. An
-//! [`MmioTransport`] wraps it and decodes the whole register file: the
+//! A device implements `ember_virtio`'s [`VirtioDevice`]: its type, queue
+//! sizes, feature bits, configuration space, and what to do at activation
+//! and reset. This crate is only the transport: an [`MmioTransport`] wraps
+//! the device and decodes the whole register file: the
 //! feature handshake, queue setup, Status, interrupts and configuration
 //! space. It enforces the initialization order of virtio 1.2 §3.1.1: a driver
 //! that breaks it gets DEVICE_NEEDS_RESET and a configuration interrupt, never
@@ -23,9 +24,8 @@
 //! use std::sync::{Arc, Mutex};
 //!
 //! use ember_bus::BusDevice;
-//! use ember_virtio_mmio::{
-//!     ActivateError, ActiveQueue, MmioTransport, VirtioDevice, VirtioInterrupt, MMIO_MAGIC_VALUE,
-//! };
+//! use ember_virtio::{ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt};
+//! use ember_virtio_mmio::{MmioTransport, MMIO_MAGIC_VALUE};
 //! use vm_memory::{GuestAddress, GuestMemoryMmap};
 //! use vmm_sys_util::eventfd::EventFd;
 //!
@@ -67,7 +67,7 @@
 
 #![deny(missing_docs)]
 
-mod device;
+mod state;
 mod transport;
 
 #[cfg(any(test, feature = "test-utils"))]
@@ -76,7 +76,10 @@ pub mod test_utils;
 #[cfg(test)]
 mod tests;
 
-pub use device::{ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
+// The device contract, re-exported for the VMM that wires devices to this
+// transport.
+pub use ember_virtio::{ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
+pub use state::{MmioTransportState, QueueState, StateError};
 pub use transport::{
     Error, MmioInterrupt, MmioMetrics, MmioTransport, CONFIG_SPACE_OFFSET, MMIO_MAGIC_VALUE,
     MMIO_SLOT_SIZE, MMIO_VERSION, NOTIFY_REG_OFFSET, VENDOR_ID,

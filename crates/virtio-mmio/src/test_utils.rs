@@ -24,8 +24,8 @@ use virtio_bindings::virtio_mmio::{
 };
 use vm_memory::GuestMemoryMmap;
 
-use crate::device::{ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
 use crate::transport::MmioTransport;
+use ember_virtio::{ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
 
 /// What a [`MockDevice`] received at activation.
 #[derive(Debug)]

@@ -826,3 +826,195 @@ fn random_register_traffic_never_panics() {
         }
     }
 }
+
+mod state {
+    use vm_memory::Bytes;
+
+    use super::*;
+    use crate::{MmioTransportState, StateError, VirtioInterrupt};
+
+    const LAYOUT: QueueLayout = QueueLayout {
+        size: 16,
+        desc: 0x1000,
+        driver: 0x2000,
+        device: 0x3000,
+    };
+    const FEATURES: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX);
+
+    fn fresh() -> (MmioTransport, Arc<Mutex<MockDevice>>) {
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let mut dev = MockDevice::new(VIRTIO_ID_BLOCK, &[16, 16]);
+        dev.features = FEATURES;
+        let dev = Arc::new(Mutex::new(dev));
+        let t = MmioTransport::new(mem, dev.clone(), EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
+        (t, dev)
+    }
+
+    fn running() -> (MmioTransport, Arc<Mutex<MockDevice>>) {
+        let (mut t, dev) = fresh();
+        let second = QueueLayout {
+            desc: 0x4000,
+            driver: 0x5000,
+            device: 0x6000,
+            ..LAYOUT
+        };
+        assert_eq!(initialize(&mut t, FEATURES, &[LAYOUT, second]), 0xf);
+        (t, dev)
+    }
+
+    #[test]
+    fn round_trip_keeps_what_the_guest_sees() {
+        let (mut t, _dev) = running();
+        // The device used three buffers of queue 0, and interrupted.
+        t.mem
+            .write_obj(3u16.to_le(), GuestAddress(LAYOUT.device + 2))
+            .unwrap();
+        t.interrupt().trigger(InterruptKind::Vring).unwrap();
+        t.interrupt().trigger(InterruptKind::Config).unwrap();
+        write_reg(&mut t, QUEUE_SEL, 1);
+        let saved = t.save();
+        assert_eq!(saved.queues[0].next_used, 3);
+        assert_eq!(saved.queues[0].next_avail, 3);
+
+        // Through a serialized form, into a fresh transport and device.
+        let text = serde_json::to_string(&saved).unwrap();
+        let state: MmioTransportState = serde_json::from_str(&text).unwrap();
+        let (mut r, dev) = fresh();
+        r.mem
+            .write_obj(3u16.to_le(), GuestAddress(LAYOUT.device + 2))
+            .unwrap();
+        r.restore(&state).unwrap();
+        assert_eq!(r.save(), saved);
+        for reg in [
+            STATUS,
+            INTERRUPT_STATUS,
+            CONFIG_GENERATION,
+            QUEUE_SEL,
+            QUEUE_NUM_MAX,
+            QUEUE_READY,
+        ] {
+            assert_eq!(
+                read_reg(&mut r, reg),
+                read_reg(&mut t, reg),
+                "register {reg:#x}"
+            );
+        }
+        assert_eq!(read_reg(&mut r, STATUS), 0xf);
+        assert_eq!(read_reg(&mut r, INTERRUPT_STATUS), 3);
+        assert_eq!(read_reg(&mut r, CONFIG_GENERATION), 1);
+        assert!(r.is_activated());
+        assert_eq!(r.acked_features(), FEATURES);
+        // The device runs again with the queues where they were.
+        let dev = dev.lock().unwrap();
+        assert_eq!(dev.acked_features, Some(FEATURES));
+        let active = dev.active.as_ref().expect("device reactivated");
+        let q = &active.queues[0].queue;
+        assert_eq!((q.next_avail(), q.next_used()), (3, 3));
+        assert_eq!(q.desc_table(), LAYOUT.desc);
+        assert!(q.event_idx_enabled());
+        assert_eq!(active.queues[1].queue.avail_ring(), 0x5000);
+        // A reset still works on a restored transport.
+        drop(dev);
+        write_reg(&mut r, STATUS, 0);
+        assert!(!r.is_activated());
+    }
+
+    #[test]
+    fn round_trip_before_activation() {
+        let (mut t, _) = fresh();
+        write_reg(&mut t, STATUS, ACK);
+        write_reg(&mut t, STATUS, ACK | DRIVER);
+        write_reg(&mut t, DRIVER_FEATURES_SEL, 1);
+        write_reg(&mut t, DRIVER_FEATURES, 1);
+        let saved = t.save();
+        let (mut r, dev) = fresh();
+        r.restore(&saved).unwrap();
+        assert_eq!(r.save(), saved);
+        assert!(!r.is_activated());
+        assert!(dev.lock().unwrap().active.is_none());
+        // The driver carries on from where it was.
+        write_reg(&mut r, STATUS, ACK | DRIVER | FEATURES_OK);
+        assert_eq!(read_reg(&mut r, STATUS), ACK | DRIVER | FEATURES_OK);
+        assert_eq!(r.acked_features(), 1 << VIRTIO_F_VERSION_1);
+    }
+
+    #[test]
+    fn hostile_states_are_refused_and_change_nothing() {
+        let (t, _) = running();
+        let good = t.save();
+        let cases: Vec<(MmioTransportState, &str)> = vec![
+            (
+                MmioTransportState {
+                    status: DRIVER,
+                    ..good.clone()
+                },
+                "status 0x2",
+            ),
+            (
+                MmioTransportState {
+                    acked_features: FEATURES | 1,
+                    ..good.clone()
+                },
+                "accepted features",
+            ),
+            (
+                MmioTransportState {
+                    acked_features: 1 << VIRTIO_RING_F_EVENT_IDX,
+                    ..good.clone()
+                },
+                "accepted features",
+            ),
+            (
+                MmioTransportState {
+                    interrupt_status: 4,
+                    ..good.clone()
+                },
+                "interrupt status 0x4",
+            ),
+            (
+                MmioTransportState {
+                    queues: good.queues[..1].to_vec(),
+                    ..good.clone()
+                },
+                "1 queues",
+            ),
+        ];
+        let mut cases = cases;
+        for (what, edit) in [
+            ("size 0x3", 0usize),
+            ("size 0x20", 1),
+            ("descriptor table 0x1001", 2),
+            ("device area 0xffffffffffffff", 3),
+        ] {
+            let mut s = good.clone();
+            match edit {
+                0 => s.queues[0].size = 3,
+                1 => s.queues[0].size = 32,
+                2 => s.queues[0].desc_table = 0x1001,
+                _ => s.queues[1].used_ring = 0x00ff_ffff_ffff_ffff,
+            }
+            cases.push((s, what));
+        }
+        for (state, want) in cases {
+            let (mut r, dev) = fresh();
+            let err = r.restore(&state).unwrap_err();
+            assert!(err.to_string().contains(want), "{err} (wanted {want})");
+            assert_eq!(read_reg(&mut r, STATUS), 0);
+            assert!(!r.is_activated());
+            assert!(dev.lock().unwrap().active.is_none());
+        }
+        // A queue outside guest memory: the activation fails, nothing stays.
+        let mut s = good.clone();
+        s.queues[1].used_ring = 0x00ff_0000;
+        let (mut r, dev) = fresh();
+        let err = r.restore(&s).unwrap_err();
+        assert!(matches!(err, StateError::Activate(_)), "{err}");
+        assert_eq!(read_reg(&mut r, STATUS), 0);
+        assert!(dev.lock().unwrap().active.is_none());
+        // Only a reset transport takes a state.
+        let (mut busy, _) = running();
+        let err = busy.restore(&good).unwrap_err();
+        assert!(matches!(err, StateError::InUse(0xf)), "{err}");
+    }
+}

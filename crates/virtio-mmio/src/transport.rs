@@ -30,7 +30,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
+use ember_virtio::{
+    features_page, ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt,
+};
 
 /// Size of the MMIO window of one device: registers up to 0xff, configuration
 /// space from 0x100 (virtio 1.2 §4.2.2).
@@ -78,12 +80,12 @@ const REG_SHM_BASE_HIGH: u64 = VIRTIO_MMIO_SHM_BASE_HIGH as u64;
 const REG_CONFIG_GENERATION: u64 = VIRTIO_MMIO_CONFIG_GENERATION as u64;
 
 // Device status bits (virtio 1.2 §2.1).
-const ACKNOWLEDGE: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
-const DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
-const FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
-const DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
-const NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
-const FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
+pub(crate) const ACKNOWLEDGE: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+pub(crate) const DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
+pub(crate) const FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+pub(crate) const DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+pub(crate) const NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
+pub(crate) const FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
 
 /// Most queues a device may declare: QueueSel and QueueNotify carry the index
 /// as a 32-bit value, but every virtio device type uses far fewer, and
@@ -189,8 +191,8 @@ fn inc(counter: &AtomicU64) {
 /// the VMM registers as an irqfd.
 #[derive(Debug)]
 pub struct MmioInterrupt {
-    status: AtomicU32,
-    config_generation: AtomicU32,
+    pub(crate) status: AtomicU32,
+    pub(crate) config_generation: AtomicU32,
     evt: EventFd,
 }
 
@@ -260,21 +262,21 @@ impl VirtioInterrupt for MmioInterrupt {
 /// [`queue_notify_events`]: MmioTransport::queue_notify_events
 /// [`new`]: MmioTransport::new
 pub struct MmioTransport {
-    mem: GuestMemoryMmap,
+    pub(crate) mem: GuestMemoryMmap,
     device: Arc<Mutex<dyn VirtioDevice>>,
     device_type: u32,
-    queues: Vec<Queue>,
+    pub(crate) queues: Vec<Queue>,
     notify_evts: Vec<EventFd>,
-    interrupt: Arc<MmioInterrupt>,
-    status: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
+    pub(crate) interrupt: Arc<MmioInterrupt>,
+    pub(crate) status: u32,
+    pub(crate) device_features_sel: u32,
+    pub(crate) driver_features_sel: u32,
+    pub(crate) driver_features: u64,
     // The driver set a bit in a feature page past the first 64 bits.
-    driver_features_beyond_64: bool,
-    acked_features: u64,
-    queue_sel: u32,
-    activated: bool,
+    pub(crate) driver_features_beyond_64: bool,
+    pub(crate) acked_features: u64,
+    pub(crate) queue_sel: u32,
+    pub(crate) activated: bool,
     metrics: Arc<MmioMetrics>,
 }
 
@@ -383,7 +385,7 @@ impl MmioTransport {
         &self.metrics
     }
 
-    fn locked_device(&self) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
+    pub(crate) fn locked_device(&self) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
         // A device that panicked while locked is still better driven than
         // taking the vCPU thread down with it.
         self.device.lock().unwrap_or_else(PoisonError::into_inner)
@@ -437,11 +439,7 @@ impl MmioTransport {
             REG_VENDOR_ID => VENDOR_ID,
             REG_DEVICE_FEATURES => {
                 let features = self.locked_device().features();
-                match self.device_features_sel {
-                    0 => features as u32,
-                    1 => (features >> 32) as u32,
-                    _ => 0,
-                }
+                features_page(features, self.device_features_sel)
             }
             // 0 means "queue not available" (virtio 1.2 §4.2.2).
             REG_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
@@ -671,7 +669,7 @@ impl MmioTransport {
         }
     }
 
-    fn activate(&mut self) -> Result<(), Error> {
+    pub(crate) fn activate(&mut self) -> Result<(), Error> {
         let event_idx = self.acked_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut active = Vec::new();
         // MAX_QUEUES keeps every index inside u16.

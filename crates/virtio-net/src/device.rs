@@ -5,10 +5,12 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use ember_virtio_mmio::{ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
+use ember_virtio::{
+    drain_eventfd, needs_interrupt, take_queues, ActivateError, ActiveQueue, InterruptKind,
+    VirtioConfig, VirtioDevice, VirtioInterrupt,
+};
 use log::{error, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -17,7 +19,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO,
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
 };
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::EventFd;
@@ -239,26 +241,13 @@ fn signal_used(
     interrupt: &dyn VirtioInterrupt,
     metrics: &NetMetrics,
 ) {
-    match queue.needs_notification(mem) {
+    match needs_interrupt(queue, mem) {
         Ok(true) => {}
         Ok(false) => return,
         Err(e) => {
             // Better a spurious interrupt than a lost one.
             metrics.event_fails.inc();
             error!("virtio-net: cannot read the notification state: {e}");
-        }
-    }
-    if !queue.event_idx_enabled() {
-        // virtio 1.2 §2.7.7.2: without VIRTIO_F_EVENT_IDX the device SHOULD
-        // NOT interrupt while the driver sets VRING_AVAIL_F_NO_INTERRUPT
-        // (Linux does while its NAPI poll reaps used buffers).
-        // needs_notification above fenced the used ring writes.
-        let flags = mem
-            .load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Acquire)
-            .map(u16::from_le)
-            .unwrap_or(0);
-        if u32::from(flags) & VRING_AVAIL_F_NO_INTERRUPT != 0 {
-            return;
         }
     }
     if let Err(e) = interrupt.trigger(InterruptKind::Vring) {
@@ -268,13 +257,9 @@ fn signal_used(
 }
 
 fn drain_event(evt: &EventFd, metrics: &NetMetrics) {
-    match evt.read() {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-        Err(e) => {
-            metrics.event_fails.inc();
-            error!("virtio-net: failed to read an EventFd: {e}");
-        }
+    if let Err(e) = drain_eventfd(evt) {
+        metrics.event_fails.inc();
+        error!("virtio-net: failed to read an EventFd: {e}");
     }
 }
 
@@ -292,9 +277,7 @@ pub(crate) struct Active {
 pub struct Net {
     config: NetConfig,
     tap: Tap,
-    avail_features: u64,
-    acked_features: u64,
-    config_space: [u8; CONFIG_SPACE_SIZE],
+    virtio: VirtioConfig,
     metrics: Arc<NetMetrics>,
     pub(crate) active: Option<Active>,
     /// Signalled at activation and reset, so that the event loop starts or
@@ -317,8 +300,8 @@ impl std::fmt::Debug for Net {
         f.debug_struct("Net")
             .field("config", &self.config)
             .field("tap", &self.tap.name())
-            .field("avail_features", &self.avail_features)
-            .field("acked_features", &self.acked_features)
+            .field("avail_features", &self.virtio.avail_features())
+            .field("acked_features", &self.virtio.acked_features())
             .field("activated", &self.active.is_some())
             .finish_non_exhaustive()
     }
@@ -369,9 +352,7 @@ impl Net {
         Ok(Net {
             config,
             tap,
-            avail_features,
-            acked_features: 0,
-            config_space,
+            virtio: VirtioConfig::new(avail_features, config_space.to_vec()),
             metrics: Arc::new(NetMetrics::default()),
             active: None,
             control_evt,
@@ -420,7 +401,7 @@ impl Net {
     /// Features the driver accepted (0 before negotiation and after a
     /// reset).
     pub fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.virtio.acked_features()
     }
 
     /// The device's counters (shared: clone the `Arc` to read them from
@@ -661,25 +642,19 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        self.avail_features
+        self.virtio.avail_features()
     }
 
     fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
+        self.virtio.ack_features(features);
     }
 
     fn config_size(&self) -> u64 {
-        CONFIG_SPACE_SIZE as u64
+        self.virtio.config_size()
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let src = usize::try_from(offset)
-            .ok()
-            .and_then(|start| self.config_space.get(start..start.checked_add(data.len())?));
-        match src {
-            Some(src) => data.copy_from_slice(src),
-            None => data.fill(0),
-        }
+        self.virtio.read_config(offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -702,24 +677,10 @@ impl VirtioDevice for Net {
             self.metrics.activate_fails.inc();
             return Err(ActivateError::AlreadyActivated);
         }
-        let count = queues.len();
-        let mut queues = queues.into_iter();
-        let (Some(rx), Some(tx), None) = (queues.next(), queues.next(), queues.next()) else {
-            self.metrics.activate_fails.inc();
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                actual: count,
-            });
-        };
-        if rx.index != RX_INDEX {
-            self.metrics.activate_fails.inc();
-            return Err(ActivateError::QueueNotReady(RX_INDEX));
-        }
-        if tx.index != TX_INDEX {
-            self.metrics.activate_fails.inc();
-            return Err(ActivateError::QueueNotReady(TX_INDEX));
-        }
-        let flags = tap_offload_flags(self.acked_features);
+        // RX_INDEX is 0 and TX_INDEX 1: take_queues returns them in that order.
+        let [rx, tx] =
+            take_queues::<2>(queues).inspect_err(|_| self.metrics.activate_fails.inc())?;
+        let flags = tap_offload_flags(self.virtio.acked_features());
         if let Err(e) = self.tap.set_offload(flags) {
             self.metrics.activate_fails.inc();
             error!(
@@ -756,7 +717,7 @@ impl VirtioDevice for Net {
                 }
             }
         }
-        self.acked_features = 0;
+        self.virtio.reset();
         if let Err(e) = self.tap.set_offload(0) {
             warn!(
                 "virtio-net: cannot clear offload flags on TAP {}: {e}",

@@ -2,8 +2,8 @@
 
 //! A virtio network device (virtio 1.2 §5.1) backed by a host TAP device.
 //!
-//! [`Net`] implements [`ember_virtio_mmio::VirtioDevice`]: put it behind an
-//! [`ember_virtio_mmio::MmioTransport`]. It has one receive queue (index
+//! [`Net`] implements [`ember_virtio::VirtioDevice`]: put it behind a
+//! transport such as `ember_virtio_mmio::MmioTransport`. It has one receive queue (index
 //! [`RX_INDEX`]) and one transmit queue (index [`TX_INDEX`]) of
 //! [`QUEUE_SIZE`] entries, and moves Ethernet frames between them and a TAP
 //! device opened with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`. Every frame, in
@@ -88,7 +88,7 @@ mod tests;
 use std::io;
 
 pub use device::{tap_offload_flags, Net};
-pub use metrics::{Counter, NetMetrics};
+pub use metrics::NetMetrics;
 
 /// Index of the receive queue (virtio 1.2 §5.1.2: receiveq1).
 pub const RX_INDEX: u16 = 0;

@@ -16,10 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ember_bus::BusDevice;
+use ember_virtio::{ActivateError, ActiveQueue, VirtioDevice};
 use ember_virtio_mmio::test_utils::{initialize, read_reg, MockInterrupt, QueueLayout};
-use ember_virtio_mmio::{
-    ActivateError, ActiveQueue, MmioTransport, VirtioDevice, NOTIFY_REG_OFFSET,
-};
+use ember_virtio_mmio::{MmioTransport, NOTIFY_REG_OFFSET};
 use event_manager::{EventManager, SubscriberOps};
 use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INTERRUPT_STATUS;

@@ -13,13 +13,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ember_virtio_mmio::{ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
+use ember_virtio::{
+    drain_eventfd, needs_interrupt, take_queues, ActivateError, ActiveQueue, InterruptKind,
+    VirtioConfig, VirtioDevice, VirtioInterrupt,
+};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::{debug, error, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -28,8 +30,7 @@ use crate::metrics::{inc, VsockMetrics};
 use crate::muxer::{Muxer, DATA_CONNECTION, DATA_HOST_PENDING, DATA_LISTENER};
 use crate::packet::{write_event, RxBuffer, TxPacket, EVENT_TRANSPORT_RESET, HEADER_SIZE};
 use crate::{
-    Error, VsockConfig, AVAIL_FEATURES, CONFIG_SPACE_SIZE, EVQ_INDEX, NUM_QUEUES, QUEUE_SIZE,
-    RXQ_INDEX, TXQ_INDEX,
+    Error, VsockConfig, AVAIL_FEATURES, EVQ_INDEX, NUM_QUEUES, QUEUE_SIZE, RXQ_INDEX, TXQ_INDEX,
 };
 
 /// Event data of the internal activation EventFd.
@@ -60,7 +61,7 @@ struct Active {
 pub struct Vsock {
     config: VsockConfig,
     cid: u64,
-    acked_features: u64,
+    virtio: VirtioConfig,
     muxer: Muxer,
     metrics: Arc<VsockMetrics>,
     activate_evt: EventFd,
@@ -89,7 +90,7 @@ impl std::fmt::Debug for Vsock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vsock")
             .field("config", &self.config)
-            .field("acked_features", &self.acked_features)
+            .field("acked_features", &self.virtio.acked_features())
             .field("activated", &self.active.is_some())
             .field("running", &self.running)
             .field("connections", &self.muxer.connection_count())
@@ -98,11 +99,7 @@ impl std::fmt::Debug for Vsock {
 }
 
 fn drain(evt: &EventFd) -> io::Result<()> {
-    match evt.read() {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-        Err(e) => Err(e),
-    }
+    drain_eventfd(evt)
 }
 
 impl Vsock {
@@ -140,7 +137,9 @@ impl Vsock {
             muxer: Muxer::new(cid, path, listener, metrics.clone()),
             config,
             cid,
-            acked_features: 0,
+            // struct virtio_vsock_config { le64 guest_cid; } (virtio 1.2
+            // §5.10.4).
+            virtio: VirtioConfig::new(AVAIL_FEATURES, cid.to_le_bytes().to_vec()),
             metrics,
             activate_evt,
             control_evt,
@@ -190,7 +189,7 @@ impl Vsock {
 
     /// Feature bits the driver accepted.
     pub fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.virtio.acked_features()
     }
 
     /// Sends the guest `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (virtio 1.2
@@ -515,17 +514,8 @@ fn signal_used(active: &mut Active, metrics: &VsockMetrics, queues: &[u16]) {
             TXQ_INDEX => &mut active.tx,
             _ => &mut active.ev,
         };
-        let needed = queue.needs_notification(&active.mem).unwrap_or(true);
-        // virtio 1.2 §2.7.7.2: without VIRTIO_F_EVENT_IDX the device SHOULD
-        // NOT interrupt while the driver sets VRING_AVAIL_F_NO_INTERRUPT;
-        // needs_notification() fenced the used ring writes before this read.
-        let suppressed = !queue.event_idx_enabled()
-            && active
-                .mem
-                .read_obj::<u16>(GuestAddress(queue.avail_ring()))
-                .map(|flags| u32::from(u16::from_le(flags)) & VRING_AVAIL_F_NO_INTERRUPT != 0)
-                .unwrap_or(false);
-        wanted |= needed && !suppressed;
+        // An unreadable ring gets an interrupt rather than none.
+        wanted |= needs_interrupt(queue, &active.mem).unwrap_or(true);
     }
     if wanted {
         if let Err(e) = active.interrupt.trigger(InterruptKind::Vring) {
@@ -557,27 +547,20 @@ impl VirtioDevice for Vsock {
     }
 
     fn features(&self) -> u64 {
-        AVAIL_FEATURES
+        self.virtio.avail_features()
     }
 
     fn ack_features(&mut self, features: u64) {
-        self.acked_features = features;
+        self.virtio.ack_features(features);
     }
 
     fn config_size(&self) -> u64 {
-        CONFIG_SPACE_SIZE
+        self.virtio.config_size()
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // struct virtio_vsock_config { le64 guest_cid; } (virtio 1.2 §5.10.4)
-        let bytes = self.cid.to_le_bytes();
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        match bytes.get(start..start.saturating_add(data.len())) {
-            Some(src) => data.copy_from_slice(src),
-            None => {
-                inc(&self.metrics.cfg_fails);
-                data.fill(0);
-            }
+        if !self.virtio.read_config(offset, data) {
+            inc(&self.metrics.cfg_fails);
         }
     }
 
@@ -616,7 +599,7 @@ impl VirtioDevice for Vsock {
             }
         }
         self.muxer.teardown();
-        self.acked_features = 0;
+        self.virtio.reset();
         self.awaiting_event_ack = false;
         self.tx_stalled = false;
         true
@@ -633,24 +616,9 @@ impl Vsock {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActivated);
         }
-        if queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                actual: queues.len(),
-            });
-        }
-        let mut slots: [Option<ActiveQueue>; NUM_QUEUES] = Default::default();
-        for q in queues {
-            let index = q.index;
-            match slots.get_mut(usize::from(index)) {
-                Some(slot @ None) => *slot = Some(q),
-                _ => return Err(ActivateError::QueueNotReady(index)),
-            }
-        }
-        let [Some(rx), Some(tx), Some(ev)] = slots else {
-            let missing = (0u16..).zip(&slots).find(|(_, s)| s.is_none());
-            return Err(ActivateError::QueueNotReady(missing.map_or(0, |(i, _)| i)));
-        };
+        // RXQ_INDEX, TXQ_INDEX, EVQ_INDEX are 0, 1, 2: take_queues returns
+        // them in that order.
+        let [rx, tx, ev] = take_queues::<NUM_QUEUES>(queues)?;
         self.activate_evt.write(1).map_err(ActivateError::Io)?;
         self.active = Some(Active {
             mem,

@@ -32,10 +32,10 @@
 //!
 //! # Driving the device
 //!
-//! [`Vsock`] implements both [`ember_virtio_mmio::VirtioDevice`] and
+//! [`Vsock`] implements both [`ember_virtio::VirtioDevice`] and
 //! [`event_manager::MutEventSubscriber`]. The VMM keeps one
 //! `Arc<Mutex<Vsock>>`, gives a clone to an
-//! [`ember_virtio_mmio::MmioTransport`] (as `Arc<Mutex<dyn VirtioDevice>>`)
+//! `ember_virtio_mmio::MmioTransport` (as `Arc<Mutex<dyn VirtioDevice>>`)
 //! and adds another to its `EventManager`, which must keep running:
 //!
 //! 1. When added, the device watches only an internal activation EventFd.

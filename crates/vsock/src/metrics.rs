@@ -3,21 +3,24 @@
 //! Vsock device counters, named as Firecracker's `vsock` metrics, plus three
 //! of Ember's own for packets the device refused.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use ember_metrics::Counter;
+use serde::Serialize;
 
 macro_rules! vsock_metrics {
     ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
-        /// Counters of one vsock device. Monotonic; readable from any thread.
-        #[derive(Debug, Default)]
+        /// Counters of one vsock device. Monotonic; readable from any
+        /// thread. Serializes itself as Firecracker's `vsock` group, each
+        /// counter as its growth since the previous serialization.
+        #[derive(Debug, Default, Serialize)]
         pub struct VsockMetrics {
-            $( pub(crate) $name: AtomicU64, )*
+            $( pub(crate) $name: Counter, )*
         }
 
         impl VsockMetrics {
             $(
                 $(#[$doc])*
                 pub fn $name(&self) -> u64 {
-                    self.$name.load(Ordering::Relaxed)
+                    self.$name.count()
                 }
             )*
 
@@ -89,12 +92,12 @@ vsock_metrics! {
     rx_malformed_buffers,
 }
 
-pub(crate) fn inc(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
+pub(crate) fn inc(counter: &Counter) {
+    counter.inc();
 }
 
-pub(crate) fn add(counter: &AtomicU64, n: u64) {
-    counter.fetch_add(n, Ordering::Relaxed);
+pub(crate) fn add(counter: &Counter, n: u64) {
+    counter.add(n);
 }
 
 #[cfg(test)]
@@ -110,6 +113,28 @@ mod tests {
         assert_eq!(snap.len(), 23);
         assert!(snap.contains(&("conns_added", 1)));
         assert!(snap.contains(&("rx_bytes_count", 42)));
+        assert_eq!(m.rx_bytes_count(), 42);
+        // Serialized, the group has the same fields in the same order, each
+        // as its growth since the previous line.
+        let line = serde_json::to_value(&m).unwrap();
+        let keys: Vec<&str> = line
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys.len(), snap.len());
+        assert_eq!(line["rx_bytes_count"], 42);
+        assert_eq!(line["conns_added"], 1);
+        let text = serde_json::to_string(&m).unwrap();
+        let order: Vec<&str> = text
+            .trim_matches(|c| c == '{' || c == '}')
+            .split(',')
+            .map(|kv| kv.split(':').next().unwrap().trim_matches('"'))
+            .collect();
+        let snap_order: Vec<&str> = snap.iter().map(|(n, _)| *n).collect();
+        assert_eq!(order, snap_order);
+        assert_eq!(serde_json::to_value(&m).unwrap()["rx_bytes_count"], 0);
         assert_eq!(m.rx_bytes_count(), 42);
         for name in [
             "activate_fails",

@@ -11,10 +11,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use ember_virtio::{ActivateError, ActiveQueue, VirtioDevice};
 use ember_virtio_mmio::test_utils::{self, MockInterrupt, QueueLayout};
-use ember_virtio_mmio::{
-    ActivateError, ActiveQueue, MmioTransport, VirtioDevice, CONFIG_SPACE_OFFSET,
-};
+use ember_virtio_mmio::{MmioTransport, CONFIG_SPACE_OFFSET};
 use event_manager::{EventManager, SubscriberOps};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1,

@@ -25,8 +25,7 @@ use super::http::{
 };
 use super::preboot::ActionHandler;
 use super::request::{allowed_methods, parse_request, request_counters, DEFAULT_MAX_PAYLOAD};
-use crate::metrics::ApiRequestMetrics;
-use crate::seccomp::{self, BpfProgram, SeccompError};
+use ember_logger::metrics::ApiRequestMetrics;
 
 /// Name of the API server thread.
 pub const THREAD_NAME: &str = "ember_api";
@@ -52,14 +51,21 @@ pub enum ApiServerError {
     /// The thread could not be started.
     #[error("cannot start the API server thread: {0}")]
     Spawn(#[source] io::Error),
-    /// The API thread could not install its seccomp filter; it did not serve.
+    /// The API thread's [`ThreadHook`] could not install its seccomp
+    /// filter; it did not serve.
     #[error("the API server thread did not start: {0}")]
-    Seccomp(#[source] SeccompError),
+    Seccomp(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
+
+/// What the API thread runs first, before it serves anything: the VMM
+/// installs the thread's seccomp filter with it. An error stops the thread
+/// before it reads a byte.
+pub type ThreadHook =
+    Arc<dyn Fn() -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send + Sync>;
 
 /// How the server behaves; [`ServerOptions::new`] gives Firecracker's
 /// limits.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServerOptions {
     /// Largest request body, `--http-api-max-payload-size`.
     pub max_payload: usize,
@@ -71,9 +77,20 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// Where request counts go (`*_api_requests` metrics groups).
     pub metrics: Arc<ApiRequestMetrics>,
-    /// The seccomp filter the API thread installs first thing, before it
-    /// serves anything (see [`crate::seccomp`]); `None` runs it unfiltered.
-    pub seccomp_filter: Option<Arc<BpfProgram>>,
+    /// Run first on the API thread (its seccomp filter); `None` runs it
+    /// unfiltered.
+    pub thread_hook: Option<ThreadHook>,
+}
+
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field("max_payload", &self.max_payload)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_connections", &self.max_connections)
+            .field("thread_hook", &self.thread_hook.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServerOptions {
@@ -85,7 +102,7 @@ impl ServerOptions {
             request_timeout: Duration::from_secs(30),
             max_connections: 32,
             metrics: Arc::default(),
-            seccomp_filter: None,
+            thread_hook: None,
         }
     }
 }
@@ -243,7 +260,7 @@ pub fn start_api_server_with(
     let (to_vmm, requests) = mpsc::channel();
     let (responses_tx, responses_rx) = mpsc::channel();
     let metrics = options.metrics.clone();
-    let filter = options.seccomp_filter.clone();
+    let hook = options.thread_hook.clone();
 
     let server = Server {
         listener,
@@ -265,8 +282,8 @@ pub fn start_api_server_with(
     let thread = std::thread::Builder::new()
         .name(THREAD_NAME.to_string())
         .spawn(move || {
-            if let Some(filter) = filter {
-                let result = seccomp::apply(&filter);
+            if let Some(hook) = hook {
+                let result = hook();
                 let failed = result.is_err();
                 let _ = installed_tx.send(result);
                 if failed {

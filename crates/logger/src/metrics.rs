@@ -27,8 +27,8 @@
 //! ```
 //! use std::sync::Arc;
 //!
-//! use ember::config::Metrics as MetricsConfig;
-//! use ember::metrics::{Counter, GroupWriter, Metrics};
+//! use ember_config::Metrics as MetricsConfig;
+//! use ember_logger::metrics::{Counter, GroupWriter, Metrics};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dir = tempfile::tempdir()?;
@@ -67,7 +67,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -78,7 +77,7 @@ use ember_virtio_blk::BlockMetrics;
 use ember_virtio_net::NetMetrics;
 use ember_vsock::VsockMetrics;
 
-use crate::config;
+use ember_config as config;
 
 /// How often the VMM writes a metrics line on its own (Firecracker's period).
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(60);
@@ -100,56 +99,8 @@ pub enum MetricsError {
     },
 }
 
-/// A cumulative event counter, shared between threads.
-///
-/// It only grows; the metrics line reports how much it grew since the
-/// previous line.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    /// A counter at zero.
-    pub const fn new() -> Self {
-        Counter(AtomicU64::new(0))
-    }
-
-    /// Adds one.
-    pub fn inc(&self) {
-        self.add(1);
-    }
-
-    /// Adds `n`.
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Everything counted so far.
-    pub fn count(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// A value reported as it is (a duration, a size): Firecracker's
-/// `SharedStoreMetric`.
-#[derive(Debug, Default)]
-pub struct Gauge(AtomicU64);
-
-impl Gauge {
-    /// A gauge at zero.
-    pub const fn new() -> Self {
-        Gauge(AtomicU64::new(0))
-    }
-
-    /// Sets the value.
-    pub fn set(&self, value: u64) {
-        self.0.store(value, Ordering::Relaxed);
-    }
-
-    /// The value.
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
+/// The shared metric types every crate counts with.
+pub use ember_metrics::{Counter, Gauge};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -185,7 +136,7 @@ impl GroupWriter<'_> {
 ///
 /// ```
 /// # use std::sync::Arc;
-/// # use ember::metrics::{Counter, GroupWriter, Metrics};
+/// # use ember_logger::metrics::{Counter, GroupWriter, Metrics};
 /// struct NetMetrics { rx_bytes_count: Counter }
 /// let net = Arc::new(NetMetrics { rx_bytes_count: Counter::new() });
 /// let metrics = Metrics::new();

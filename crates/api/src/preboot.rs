@@ -1,7 +1,10 @@
 //! What the VMM thread does with actions: which are allowed in which state
 //! ([`check_allowed`]), and the complete pre-boot configuration phase
 //! ([`PreBootResources`]), which builds the [`VmConfig`] the VM boots from
-//! with the same validation as the configuration file.
+//! with the same validation as the configuration file, and the pre-boot
+//! controller ([`PrebootApiController`]), which also applies `PUT /logger`
+//! and `PUT /metrics` at once and hands the configuration over on
+//! `InstanceStart`.
 
 use std::fs::{File, OpenOptions};
 use std::path::Path;
@@ -10,13 +13,94 @@ use super::action::{
     ApiError, DriveUpdate, InstanceInfo, InstanceState, VmmAction, VmmData, VmmResponse,
     FIRECRACKER_API_VERSION,
 };
-use crate::config::{ConfigError, Drive, NetworkInterface, VmConfig};
+use ember_config::{ConfigError, Drive, NetworkInterface, VmConfig};
+use ember_logger::logger;
+use ember_logger::metrics::Metrics;
 
 /// Something that carries out actions: the VMM implements it for each phase
 /// of a microVM's life.
 pub trait ActionHandler {
     /// Performs `action` and says how it went.
     fn handle(&mut self, action: VmmAction) -> VmmResponse;
+}
+
+/// What the pre-boot controller made of one request.
+// One value per API request: boxing the configuration would only add an
+// allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum PrebootOutcome {
+    /// Send this answer.
+    Answer(VmmResponse),
+    /// `InstanceStart` with a bootable configuration: build and start the
+    /// VM from it, then answer.
+    Start(VmConfig),
+}
+
+/// Answers API requests before the VM runs, as Firecracker's
+/// `PrebootApiController`: configuration requests go to
+/// [`PreBootResources`], `PUT /logger` and `PUT /metrics` take effect at
+/// once, and `InstanceStart` hands over the configuration to boot.
+pub struct PrebootApiController<'a> {
+    resources: PreBootResources,
+    instance_id: String,
+    metrics: &'a Metrics,
+}
+
+impl<'a> PrebootApiController<'a> {
+    /// A controller for the microVM `instance_id`, with Firecracker's
+    /// default configuration, writing metrics through `metrics`.
+    pub fn new(instance_id: impl Into<String>, metrics: &'a Metrics) -> Self {
+        let instance_id = instance_id.into();
+        PrebootApiController {
+            resources: PreBootResources::new(instance_id.clone()),
+            instance_id,
+            metrics,
+        }
+    }
+
+    /// The configuration so far.
+    pub fn config(&self) -> &VmConfig {
+        self.resources.config()
+    }
+
+    /// Handles one request.
+    pub fn handle(&mut self, action: VmmAction) -> PrebootOutcome {
+        let answer = match action {
+            VmmAction::InstanceStart => match self.resources.boot_config() {
+                Ok(config) => return PrebootOutcome::Start(config),
+                Err(e) => Err(e),
+            },
+            VmmAction::PutLogger(cfg) => self.apply(VmmAction::PutLogger(cfg.clone()), || {
+                logger::reconfigure(&cfg)
+                    .map_err(|e| ApiError::bad_request(format!("Logger error: {e}")))
+            }),
+            VmmAction::PutMetrics(cfg) => {
+                let (metrics, id) = (self.metrics, self.instance_id.clone());
+                self.apply(VmmAction::PutMetrics(cfg.clone()), || {
+                    metrics
+                        .configure(&cfg, &id)
+                        .map_err(|e| ApiError::bad_request(format!("Metrics error: {e}")))
+                })
+            }
+            other => self.resources.handle(other),
+        };
+        PrebootOutcome::Answer(answer)
+    }
+
+    /// Records `action` in the configuration and carries it out with
+    /// `apply`; the configuration keeps the action only if both succeed.
+    fn apply(
+        &mut self,
+        action: VmmAction,
+        apply: impl FnOnce() -> Result<(), ApiError>,
+    ) -> VmmResponse {
+        let mut candidate = self.resources.clone();
+        candidate.handle(action)?;
+        apply()?;
+        self.resources = candidate;
+        Ok(VmmData::Empty)
+    }
 }
 
 /// Firecracker's rule for what may be called when: configuration before
@@ -320,11 +404,62 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::api::action::MachineConfigUpdate;
-    use crate::config::{BootSource, Logger, MachineConfig, Metrics, Vsock};
+    use crate::action::MachineConfigUpdate;
+    use ember_config::{BootSource, Logger, MachineConfig, Metrics, Vsock};
 
     fn kernel() -> tempfile::NamedTempFile {
         tempfile::NamedTempFile::new().unwrap()
+    }
+
+    #[test]
+    fn the_preboot_controller_starts_only_a_bootable_configuration() {
+        let registry = ember_logger::metrics::Metrics::new();
+        let mut c = PrebootApiController::new("vm-9", &registry);
+        match c.handle(VmmAction::InstanceStart) {
+            PrebootOutcome::Answer(Err(e)) => assert_eq!(e.status, 400),
+            other => panic!("{other:?}"),
+        }
+        let k = kernel();
+        assert!(matches!(
+            c.handle(boot(k.path())),
+            PrebootOutcome::Answer(Ok(VmmData::Empty))
+        ));
+        match c.handle(VmmAction::InstanceStart) {
+            PrebootOutcome::Start(config) => {
+                assert_eq!(config.boot_source().unwrap().kernel_image_path, k.path())
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_preboot_controller_applies_metrics_at_once_and_keeps_only_what_worked() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = ember_logger::metrics::Metrics::new();
+        let mut c = PrebootApiController::new("vm-9", &registry);
+        let path = dir.path().join("metrics.json");
+        let put = |path: PathBuf| {
+            VmmAction::PutMetrics(Metrics {
+                metrics_path: path,
+                emit_id: false,
+                properties: None,
+            })
+        };
+        // A destination that cannot be opened changes nothing.
+        match c.handle(put(dir.path().join("missing/m.json"))) {
+            PrebootOutcome::Answer(Err(e)) => {
+                assert!(e.message.starts_with("Metrics error: "), "{}", e.message)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(c.config().metrics.is_none());
+        assert!(matches!(
+            c.handle(put(path.clone())),
+            PrebootOutcome::Answer(Ok(VmmData::Empty))
+        ));
+        assert_eq!(c.config().metrics.as_ref().unwrap().metrics_path, path);
+        registry.flush().unwrap();
+        assert!(std::fs::read_to_string(&path).unwrap().starts_with('{'));
     }
 
     fn boot(path: &Path) -> VmmAction {

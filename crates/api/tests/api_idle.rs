@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::thread;
 use std::time::Duration;
 
-use ember::api::{start_api_server, VmmData, DEFAULT_MAX_PAYLOAD, THREAD_NAME};
+use ember_api::{start_api_server, VmmData, DEFAULT_MAX_PAYLOAD, THREAD_NAME};
 
 /// User plus system CPU time of the API thread, in clock ticks.
 fn api_thread_cpu_ticks() -> u64 {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{
+use ember_config::{
     BootSource, Drive, HugePages, Logger, MachineConfig, Metrics, NetworkInterface, RateLimiter,
     VmConfig, Vsock,
 };

@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ember::api::{
+use ember_api::{
     parse_request, response_to_http, ActionHandler, PreBootResources, VmmAction,
     DEFAULT_MAX_PAYLOAD, FIRECRACKER_API_VERSION, ROUTES,
 };
@@ -57,7 +57,7 @@ fn load(path: &Path) -> Value {
 }
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn ember_doc() -> Value {
@@ -109,7 +109,7 @@ fn operations(doc: &Value) -> Vec<(String, String)> {
     ops
 }
 
-fn parse(method: &str, path: &str, body: &Value) -> Result<VmmAction, ember::api::ApiError> {
+fn parse(method: &str, path: &str, body: &Value) -> Result<VmmAction, ember_api::ApiError> {
     let text = if body.is_null() {
         String::new()
     } else {
@@ -492,5 +492,5 @@ fn version_matches_the_contract() {
         ember["info"]["x-firecracker-api-version"],
         FIRECRACKER_API_VERSION
     );
-    assert_eq!(ember["info"]["version"], ember::api::EMBER_VERSION);
+    assert_eq!(ember["info"]["version"], ember_api::EMBER_VERSION);
 }

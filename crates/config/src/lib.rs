@@ -5,9 +5,39 @@
 //! names the field and the position in the file. Sections Ember does not
 //! implement yet are parsed (so they are still type-checked) and then
 //! rejected with an error that names them.
+//!
+//! Each device section converts itself into the configuration its device
+//! crate builds from (`BlockConfig::from(&drive)`,
+//! `NetConfig::try_from(&iface)`, `VsockConfig::from(&vsock)`), so the VMM
+//! maps nothing by hand.
+//!
+//! # Example
+//!
+//! ```
+//! use ember_config::VmConfig;
+//! use ember_virtio_blk::BlockConfig;
+//!
+//! let config = VmConfig::from_json(
+//!     r#"{
+//!         "boot-source": {"kernel_image_path": "/vmlinux"},
+//!         "drives": [{"drive_id": "rootfs", "path_on_host": "/rootfs.ext4",
+//!                     "is_root_device": true, "cache_type": "Writeback"}]
+//!     }"#,
+//! )
+//! .unwrap();
+//! assert_eq!(config.machine_config.vcpu_count, 1);
+//! let block = BlockConfig::from(&config.drives[0]);
+//! assert_eq!(block.cache_type, ember_config::CacheType::Writeback);
+//! assert_eq!(config.drives[0].root_args().as_deref(), Some("root=/dev/vda rw"));
+//! ```
+
+#![deny(missing_docs)]
 
 use std::path::{Path, PathBuf};
 
+use ember_virtio_blk::BlockConfig;
+use ember_virtio_net::NetConfig;
+use ember_vsock::VsockConfig;
 use serde::{Deserialize, Serialize};
 
 /// Boot arguments used when the configuration gives none.
@@ -17,8 +47,9 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_BOOT_ARGS: &str =
     "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd";
 
-/// Largest vCPU count Firecracker accepts (its API schema's maximum).
-pub const MAX_VCPUS: u8 = 32;
+/// Largest vCPU count Firecracker accepts (its API schema's maximum), the
+/// limit the vCPU crate enforces.
+pub use ember_vcpu::MAX_VCPUS;
 
 /// Errors of the configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -109,23 +140,23 @@ impl Default for MachineConfig {
     }
 }
 
-/// `cache_type` of a drive.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-pub enum CacheType {
-    /// Flush requests are acknowledged without syncing.
-    #[default]
+pub use ember_virtio_blk::{CacheType, IoEngine};
+
+/// `cache_type` of a drive, as the file spells it: the device's own
+/// [`CacheType`], described to serde here.
+#[derive(Deserialize, Serialize)]
+#[serde(remote = "CacheType")]
+enum CacheTypeDef {
     Unsafe,
-    /// Flush requests sync the backing file.
     Writeback,
 }
 
-/// `io_engine` of a drive.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-pub enum IoEngine {
-    /// Blocking reads and writes.
-    #[default]
+/// `io_engine` of a drive, as the file spells it: the device's own
+/// [`IoEngine`].
+#[derive(Deserialize, Serialize)]
+#[serde(remote = "IoEngine")]
+enum IoEngineDef {
     Sync,
-    /// io_uring.
     Async,
 }
 
@@ -173,10 +204,10 @@ pub struct Drive {
     #[serde(default)]
     pub is_read_only: Option<bool>,
     /// Flush behaviour.
-    #[serde(default)]
+    #[serde(default, with = "CacheTypeDef")]
     pub cache_type: CacheType,
     /// I/O engine.
-    #[serde(default)]
+    #[serde(default, with = "IoEngineDef")]
     pub io_engine: IoEngine,
     /// Rate limiter (accepted, not applied).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -573,6 +604,46 @@ pub fn drives_in_attach_order(drives: &[Drive]) -> Vec<&Drive> {
     out
 }
 
+impl From<&Drive> for BlockConfig {
+    fn from(drive: &Drive) -> Self {
+        BlockConfig {
+            drive_id: drive.drive_id.clone(),
+            // Validation requires a path; an empty one fails to open.
+            path_on_host: drive.path_on_host.clone().unwrap_or_default(),
+            is_read_only: drive.is_read_only.unwrap_or(false),
+            cache_type: drive.cache_type,
+            io_engine: drive.io_engine,
+        }
+    }
+}
+
+impl TryFrom<&NetworkInterface> for NetConfig {
+    type Error = ember_virtio_net::Error;
+
+    /// Fails only on a malformed `guest_mac`, which validation refuses first.
+    fn try_from(iface: &NetworkInterface) -> Result<Self, Self::Error> {
+        Ok(NetConfig {
+            iface_id: iface.iface_id.clone(),
+            host_dev_name: iface.host_dev_name.clone(),
+            guest_mac: iface
+                .guest_mac
+                .as_deref()
+                .map(ember_virtio_net::parse_mac)
+                .transpose()?,
+            mtu: iface.mtu,
+        })
+    }
+}
+
+impl From<&Vsock> for VsockConfig {
+    fn from(vsock: &Vsock) -> Self {
+        VsockConfig {
+            guest_cid: vsock.guest_cid,
+            uds_path: vsock.uds_path.clone(),
+        }
+    }
+}
+
 impl MachineConfig {
     /// Checks the vCPU count, SMT rule and memory size as Firecracker does.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -624,6 +695,48 @@ mod tests {
         assert!(!c.machine_config.smt);
         assert_eq!(c.boot_args(), DEFAULT_BOOT_ARGS);
         assert_eq!(c.boot_source().unwrap().kernel_image_path, Path::new("/k"));
+    }
+
+    #[test]
+    fn sections_convert_into_device_configs() {
+        let c = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "drives": [{"drive_id": "d", "path_on_host": "/d.img", "is_root_device": false,
+                            "is_read_only": true, "io_engine": "Async"}],
+                "network-interfaces": [{"iface_id": "n", "host_dev_name": "tap9",
+                                        "guest_mac": "06:00:ac:10:00:02", "mtu": 1400}],
+                "vsock": {"guest_cid": 3, "uds_path": "/v.sock"}}"#,
+        )
+        .unwrap();
+        let block = BlockConfig::from(&c.drives[0]);
+        assert_eq!(
+            block,
+            BlockConfig {
+                drive_id: "d".into(),
+                path_on_host: PathBuf::from("/d.img"),
+                is_read_only: true,
+                cache_type: CacheType::Unsafe,
+                io_engine: IoEngine::Async,
+            }
+        );
+        let net = NetConfig::try_from(&c.network_interfaces[0]).unwrap();
+        assert_eq!(net.host_dev_name, "tap9");
+        assert_eq!(net.guest_mac, Some([0x06, 0, 0xac, 0x10, 0, 2]));
+        assert_eq!(net.mtu, Some(1400));
+        let mut bad = c.network_interfaces[0].clone();
+        bad.guest_mac = Some("06:00".into());
+        assert!(NetConfig::try_from(&bad).is_err());
+        let vsock = VsockConfig::from(c.vsock.as_ref().unwrap());
+        assert_eq!(
+            (vsock.guest_cid, vsock.uds_path),
+            (3, PathBuf::from("/v.sock"))
+        );
+        // The device's own enums serialize under the file's names.
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(
+            text.contains(r#""cache_type":"Unsafe","io_engine":"Async""#),
+            "{text}"
+        );
     }
 
     #[test]

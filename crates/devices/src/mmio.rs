@@ -1,16 +1,14 @@
 //! Placing virtio-mmio devices: slot addresses and GSIs as Firecracker
 //! assigns them, the KVM irqfd and ioeventfds that keep interrupts and queue
-//! kicks out of userspace, the kernel command line entry, and the event-loop
-//! subscribers that run each device.
+//! kicks out of userspace, and the kernel command line entry. Each device
+//! runs itself from the event loop (it is its own subscriber).
 
 use std::sync::{Arc, Mutex};
 
 use ember_boot::layout::{VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START};
 use ember_bus::{Bus, BusRange};
 use ember_irqchip::GsiAllocator;
-use ember_virtio_blk::Block;
 use ember_virtio_mmio::{MmioTransport, VirtioDevice, NOTIFY_REG_OFFSET};
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -199,67 +197,6 @@ pub fn attach_virtio_device(
         transport,
         queue_events,
     })
-}
-
-/// Runs a block device from the VMM's event loop: queue kicks and, with the
-/// io_uring engine, completions.
-pub struct BlockEvents {
-    block: Arc<Mutex<Block>>,
-    queue: EventFd,
-    completion: Option<EventFd>,
-    name: String,
-}
-
-impl BlockEvents {
-    /// Subscriber for `block`, whose queue notify eventfd is `queue`.
-    pub fn new(block: Arc<Mutex<Block>>, queue: EventFd, name: String) -> std::io::Result<Self> {
-        let completion = block
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .io_completion_event()
-            .map(EventFd::try_clone)
-            .transpose()?;
-        Ok(Self {
-            block,
-            queue,
-            completion,
-            name,
-        })
-    }
-}
-
-impl MutEventSubscriber for BlockEvents {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        use std::os::unix::io::AsRawFd;
-        let mut block = self.block.lock().unwrap_or_else(|e| e.into_inner());
-        let result = if events.fd() == self.queue.as_raw_fd() {
-            // Before activation the kick is only drained.
-            if block.is_activated() {
-                block.handle_queue_event()
-            } else {
-                let _ = self.queue.read();
-                Ok(())
-            }
-        } else if Some(events.fd()) == self.completion.as_ref().map(|e| e.as_raw_fd()) {
-            block.handle_completion_event()
-        } else {
-            Ok(())
-        };
-        if let Err(e) = result {
-            log::error!("{}: {e}", self.name);
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue, EventSet::IN)) {
-            log::error!("{}: cannot watch the queue: {e:?}", self.name);
-        }
-        if let Some(c) = &self.completion {
-            if let Err(e) = ops.add(Events::new(c, EventSet::IN)) {
-                log::error!("{}: cannot watch io_uring completions: {e:?}", self.name);
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -451,8 +451,8 @@ pub fn response_to_http(response: &VmmResponse) -> HttpResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::action::{InstanceInfo, InstanceState};
-    use crate::config::MachineConfig;
+    use crate::action::{InstanceInfo, InstanceState};
+    use ember_config::MachineConfig;
 
     fn decode_all(d: &mut RequestDecoder) -> Vec<Decoded> {
         std::iter::from_fn(|| d.decode()).collect()

@@ -6,8 +6,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::action::{ApiError, DriveUpdate, MachineConfigUpdate, VmmAction};
-use crate::config::{BootSource, Drive, Logger, MachineConfig, Metrics, NetworkInterface, Vsock};
-use crate::metrics::{ApiRequestMetrics, Counter};
+use ember_config::{BootSource, Drive, Logger, MachineConfig, Metrics, NetworkInterface, Vsock};
+use ember_logger::metrics::{ApiRequestMetrics, Counter};
 
 /// Firecracker's default for `--http-api-max-payload-size`, in bytes.
 pub const DEFAULT_MAX_PAYLOAD: usize = 51_200;
@@ -360,7 +360,7 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     use super::*;
-    use crate::config::{CacheType, HugePages, IoEngine, LogLevel};
+    use ember_config::{CacheType, HugePages, IoEngine, LogLevel};
 
     const MAX: usize = DEFAULT_MAX_PAYLOAD;
 

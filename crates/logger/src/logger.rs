@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use crate::config::{self, LogLevel};
+use ember_config::{self as config, LogLevel};
 
 /// What a line looks like and where it goes; changed by [`reconfigure`].
 struct Settings {

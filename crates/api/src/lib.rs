@@ -12,7 +12,7 @@
 //! The VMM side is an [`ActionHandler`]: before boot,
 //! [`PreBootResources`] applies every configuration request with
 //! Firecracker's rules and the configuration file's validation, and hands
-//! the resulting [`VmConfig`](crate::config::VmConfig) over on
+//! the resulting [`VmConfig`](ember_config::VmConfig) over on
 //! `InstanceStart`; after boot, [`check_allowed`] says which actions remain
 //! allowed.
 //!
@@ -22,7 +22,7 @@
 //! use std::io::{Read, Write};
 //! use std::os::unix::net::UnixStream;
 //!
-//! use ember::api::{start_api_server, PreBootResources, DEFAULT_MAX_PAYLOAD};
+//! use ember_api::{start_api_server, PreBootResources, DEFAULT_MAX_PAYLOAD};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dir = tempfile::tempdir()?;
@@ -41,7 +41,7 @@
 //! // The VMM thread: wait for the request and answer it.
 //! let mut resources = PreBootResources::new("vm-1");
 //! let (action, responder) = api.recv().expect("the API thread runs");
-//! let answer = ember::api::ActionHandler::handle(&mut resources, action);
+//! let answer = ember_api::ActionHandler::handle(&mut resources, action);
 //! responder.respond(answer);
 //!
 //! let mut reply = [0u8; 64];
@@ -52,10 +52,13 @@
 //! # }
 //! ```
 
+#![deny(missing_docs)]
+
 mod action;
 pub mod http;
 mod preboot;
 mod request;
+mod runtime;
 mod server;
 
 pub use action::{
@@ -63,12 +66,16 @@ pub use action::{
     VmmResponse, APP_NAME, EMBER_VERSION, FIRECRACKER_API_VERSION,
 };
 pub use http::{error_to_http, response_to_http, HttpResponse};
-pub use preboot::{check_allowed, patch_drive, ActionHandler, PreBootResources};
+pub use preboot::{
+    check_allowed, patch_drive, ActionHandler, PreBootResources, PrebootApiController,
+    PrebootOutcome,
+};
 pub use request::{
     allowed_methods, parse_request, payload_too_large, Route, DEFAULT_MAX_PAYLOAD, NOT_IMPLEMENTED,
     ROUTES,
 };
+pub use runtime::{RuntimeApiController, RuntimeVm, VmActionError};
 pub use server::{
     start_api_server, start_api_server_with, ApiServerError, ApiServerHandle, Responder,
-    ServerOptions, THREAD_NAME,
+    ServerOptions, ThreadHook, THREAD_NAME,
 };

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ember::api::{
+use ember_api::{
     start_api_server, start_api_server_with, ActionHandler, ApiServerError, ApiServerHandle,
-    PreBootResources, ServerOptions, VmmAction, VmmResponse, DEFAULT_MAX_PAYLOAD,
+    PreBootResources, ServerOptions, VmmAction, VmmResponse, DEFAULT_MAX_PAYLOAD, THREAD_NAME,
 };
 
 /// A reply as read off the socket.
@@ -198,7 +198,7 @@ fn endpoints_answer_with_firecracker_statuses() {
     assert_eq!(r.status, 200);
     assert_eq!(
         r.json()["firecracker_version"],
-        ember::api::FIRECRACKER_API_VERSION
+        ember_api::FIRECRACKER_API_VERSION
     );
 
     let r = c.call(
@@ -543,7 +543,7 @@ fn too_many_connections_evicts_the_idle_or_refuses() {
 fn request_counts_reach_the_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let path = socket(&dir);
-    let metrics = ember::metrics::Metrics::new();
+    let metrics = ember_logger::metrics::Metrics::new();
     let opts = ServerOptions {
         metrics: metrics.api_requests(),
         ..ServerOptions::new(DEFAULT_MAX_PAYLOAD)
@@ -567,4 +567,36 @@ fn request_counts_reach_the_metrics() {
     // One refused by the VMM, one by the parser.
     assert_eq!(line["put_api_requests"]["machine_cfg_fails"], 2);
     assert_eq!(line["get_api_requests"]["instance_info_count"], 1);
+}
+
+#[test]
+fn the_thread_hook_runs_first_on_the_api_thread_and_can_refuse_to_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket(&dir);
+    let ran_on = Arc::new(std::sync::Mutex::new(None));
+    let seen = ran_on.clone();
+    let opts = ServerOptions {
+        thread_hook: Some(Arc::new(move || {
+            *seen.lock().unwrap() = std::thread::current().name().map(String::from);
+            Ok(())
+        })),
+        ..ServerOptions::new(DEFAULT_MAX_PAYLOAD)
+    };
+    let _vmm = vmm(start_api_server_with(&path, opts).unwrap());
+    // Run before start_api_server_with returned, on the server's thread.
+    assert_eq!(ran_on.lock().unwrap().as_deref(), Some(THREAD_NAME));
+    let mut c = Client::connect(&path);
+    assert_eq!(c.call("GET", "/", "").status, 200);
+
+    let refused = socket(&dir).with_file_name("refused.sock");
+    let opts = ServerOptions {
+        thread_hook: Some(Arc::new(|| Err("no filter for you".into()))),
+        ..ServerOptions::new(DEFAULT_MAX_PAYLOAD)
+    };
+    let e = start_api_server_with(&refused, opts).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "the API server thread did not start: no filter for you"
+    );
+    assert!(!refused.exists(), "no socket is left behind");
 }

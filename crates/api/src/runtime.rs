@@ -1,0 +1,503 @@
+//! The runtime controller: Firecracker's post-boot actions (`GET`s,
+//! `PATCH /vm`, `PATCH /drives`, `SendCtrlAltDel`, `FlushMetrics`), each
+//! checked with [`check_allowed`] first, carried out on the running VM
+//! through the [`RuntimeVm`] trait the VMM implements. It is the
+//! counterpart of [`PrebootApiController`](crate::PrebootApiController).
+
+use std::error::Error;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ember_config::VmConfig;
+use ember_logger::metrics::Metrics;
+
+use crate::action::{
+    ApiError, DriveUpdate, InstanceInfo, InstanceState, VmmAction, VmmData, VmmResponse,
+    FIRECRACKER_API_VERSION,
+};
+use crate::preboot::{check_allowed, patch_drive, ActionHandler};
+
+/// Why a running VM refused an action.
+#[derive(Debug, thiserror::Error)]
+pub enum VmActionError {
+    /// The configuration names a drive the VM has no device for.
+    #[error("drive `{0}` is configured but has no device")]
+    NoSuchDrive(String),
+    /// The vCPUs or a device failed; the message is theirs.
+    #[error(transparent)]
+    Failed(Box<dyn Error + Send + Sync>),
+}
+
+/// What the runtime controller asks of the running VM.
+pub trait RuntimeVm {
+    /// Parks every vCPU outside the guest; returns once all are parked.
+    fn pause(&mut self) -> Result<(), VmActionError>;
+    /// Lets the vCPUs run again; nothing when they run or the VM stops.
+    fn resume(&mut self);
+    /// Whether the VM is stopping.
+    fn is_stopping(&self) -> bool;
+    /// Queues Ctrl+Alt+Del on the keyboard controller.
+    fn send_ctrl_alt_del(&mut self) -> Result<(), VmActionError>;
+    /// Backs the block device `drive_id` with the file at `path`.
+    fn replace_drive_file(&mut self, drive_id: &str, path: &Path) -> Result<(), VmActionError>;
+}
+
+/// Answers API requests once the VM runs.
+pub struct RuntimeApiController<V> {
+    instance_id: String,
+    config: VmConfig,
+    vm: V,
+    metrics: Option<Arc<Metrics>>,
+    state: InstanceState,
+}
+
+impl<V: RuntimeVm> RuntimeApiController<V> {
+    /// The controller of `vm`, which was built from `config` and runs.
+    pub fn new(
+        instance_id: impl Into<String>,
+        config: VmConfig,
+        vm: V,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
+        RuntimeApiController {
+            instance_id: instance_id.into(),
+            config,
+            vm,
+            metrics,
+            state: InstanceState::Running,
+        }
+    }
+
+    /// `Running` or `Paused`.
+    pub fn state(&self) -> InstanceState {
+        self.state
+    }
+
+    /// The configuration the VM runs with, as `GET /vm/config` shows it.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    fn pause(&mut self) -> VmmResponse {
+        if self.state == InstanceState::Paused {
+            return Ok(VmmData::Empty);
+        }
+        let start = Instant::now();
+        if let Err(e) = self.vm.pause() {
+            // A vCPU that did not park must not stay half-paused.
+            self.vm.resume();
+            return Err(ApiError::bad_request(format!(
+                "Failed to pause the microVM: {e}"
+            )));
+        }
+        let us = elapsed_us(start);
+        self.state = InstanceState::Paused;
+        if let Some(m) = &self.metrics {
+            m.latencies().vmm_pause_vm.set(us);
+        }
+        log::info!("microVM paused ({us} us)");
+        Ok(VmmData::Empty)
+    }
+
+    fn resume(&mut self) -> VmmResponse {
+        if self.state == InstanceState::Running {
+            return Ok(VmmData::Empty);
+        }
+        if self.vm.is_stopping() {
+            return Err(ApiError::bad_request(
+                "Failed to resume the microVM: the VM is stopping",
+            ));
+        }
+        let start = Instant::now();
+        self.vm.resume();
+        let us = elapsed_us(start);
+        self.state = InstanceState::Running;
+        if let Some(m) = &self.metrics {
+            m.latencies().vmm_resume_vm.set(us);
+        }
+        log::info!("microVM resumed ({us} us)");
+        Ok(VmmData::Empty)
+    }
+
+    fn patch_drive(&mut self, update: &DriveUpdate) -> VmmResponse {
+        let drive = patch_drive(&self.config, update)?;
+        let Some(index) = self
+            .config
+            .drives
+            .iter()
+            .position(|d| d.drive_id == update.drive_id)
+        else {
+            // patch_drive found it: the configuration did not change since.
+            return Err(ApiError::internal(format!(
+                "drive `{}` vanished from the configuration",
+                update.drive_id
+            )));
+        };
+        if let Some(path) = &update.path_on_host {
+            match self.vm.replace_drive_file(&update.drive_id, path) {
+                Ok(()) => {}
+                Err(e @ VmActionError::NoSuchDrive(_)) => {
+                    return Err(ApiError::internal(e.to_string()))
+                }
+                Err(VmActionError::Failed(e)) => {
+                    return Err(ApiError::bad_request(format!(
+                        "Drive config error: Unable to patch the block device: {e}. Please verify the request arguments."
+                    )))
+                }
+            }
+            log::info!(
+                "drive `{}` now backed by {}",
+                update.drive_id,
+                path.display()
+            );
+        }
+        if update.rate_limiter.is_some() {
+            log::warn!(
+                "drive `{}`: rate limiters are accepted but not applied",
+                update.drive_id
+            );
+        }
+        self.config.drives[index] = drive;
+        Ok(VmmData::Empty)
+    }
+}
+
+fn elapsed_us(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+impl<V: RuntimeVm> ActionHandler for RuntimeApiController<V> {
+    fn handle(&mut self, action: VmmAction) -> VmmResponse {
+        check_allowed(&action, self.state)?;
+        match action {
+            VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(InstanceInfo::new(
+                self.instance_id.clone(),
+                self.state,
+            ))),
+            VmmAction::GetVersion => Ok(VmmData::Version(FIRECRACKER_API_VERSION.to_string())),
+            VmmAction::GetVmConfig => Ok(VmmData::VmConfig(self.config.clone())),
+            VmmAction::GetMachineConfig => {
+                Ok(VmmData::MachineConfig(self.config.machine_config.clone()))
+            }
+            VmmAction::Pause => self.pause(),
+            VmmAction::Resume => self.resume(),
+            VmmAction::SendCtrlAltDel => {
+                self.vm.send_ctrl_alt_del().map_err(|e| {
+                    ApiError::bad_request(format!("Failed to send Ctrl+Alt+Del: {e}"))
+                })?;
+                log::info!("sent Ctrl+Alt+Del to the guest");
+                Ok(VmmData::Empty)
+            }
+            VmmAction::FlushMetrics => {
+                if let Some(m) = &self.metrics {
+                    m.flush().map_err(|e| {
+                        ApiError::bad_request(format!("Failed to write the metrics: {e}"))
+                    })?;
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchDrive(update) => self.patch_drive(&update),
+            // Configuration calls: `check_allowed` refused them above.
+            VmmAction::PutBootSource(_)
+            | VmmAction::PutMachineConfig(_)
+            | VmmAction::PatchMachineConfig(_)
+            | VmmAction::PutDrive(_)
+            | VmmAction::PutNetworkInterface(_)
+            | VmmAction::PutVsock(_)
+            | VmmAction::PutLogger(_)
+            | VmmAction::PutMetrics(_)
+            | VmmAction::InstanceStart => Err(ApiError::not_supported_post_boot()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::{Mutex, MutexGuard};
+
+    use ember_bus::BusDevice;
+    use ember_config::{BootSource, Drive, Logger};
+    use ember_legacy_devices::i8042::I8042Device;
+    use ember_legacy_devices::EventFdTrigger;
+    use ember_vcpu::VmControl;
+    use ember_virtio_blk::{Block, BlockConfig, CacheType, IoEngine};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::*;
+    use crate::MachineConfigUpdate;
+
+    type I8042 = Arc<Mutex<I8042Device<EventFdTrigger, EventFdTrigger>>>;
+
+    fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The VM side as the VMM builds it: the run control, the i8042 and
+    /// the block devices.
+    struct TestVm {
+        control: Arc<VmControl>,
+        i8042: I8042,
+        drives: Vec<(String, Arc<Mutex<Block>>)>,
+    }
+
+    impl RuntimeVm for TestVm {
+        fn pause(&mut self) -> Result<(), VmActionError> {
+            self.control
+                .pause()
+                .map_err(|e| VmActionError::Failed(e.into()))
+        }
+
+        fn resume(&mut self) {
+            self.control.resume()
+        }
+
+        fn is_stopping(&self) -> bool {
+            self.control.is_exiting()
+        }
+
+        fn send_ctrl_alt_del(&mut self) -> Result<(), VmActionError> {
+            lock(&self.i8042)
+                .trigger_ctrl_alt_del()
+                .map_err(|e| VmActionError::Failed(e.into()))
+        }
+
+        fn replace_drive_file(&mut self, id: &str, path: &Path) -> Result<(), VmActionError> {
+            let (_, block) = self
+                .drives
+                .iter()
+                .find(|(d, _)| d == id)
+                .ok_or_else(|| VmActionError::NoSuchDrive(id.to_string()))?;
+            lock(block)
+                .update_backing_file(path)
+                .map_err(|e| VmActionError::Failed(e.into()))
+        }
+    }
+
+    struct Setup {
+        dir: tempfile::TempDir,
+        api: RuntimeApiController<TestVm>,
+        control: Arc<VmControl>,
+        i8042: I8042,
+        block: Arc<Mutex<Block>>,
+        metrics: Arc<Metrics>,
+    }
+
+    fn image(dir: &Path, name: &str, len: u64) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+        path
+    }
+
+    fn setup() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = image(dir.path(), "disk.img", 1 << 20);
+        let block = Arc::new(Mutex::new(
+            Block::new(&BlockConfig {
+                drive_id: "rootfs".into(),
+                path_on_host: disk.clone(),
+                is_read_only: false,
+                cache_type: CacheType::Unsafe,
+                io_engine: IoEngine::Sync,
+            })
+            .unwrap(),
+        ));
+        let config = VmConfig {
+            boot_source: Some(BootSource {
+                kernel_image_path: PathBuf::from("/k"),
+                initrd_path: None,
+                boot_args: None,
+            }),
+            drives: vec![Drive {
+                drive_id: "rootfs".into(),
+                path_on_host: Some(disk),
+                is_root_device: true,
+                partuuid: None,
+                is_read_only: Some(false),
+                cache_type: Default::default(),
+                io_engine: Default::default(),
+                rate_limiter: None,
+                socket: None,
+            }],
+            ..VmConfig::default()
+        };
+        let control = VmControl::new().unwrap();
+        let i8042: I8042 = Arc::new(Mutex::new(I8042Device::new(
+            EventFdTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+            EventFdTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+        )));
+        let metrics = Arc::new(Metrics::new());
+        let vm = TestVm {
+            control: control.clone(),
+            i8042: i8042.clone(),
+            drives: vec![("rootfs".into(), block.clone())],
+        };
+        let api = RuntimeApiController::new("vm-7", config, vm, Some(metrics.clone()));
+        Setup {
+            dir,
+            api,
+            control,
+            i8042,
+            block,
+            metrics,
+        }
+    }
+
+    fn state(api: &mut RuntimeApiController<TestVm>) -> InstanceState {
+        match api.handle(VmmAction::GetInstanceInfo) {
+            Ok(VmmData::InstanceInfo(info)) => {
+                assert_eq!(info.id, "vm-7");
+                info.state
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn pause_and_resume_change_the_state_and_time_it() {
+        let mut s = setup();
+        assert_eq!(state(&mut s.api), InstanceState::Running);
+        s.api.handle(VmmAction::Pause).unwrap();
+        assert_eq!(state(&mut s.api), InstanceState::Paused);
+        // Idempotent, as in Firecracker.
+        s.api.handle(VmmAction::Pause).unwrap();
+        s.api.handle(VmmAction::Resume).unwrap();
+        assert_eq!(state(&mut s.api), InstanceState::Running);
+        s.api.handle(VmmAction::Resume).unwrap();
+        let line: serde_json::Value = serde_json::from_str(&s.metrics.render()).unwrap();
+        assert!(line["latencies_us"]["vmm_pause_vm"].is_u64(), "{line}");
+
+        // A stopping VM cannot be paused, and the state stays.
+        s.control.request_stop(ember_vcpu::ExitReason::Stopped);
+        let e = s.api.handle(VmmAction::Pause).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(
+            e.message.starts_with("Failed to pause the microVM"),
+            "{}",
+            e.message
+        );
+        assert_eq!(state(&mut s.api), InstanceState::Running);
+    }
+
+    #[test]
+    fn configuration_calls_are_refused_after_boot() {
+        let mut s = setup();
+        for action in [
+            VmmAction::InstanceStart,
+            VmmAction::PutLogger(Logger::default()),
+            VmmAction::PatchMachineConfig(MachineConfigUpdate {
+                vcpu_count: Some(2),
+                ..Default::default()
+            }),
+        ] {
+            let e = s.api.handle(action).unwrap_err();
+            assert_eq!(
+                e.message,
+                "The requested operation is not supported after starting the microVM."
+            );
+        }
+        assert!(matches!(
+            s.api.handle(VmmAction::GetVersion),
+            Ok(VmmData::Version(v)) if v == FIRECRACKER_API_VERSION
+        ));
+        assert!(matches!(
+            s.api.handle(VmmAction::GetMachineConfig),
+            Ok(VmmData::MachineConfig(m)) if m.vcpu_count == 1
+        ));
+    }
+
+    #[test]
+    fn ctrl_alt_del_queues_the_scan_codes() {
+        let mut s = setup();
+        s.api.handle(VmmAction::SendCtrlAltDel).unwrap();
+        let mut i8042 = lock(&s.i8042);
+        let mut bytes = Vec::new();
+        for _ in 0..4 {
+            let mut b = [0u8];
+            i8042.read(0x60, 0, &mut b);
+            bytes.push(b[0]);
+        }
+        assert_eq!(bytes, [0x14, 0x11, 0xe0, 0x71]);
+    }
+
+    #[test]
+    fn patch_drive_swaps_the_file_and_updates_the_config() {
+        let mut s = setup();
+        let bigger = image(s.dir.path(), "bigger.img", 4 << 20);
+        s.api
+            .handle(VmmAction::PatchDrive(DriveUpdate {
+                drive_id: "rootfs".into(),
+                path_on_host: Some(bigger.clone()),
+                rate_limiter: None,
+            }))
+            .unwrap();
+        assert_eq!(lock(&s.block).capacity(), 8192);
+        assert_eq!(
+            s.api.config().drives[0].path_on_host.as_ref(),
+            Some(&bigger)
+        );
+        match s.api.handle(VmmAction::GetVmConfig) {
+            Ok(VmmData::VmConfig(c)) => assert_eq!(c.drives[0].path_on_host, Some(bigger.clone())),
+            other => panic!("{other:?}"),
+        }
+
+        let missing = s.dir.path().join("missing.img");
+        let e = s
+            .api
+            .handle(VmmAction::PatchDrive(DriveUpdate {
+                drive_id: "rootfs".into(),
+                path_on_host: Some(missing.clone()),
+                rate_limiter: None,
+            }))
+            .unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(
+            e.message.contains(missing.to_str().unwrap()),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            s.api.config().drives[0].path_on_host.as_ref(),
+            Some(&bigger)
+        );
+        assert_eq!(lock(&s.block).capacity(), 8192);
+
+        let e = s
+            .api
+            .handle(VmmAction::PatchDrive(DriveUpdate {
+                drive_id: "other".into(),
+                path_on_host: Some(bigger),
+                rate_limiter: None,
+            }))
+            .unwrap_err();
+        assert!(
+            e.message.contains("no drive has the id `other`"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn flush_metrics_writes_a_line() {
+        let mut s = setup();
+        // Without a destination there is nothing to write, and no error.
+        s.api.handle(VmmAction::FlushMetrics).unwrap();
+        let path = s.dir.path().join("metrics.json");
+        s.metrics
+            .configure(
+                &ember_config::Metrics {
+                    metrics_path: path.clone(),
+                    emit_id: true,
+                    properties: None,
+                },
+                "vm-7",
+            )
+            .unwrap();
+        s.api.handle(VmmAction::FlushMetrics).unwrap();
+        s.api.handle(VmmAction::FlushMetrics).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(text.starts_with("{\"utc_timestamp_ms\":"), "{text}");
+    }
+}

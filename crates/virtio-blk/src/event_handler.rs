@@ -1,0 +1,109 @@
+// SPDX-License-Identifier: Apache-2.0
+
+//! How the device joins an event-manager event loop, the same way the
+//! network and vsock devices do.
+//!
+//! The io_uring completion EventFd (async engine) is watched for the
+//! device's lifetime. The queue's notify EventFd is watched only while the
+//! device is active: the transport activates and resets the device from a
+//! vCPU thread, which cannot touch the event loop's registrations, so both
+//! signal the control EventFd, and the event loop then registers (or
+//! unregisters) the queue.
+
+use std::os::fd::AsRawFd;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use log::{error, warn};
+
+use crate::device::Block;
+
+/// Event data: the control EventFd.
+const CONTROL: u32 = 0;
+/// Event data: the queue notification.
+const QUEUE: u32 = 1;
+/// Event data: io_uring completions.
+const COMPLETION: u32 = 2;
+
+impl Block {
+    /// Makes the event loop's registrations match the device state: drops
+    /// the queue of a previous activation, then, when active, watches the
+    /// current one.
+    fn sync_registrations(&mut self, ops: &mut EventOps) {
+        if let Some(fd) = self.registered.take() {
+            if let Err(e) = ops.remove(Events::empty_raw(fd)) {
+                self.metrics().event_fails.inc();
+                error!("virtio-blk: cannot unregister descriptor {fd} from the event loop: {e}");
+            }
+        }
+        // Unregistered: they can be closed now.
+        self.retired.clear();
+
+        let Some(active) = &self.active else {
+            return;
+        };
+        let fd = active.notify.as_raw_fd();
+        match ops.add(Events::with_data_raw(fd, QUEUE, EventSet::IN)) {
+            Ok(()) => self.registered = Some(fd),
+            Err(e) => {
+                self.metrics().event_fails.inc();
+                error!("virtio-blk: cannot register descriptor {fd} with the event loop: {e}");
+            }
+        }
+    }
+
+    fn handle_control_event(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ember_virtio::drain_eventfd(&self.control_evt) {
+            self.metrics().event_fails.inc();
+            error!("virtio-blk: failed to read the control EventFd: {e}");
+        }
+        self.sync_registrations(ops);
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let data = events.data();
+        if !events.event_set().contains(EventSet::IN) {
+            self.metrics().event_fails.inc();
+            warn!(
+                "virtio-blk: unexpected event {:?} on source {data}",
+                events.event_set()
+            );
+            return;
+        }
+        let result = match data {
+            CONTROL => {
+                self.handle_control_event(ops);
+                Ok(())
+            }
+            QUEUE => self.handle_queue_event(),
+            COMPLETION => self.handle_completion_event(),
+            _ => {
+                self.metrics().event_fails.inc();
+                warn!("virtio-blk: event from unknown source {data}");
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            error!("virtio-blk ({}): {e}", self.config().drive_id);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        self.subscribed = true;
+        if let Err(e) = ops.add(Events::with_data(&self.control_evt, CONTROL, EventSet::IN)) {
+            self.metrics().event_fails.inc();
+            error!("virtio-blk: cannot register the control EventFd: {e}");
+        }
+        if let Some(fd) = self.io_completion_event().map(AsRawFd::as_raw_fd) {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, COMPLETION, EventSet::IN)) {
+                self.metrics().event_fails.inc();
+                error!("virtio-blk: cannot watch io_uring completions: {e}");
+            }
+        }
+        // Added to the event loop after activation: start watching now.
+        if self.active.is_some() {
+            self.sync_registrations(ops);
+        }
+    }
+}
