@@ -151,7 +151,78 @@ pub struct I8042Device<R: Trigger, K: Trigger> {
     metrics: Arc<I8042Metrics>,
 }
 
+/// The guest-visible state of an [`I8042Device`], for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    /// Status register.
+    pub status: u8,
+    /// Control register (command byte).
+    pub control: u8,
+    /// Output port.
+    pub outp: u8,
+    /// Command waiting for its data byte (0: none).
+    pub cmd: u8,
+    /// Bytes waiting in the output buffer, oldest first.
+    pub buffer: Vec<u8>,
+}
+
+/// Why an [`I8042State`] was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// More bytes than the output buffer holds.
+    #[error("output buffer of {0} bytes, the controller holds {BUF_SIZE}")]
+    BufferTooLong(usize),
+    /// The status says data is available and the buffer is empty, or the
+    /// other way round.
+    #[error("status {status:#04x} does not match an output buffer of {len} bytes")]
+    Status {
+        /// Status register.
+        status: u8,
+        /// Bytes in the buffer.
+        len: usize,
+    },
+}
+
 impl<R: Trigger, K: Trigger> I8042Device<R, K> {
+    /// The controller's registers and output buffer.
+    pub fn save(&self) -> I8042State {
+        let buffer = (0..self.buf_len())
+            .map(|i| self.buf[(self.bhead + Wrapping(i)).0 % BUF_SIZE])
+            .collect();
+        I8042State {
+            status: self.status,
+            control: self.control,
+            outp: self.outp,
+            cmd: self.cmd,
+            buffer,
+        }
+    }
+
+    /// Puts a saved state back. The state is untrusted: a buffer longer
+    /// than the controller's, or a status whose data-available bit does
+    /// not match the buffer, is refused and nothing changes.
+    pub fn restore(&mut self, state: &I8042State) -> Result<(), StateError> {
+        let len = state.buffer.len();
+        if len > BUF_SIZE {
+            return Err(StateError::BufferTooLong(len));
+        }
+        if (state.status & SB_OUT_DATA_AVAIL != 0) != (len > 0) {
+            return Err(StateError::Status {
+                status: state.status,
+                len,
+            });
+        }
+        self.status = state.status;
+        self.control = state.control;
+        self.outp = state.outp;
+        self.cmd = state.cmd;
+        self.buf = [0; BUF_SIZE];
+        self.buf[..len].copy_from_slice(&state.buffer);
+        self.bhead = Wrapping(0);
+        self.btail = Wrapping(len);
+        Ok(())
+    }
+
     /// A controller in its power-on state: keyboard enabled, keyboard
     /// interrupt enabled, POST passed, output buffer empty.
     pub fn new(reset: R, kbd_interrupt: K) -> Self {
@@ -432,6 +503,71 @@ mod tests {
 
     fn outb(dev: &mut Device, offset: u64, value: u8) {
         dev.write(I8042_BASE, offset, &[value]);
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let (mut dev, _, _) = device();
+        // A command byte in flight, a changed control register and two
+        // bytes waiting, with the ring wrapped.
+        for _ in 0..BUF_SIZE - 1 {
+            dev.push_byte(0);
+            dev.pop_byte();
+        }
+        outb(&mut dev, OFS_STATUS, CMD_WRITE_CTR);
+        outb(&mut dev, OFS_DATA, CB_POST_OK);
+        dev.push_byte(0x11);
+        dev.push_byte(0x22);
+        outb(&mut dev, OFS_STATUS, CMD_WRITE_OUTP);
+        let saved = dev.save();
+        assert_eq!(saved.buffer, [0x11, 0x22]);
+        let text = serde_json::to_string(&saved).unwrap();
+        let state: I8042State = serde_json::from_str(&text).unwrap();
+
+        let (mut fresh, _, _) = device();
+        fresh.restore(&state).unwrap();
+        assert_eq!(fresh.save(), saved);
+        // The same reads, and the pending command takes its data byte.
+        for dev in [&mut dev, &mut fresh] {
+            assert_ne!(inb(dev, OFS_STATUS) & SB_OUT_DATA_AVAIL, 0);
+            assert_eq!(inb(dev, OFS_DATA), 0x11);
+            assert_eq!(inb(dev, OFS_DATA), 0x22);
+            assert_eq!(inb(dev, OFS_STATUS) & SB_OUT_DATA_AVAIL, 0);
+            outb(dev, OFS_DATA, 0x03);
+            outb(dev, OFS_STATUS, CMD_READ_OUTP);
+            assert_eq!(inb(dev, OFS_DATA), 0x03);
+            outb(dev, OFS_STATUS, CMD_READ_CTR);
+            assert_eq!(inb(dev, OFS_DATA), CB_POST_OK);
+        }
+    }
+
+    #[test]
+    fn hostile_states_are_refused() {
+        let (mut dev, _, _) = device();
+        let before = dev.save();
+        let long = I8042State {
+            buffer: vec![0; BUF_SIZE + 1],
+            status: SB_OUT_DATA_AVAIL,
+            ..before.clone()
+        };
+        assert!(matches!(
+            dev.restore(&long),
+            Err(StateError::BufferTooLong(17))
+        ));
+        let lying = I8042State {
+            status: SB_OUT_DATA_AVAIL,
+            ..before.clone()
+        };
+        assert!(matches!(
+            dev.restore(&lying),
+            Err(StateError::Status { len: 0, .. })
+        ));
+        let hidden = I8042State {
+            buffer: vec![1],
+            ..before.clone()
+        };
+        assert!(dev.restore(&hidden).is_err());
+        assert_eq!(dev.save(), before);
     }
 
     #[test]
