@@ -15,11 +15,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
+use ember::seccomp::{sock_filter, Filters};
 use ember_api::{
     start_api_server_with, ActionHandler, ApiServerError, ApiServerHandle, PreBootResources,
     ServerOptions, THREAD_NAME,
 };
-use ember::seccomp::{sock_filter, Filters};
 
 /// Sends `raw` on a new connection and reads until `n` complete answers
 /// have arrived or the server closes the connection.
