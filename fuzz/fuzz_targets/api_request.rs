@@ -62,7 +62,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let chunk = usize::from(cut % 64) + 1;
     let items = decode(stream, chunk);
-    assert_eq!(items, decode(stream, stream.len().max(1)), "cut every {chunk} bytes");
+    assert_eq!(
+        items,
+        decode(stream, stream.len().max(1)),
+        "cut every {chunk} bytes"
+    );
 
     for item in items {
         let req = match item {
