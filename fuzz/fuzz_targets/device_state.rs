@@ -42,16 +42,17 @@ thread_local! {
     static BLOCK: RefCell<Block> = {
         let path = scratch("disk.img");
         std::fs::write(&path, vec![0u8; CAPACITY as usize * 512]).unwrap();
-        RefCell::new(
-            Block::new(&BlockConfig {
-                drive_id: "rootfs".into(),
-                path_on_host: path,
-                is_read_only: false,
-                cache_type: CacheType::Unsafe,
-                io_engine: IoEngine::Sync,
-            })
-            .unwrap(),
-        )
+        let block = Block::new(&BlockConfig {
+            drive_id: "rootfs".into(),
+            path_on_host: path.clone(),
+            is_read_only: false,
+            cache_type: CacheType::Unsafe,
+            io_engine: IoEngine::Sync,
+        })
+        .unwrap();
+        // The device keeps the file open; nothing is left behind.
+        let _ = std::fs::remove_file(&path);
+        RefCell::new(block)
     };
     static VSOCK: RefCell<Vsock> = {
         let path = scratch("v.sock");
