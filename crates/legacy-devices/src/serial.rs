@@ -10,7 +10,8 @@ use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vm_superio::serial::{Error as UartError, SerialEvents};
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{Error as UartError, SerialEvents, SerialState};
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -34,6 +35,29 @@ const LCR_OFFSET: u8 = 3;
 const LCR_DLAB: u8 = 0x80;
 /// vm-superio's power-on LCR value (8 data bits, DLAB clear).
 const DEFAULT_LCR: u8 = 0x03;
+
+/// Receive FIFO size of a 16550A, in bytes (vm-superio's `FIFO_SIZE`).
+pub const FIFO_SIZE: usize = 64;
+
+// Register values vm-superio's model can hold (PC16550D datasheet, tables
+// 3-7); a restored state is checked against them.
+/// IER bits of a 16550A (the upper four are reserved).
+const IER_VALID_BITS: u8 = 0x0f;
+/// IIR "no interrupt pending" bit.
+const IIR_NONE: u8 = 0x01;
+/// IIR transmitter-holding-register-empty and received-data-available
+/// causes, the only ones the model raises.
+const IIR_THR_EMPTY: u8 = 0x02;
+/// IIR received-data-available cause.
+const IIR_RDA: u8 = 0x04;
+/// LSR data ready: the receive FIFO holds a byte.
+const LSR_DATA_READY: u8 = 0x01;
+/// LSR bits the model always shows: transmitter holding register empty and
+/// transmitter idle (the virtual transmitter never backs up).
+const LSR_TX_READY: u8 = 0x60;
+/// MSR as the model shows it outside loopback: CTS, DSR and DCD asserted;
+/// the guest cannot write it.
+const MSR_DEFAULT: u8 = 0xb0;
 
 /// How many lost output bytes are logged at `warn` level before falling back
 /// to `debug`, so that a broken console cannot flood the log.
@@ -84,6 +108,139 @@ impl SerialMetrics {
 
     fn inc(counter: &AtomicU64) -> u64 {
         counter.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// The guest-visible state of a [`SerialDevice`], for snapshots: every
+/// register and the bytes waiting in the receive FIFO.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialDeviceState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register (pending causes).
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes waiting in the receive FIFO, oldest first.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialDeviceState {
+    fn from(s: SerialState) -> Self {
+        SerialDeviceState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialDeviceState> for SerialState {
+    fn from(s: &SerialDeviceState) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+/// Why a [`SerialDeviceState`] was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialStateError {
+    /// More bytes than the receive FIFO holds.
+    #[error("receive FIFO of {0} bytes, the UART holds {FIFO_SIZE}")]
+    FifoTooLong(usize),
+    /// A register value the UART cannot hold.
+    #[error("{register} {value:#04x} is not a value the UART can hold")]
+    Register {
+        /// Which register.
+        register: &'static str,
+        /// Its value.
+        value: u8,
+    },
+    /// The line status or pending interrupts disagree with the receive FIFO.
+    #[error(
+        "line status {line_status:#04x} and interrupt identification {iir:#04x} do not match \
+         a receive FIFO of {len} bytes"
+    )]
+    Fifo {
+        /// Line status register.
+        line_status: u8,
+        /// Interrupt identification register.
+        iir: u8,
+        /// Bytes in the FIFO.
+        len: usize,
+    },
+    /// The interrupt pending in the state could not be raised.
+    #[error("could not raise the restored UART interrupt: {0}")]
+    Interrupt(#[source] io::Error),
+}
+
+impl SerialDeviceState {
+    /// Checks the state against what vm-superio's 16550A can reach: IER
+    /// within its four bits, IIR either "none" or the THR-empty and
+    /// received-data causes, LSR with the transmitter always ready and
+    /// data-ready set exactly when the FIFO holds bytes, MSR as the model
+    /// presents it (the guest cannot write it), and no more than
+    /// [`FIFO_SIZE`] bytes waiting.
+    pub fn validate(&self) -> Result<(), SerialStateError> {
+        let len = self.in_buffer.len();
+        if len > FIFO_SIZE {
+            return Err(SerialStateError::FifoTooLong(len));
+        }
+        let register = |register, value| Err(SerialStateError::Register { register, value });
+        if self.interrupt_enable & !IER_VALID_BITS != 0 {
+            return register("interrupt enable", self.interrupt_enable);
+        }
+        let iir = self.interrupt_identification;
+        let causes = IIR_THR_EMPTY | IIR_RDA;
+        if iir != IIR_NONE && (iir & !causes != 0 || iir == 0) {
+            return register("interrupt identification", iir);
+        }
+        if self.line_status & !LSR_DATA_READY != LSR_TX_READY {
+            return register("line status", self.line_status);
+        }
+        if self.modem_status != MSR_DEFAULT {
+            return register("modem status", self.modem_status);
+        }
+        // Data ready follows the FIFO; a received-data cause is dropped by
+        // every read, so it is never pending with the FIFO empty.
+        if (self.line_status & LSR_DATA_READY != 0) != (len > 0) || (iir & IIR_RDA != 0 && len == 0)
+        {
+            return Err(SerialStateError::Fifo {
+                line_status: self.line_status,
+                iir,
+                len,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -139,6 +296,42 @@ impl<W: Write + Send> SerialDevice<W> {
             input_ready: None,
             line_control: DEFAULT_LCR,
         }
+    }
+
+    /// A UART in a saved state (see [`save`](Self::save)), raising
+    /// `interrupt` and writing the guest's output to `out`.
+    ///
+    /// The state is untrusted and checked first
+    /// ([`SerialDeviceState::validate`]). A pending interrupt whose cause
+    /// is enabled is raised again, as the level the guest's interrupt
+    /// controller saw. Metrics start from zero.
+    pub fn from_state(
+        state: &SerialDeviceState,
+        interrupt: EventFdTrigger,
+        out: W,
+    ) -> Result<Self, SerialStateError> {
+        state.validate()?;
+        let metrics = Arc::new(SerialMetrics::default());
+        let events = UartEvents {
+            metrics: metrics.clone(),
+            drained: AtomicBool::new(false),
+        };
+        let serial = Serial::from_state(&SerialState::from(state), interrupt, events, out)
+            .map_err(|e| match e {
+                UartError::Trigger(e) | UartError::IOError(e) => SerialStateError::Interrupt(e),
+                UartError::FullFifo => SerialStateError::FifoTooLong(state.in_buffer.len()),
+            })?;
+        Ok(SerialDevice {
+            serial,
+            metrics,
+            input_ready: None,
+            line_control: state.line_control,
+        })
+    }
+
+    /// The UART's registers and receive FIFO.
+    pub fn save(&self) -> SerialDeviceState {
+        self.serial.state().into()
     }
 
     /// Signals `evt` each time the guest reads the last byte out of the
@@ -495,6 +688,143 @@ mod tests {
         assert_eq!(dev.metrics().invalid_access_count(), 7);
         assert!(out.0.lock().unwrap().is_empty());
         assert_eq!(count(&irq), 0);
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let (mut dev, _irq) = serial(io::sink());
+        // Registers away from power-on, the divisor changed, interrupts
+        // enabled and three bytes waiting with a cause pending.
+        outb(&mut dev, LCR, LCR_DLAB | 0x03);
+        outb(&mut dev, 0, 0x01);
+        outb(&mut dev, IER, 0x00);
+        outb(&mut dev, LCR, 0x1b);
+        outb(&mut dev, 4, 0x0b);
+        outb(&mut dev, SCR, 0x5a);
+        outb(&mut dev, IER, IER_RDA);
+        dev.enqueue_input(b"abc").unwrap();
+        let saved = dev.save();
+        assert_eq!(saved.in_buffer, b"abc");
+        assert_eq!(saved.baud_divisor_low, 0x01);
+        let text = serde_json::to_string(&saved).unwrap();
+        let state: SerialDeviceState = serde_json::from_str(&text).unwrap();
+
+        let irq = eventfd();
+        let mut fresh = SerialDevice::from_state(
+            &state,
+            EventFdTrigger::new(irq.try_clone().unwrap()),
+            io::sink(),
+        )
+        .unwrap();
+        // The pending received-data interrupt is raised again.
+        assert_eq!(count(&irq), 1);
+        assert_eq!(fresh.save(), saved);
+        assert_eq!(fresh.fifo_capacity(), dev.fifo_capacity());
+        for dev in [&mut dev, &mut fresh] {
+            assert_eq!(inb(dev, IER), IER_RDA);
+            assert_eq!(inb(dev, LCR), 0x1b);
+            assert_eq!(inb(dev, 4), 0x0b);
+            assert_eq!(inb(dev, SCR), 0x5a);
+            assert_eq!(inb(dev, IIR) & 0x0f, IIR_RDA);
+            assert_ne!(inb(dev, LSR) & LSR_DATA_READY, 0);
+            assert_eq!(inb(dev, 0), b'a');
+            assert_eq!(inb(dev, 0), b'b');
+            assert_eq!(inb(dev, 0), b'c');
+            assert_eq!(inb(dev, LSR) & LSR_DATA_READY, 0);
+            outb(dev, LCR, LCR_DLAB | 0x1b);
+            assert_eq!(inb(dev, 0), 0x01);
+        }
+        assert_eq!(fresh.metrics().bytes_read(), 3);
+    }
+
+    #[test]
+    fn hostile_states_are_refused() {
+        let (dev, _irq) = serial(io::sink());
+        let good = dev.save();
+        let refused = |state: &SerialDeviceState| {
+            let irq = eventfd();
+            let result = SerialDevice::from_state(
+                state,
+                EventFdTrigger::new(irq.try_clone().unwrap()),
+                io::sink(),
+            );
+            assert_eq!(count(&irq), 0, "a refused state raised an interrupt");
+            result.err().expect("state accepted")
+        };
+        let long = SerialDeviceState {
+            in_buffer: vec![0; FIFO_SIZE + 1],
+            line_status: LSR_TX_READY | LSR_DATA_READY,
+            ..good.clone()
+        };
+        assert!(matches!(refused(&long), SerialStateError::FifoTooLong(65)));
+        let ier = SerialDeviceState {
+            interrupt_enable: 0x10,
+            ..good.clone()
+        };
+        assert!(matches!(
+            refused(&ier),
+            SerialStateError::Register {
+                register: "interrupt enable",
+                value: 0x10
+            }
+        ));
+        for iir in [0x00, 0x03, 0x08, 0xc1] {
+            let state = SerialDeviceState {
+                interrupt_identification: iir,
+                ..good.clone()
+            };
+            assert!(matches!(
+                refused(&state),
+                SerialStateError::Register { value, .. } if value == iir
+            ));
+        }
+        let lsr = SerialDeviceState {
+            line_status: 0x00,
+            ..good.clone()
+        };
+        assert!(matches!(
+            refused(&lsr),
+            SerialStateError::Register {
+                register: "line status",
+                ..
+            }
+        ));
+        let msr = SerialDeviceState {
+            modem_status: 0xff,
+            ..good.clone()
+        };
+        assert!(matches!(
+            refused(&msr),
+            SerialStateError::Register {
+                register: "modem status",
+                ..
+            }
+        ));
+        let lying = SerialDeviceState {
+            line_status: LSR_TX_READY | LSR_DATA_READY,
+            ..good.clone()
+        };
+        assert!(matches!(
+            refused(&lying),
+            SerialStateError::Fifo { len: 0, .. }
+        ));
+        let hidden = SerialDeviceState {
+            in_buffer: vec![1],
+            ..good.clone()
+        };
+        assert!(matches!(
+            refused(&hidden),
+            SerialStateError::Fifo { len: 1, .. }
+        ));
+        let phantom_rda = SerialDeviceState {
+            interrupt_identification: IIR_RDA,
+            ..good.clone()
+        };
+        assert!(matches!(
+            refused(&phantom_rda),
+            SerialStateError::Fifo { iir: 0x04, .. }
+        ));
+        assert!(good.validate().is_ok());
     }
 
     #[test]

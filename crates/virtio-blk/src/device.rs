@@ -456,7 +456,7 @@ fn drain_event(evt: &EventFd, metrics: &BlockMetrics) {
 /// A virtio block device (virtio 1.2 §5.2) backed by a raw image file.
 pub struct Block {
     config: BlockConfig,
-    virtio: VirtioConfig,
+    pub(crate) virtio: VirtioConfig,
     metrics: Arc<BlockMetrics>,
     disk: Disk,
     pub(crate) active: Option<Active>,

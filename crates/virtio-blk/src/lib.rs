@@ -82,6 +82,7 @@ mod engine;
 mod event_handler;
 mod metrics;
 mod request;
+mod state;
 
 #[cfg(test)]
 mod tests;
@@ -95,6 +96,7 @@ pub use request::{
     Request, RequestError, RequestErrorKind, RequestType, SectorRange, Segment, HEADER_SIZE,
     MAX_DESCRIPTORS, RANGE_SIZE,
 };
+pub use state::{BlockState, BlockStateError};
 
 /// log2 of the sector size.
 pub const SECTOR_SHIFT: u32 = 9;

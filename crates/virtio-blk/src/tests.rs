@@ -1593,3 +1593,133 @@ fn event_idx_suppresses_interrupts_and_publishes_avail_event() {
     assert_eq!(h.interrupt.vring_count(), 1);
     assert_eq!(u16::from_le(h.mem.read_obj(avail_event).unwrap()), 2);
 }
+
+/// Activates `h` with its block device's features as they stand (after a
+/// restore), as the transport does.
+fn activate_as_restored(h: &mut Harness) {
+    let queue: Queue = h.vq.create_queue().unwrap();
+    h.block
+        .activate(
+            h.mem.clone(),
+            vec![ActiveQueue {
+                index: 0,
+                queue,
+                notify: EventFd::new(EFD_NONBLOCK).unwrap(),
+            }],
+            h.interrupt.clone(),
+        )
+        .unwrap();
+}
+
+#[test]
+fn state_round_trip() {
+    let mut h = Harness::inactive(Opts::new(IoEngine::Sync));
+    // The driver took discard but not write-zeroes.
+    let accepted = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_DISCARD);
+    h.block.ack_features(accepted);
+    let saved = h.block.save();
+    assert_eq!(saved.acked_features, accepted);
+    assert_eq!(saved.capacity, CAPACITY);
+    let text = serde_json::to_string(&saved).unwrap();
+    let state: crate::BlockState = serde_json::from_str(&text).unwrap();
+
+    let mut fresh = Harness::inactive(Opts::new(IoEngine::Sync));
+    fresh.block.restore(&state).unwrap();
+    assert_eq!(fresh.block.save(), saved);
+    assert_eq!(fresh.block.features(), h.block.features());
+    let config = |block: &Block| {
+        let mut space = vec![0u8; block.config_size() as usize];
+        block.read_config(0, &mut space);
+        space
+    };
+    assert_eq!(config(&fresh.block), config(&h.block));
+
+    // The restored device serves what was negotiated, and only that.
+    activate_as_restored(&mut h);
+    activate_as_restored(&mut fresh);
+    for h in [&mut h, &mut fresh] {
+        let status = h.ranged(0, VIRTIO_BLK_T_DISCARD, 0, 8, 0);
+        assert_eq!(h.complete_one(status), (1, VIRTIO_BLK_S_OK as u8));
+        let status = h.ranged(1, VIRTIO_BLK_T_WRITE_ZEROES, 0, 8, 0);
+        assert_eq!(h.complete_one(status), (1, VIRTIO_BLK_S_UNSUPP as u8));
+    }
+}
+
+#[test]
+fn hostile_states_are_refused() {
+    use crate::{BlockState, BlockStateError};
+
+    let mut h = Harness::inactive(Opts::new(IoEngine::Sync));
+    let good = h.block.save();
+    let version_1 = 1u64 << VIRTIO_F_VERSION_1;
+
+    let unoffered = BlockState {
+        acked_features: version_1 | (1 << 60),
+        ..good.clone()
+    };
+    let offered = h.block.features();
+    assert!(matches!(
+        h.block.restore(&unoffered),
+        Err(BlockStateError::Features { acked, offered: o })
+            if acked == version_1 | (1 << 60) && o == offered
+    ));
+    let legacy = BlockState {
+        acked_features: 1 << VIRTIO_BLK_F_DISCARD,
+        ..good.clone()
+    };
+    assert!(matches!(
+        h.block.restore(&legacy),
+        Err(BlockStateError::Features { .. })
+    ));
+    let bigger = BlockState {
+        capacity: CAPACITY + 1,
+        ..good.clone()
+    };
+    assert!(matches!(
+        h.block.restore(&bigger),
+        Err(BlockStateError::Capacity { state, device })
+            if state == CAPACITY + 1 && device == CAPACITY
+    ));
+    let read_only = BlockState {
+        read_only: true,
+        ..good.clone()
+    };
+    assert!(matches!(
+        h.block.restore(&read_only),
+        Err(BlockStateError::ReadOnly {
+            state: true,
+            device: false
+        })
+    ));
+    let other_drive = BlockState {
+        drive_id: "rootfs".into(),
+        ..good.clone()
+    };
+    assert!(matches!(
+        h.block.restore(&other_drive),
+        Err(BlockStateError::DriveId { .. })
+    ));
+    // A read-only drive does not offer discard: a state accepting it is
+    // refused there.
+    let mut ro = Harness::inactive(Opts {
+        read_only: true,
+        ..Opts::new(IoEngine::Sync)
+    });
+    let discard = BlockState {
+        acked_features: version_1 | (1 << VIRTIO_BLK_F_DISCARD),
+        read_only: true,
+        ..good.clone()
+    };
+    assert!(matches!(
+        ro.block.restore(&discard),
+        Err(BlockStateError::Features { .. })
+    ));
+    assert_eq!(h.block.save(), good, "a refused state changed the device");
+
+    // A running device is not restored into.
+    h.activate(h.block.features());
+    assert!(matches!(
+        h.block.restore(&good),
+        Err(BlockStateError::InUse)
+    ));
+}

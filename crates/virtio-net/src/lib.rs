@@ -80,6 +80,7 @@
 mod device;
 mod event_handler;
 mod metrics;
+mod state;
 mod tap;
 
 #[cfg(test)]
@@ -89,6 +90,7 @@ use std::io;
 
 pub use device::{tap_offload_flags, Net};
 pub use metrics::NetMetrics;
+pub use state::{NetState, NetStateError};
 
 /// Index of the receive queue (virtio 1.2 §5.1.2: receiveq1).
 pub const RX_INDEX: u16 = 0;

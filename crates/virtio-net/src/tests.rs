@@ -1507,3 +1507,103 @@ fn driven_through_the_mmio_transport() {
     assert_eq!(event_manager.run_with_timeout(100).unwrap(), 1);
     assert_eq!(net.lock().unwrap().metrics().event_fails.count(), 0);
 }
+
+#[test]
+fn state_round_trip() {
+    isolate_network();
+    let mut net = Net::new(config(&tap_name(), Some(GUEST_MAC), Some(9000))).expect("open");
+    let accepted = BASE_FEATURES
+        | (1u64 << VIRTIO_NET_F_MAC)
+        | (1u64 << VIRTIO_NET_F_GUEST_CSUM)
+        | (1u64 << VIRTIO_NET_F_GUEST_TSO4);
+    net.ack_features(accepted);
+    let saved = net.save();
+    assert_eq!(saved.acked_features, accepted);
+    assert_eq!(saved.guest_mac, Some(GUEST_MAC));
+    assert_eq!(saved.mtu, Some(9000));
+    let text = serde_json::to_string(&saved).unwrap();
+    let state: crate::NetState = serde_json::from_str(&text).unwrap();
+
+    // Another TAP: its name is the host's business, not the guest's.
+    let mut fresh = Net::new(config(&tap_name(), Some(GUEST_MAC), Some(9000))).expect("open");
+    fresh.restore(&state).unwrap();
+    assert_eq!(fresh.save(), saved);
+    assert_eq!(fresh.acked_features(), net.acked_features());
+    assert_eq!(fresh.features(), net.features());
+    let space = |net: &Net| {
+        let mut space = [0u8; CONFIG_SPACE_SIZE];
+        net.read_config(0, &mut space);
+        space
+    };
+    assert_eq!(space(&fresh), space(&net));
+
+    // Reactivated with the restored features, the TAP gets the offloads
+    // the driver negotiated.
+    let guest = Guest::new(SMALL_QUEUE);
+    activate(&mut fresh, &guest, state.acked_features);
+    assert_eq!(tap_offloads(&fresh), (1, 1));
+}
+
+#[test]
+fn hostile_states_are_refused() {
+    use crate::{NetState, NetStateError};
+
+    isolate_network();
+    let mut net = Net::new(config(&tap_name(), Some(GUEST_MAC), None)).expect("open");
+    let good = net.save();
+    let offered = net.features();
+
+    let unoffered = NetState {
+        acked_features: BASE_FEATURES | (1u64 << VIRTIO_NET_F_MRG_RXBUF),
+        ..good.clone()
+    };
+    assert!(matches!(
+        net.restore(&unoffered),
+        Err(NetStateError::Features { acked, offered: o })
+            if acked == unoffered.acked_features && o == offered
+    ));
+    let legacy = NetState {
+        acked_features: 1u64 << VIRTIO_NET_F_MAC,
+        ..good.clone()
+    };
+    assert!(matches!(
+        net.restore(&legacy),
+        Err(NetStateError::Features { .. })
+    ));
+    let other_mac = NetState {
+        guest_mac: Some(HOST_MAC),
+        ..good.clone()
+    };
+    assert!(matches!(
+        net.restore(&other_mac),
+        Err(NetStateError::Mac {
+            state: Some(HOST_MAC),
+            device: Some(GUEST_MAC)
+        })
+    ));
+    let no_mac = NetState {
+        guest_mac: None,
+        ..good.clone()
+    };
+    assert!(matches!(
+        net.restore(&no_mac),
+        Err(NetStateError::Mac { state: None, .. })
+    ));
+    let mtu = NetState {
+        mtu: Some(1500),
+        ..good.clone()
+    };
+    assert!(matches!(
+        net.restore(&mtu),
+        Err(NetStateError::Mtu {
+            state: Some(1500),
+            device: None
+        })
+    ));
+    assert_eq!(net.save(), good, "a refused state changed the device");
+
+    // A running device is not restored into.
+    let guest = Guest::new(SMALL_QUEUE);
+    activate(&mut net, &guest, BASE_FEATURES);
+    assert!(matches!(net.restore(&good), Err(NetStateError::InUse)));
+}

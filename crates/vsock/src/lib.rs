@@ -95,6 +95,7 @@ mod device;
 mod metrics;
 mod muxer;
 pub mod packet;
+mod state;
 mod txbuf;
 
 #[cfg(test)]
@@ -108,6 +109,7 @@ use virtio_bindings::virtio_config::{VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1};
 pub use device::Vsock;
 pub use metrics::VsockMetrics;
 pub use packet::{PacketError, RxBuffer, TxPacket, VsockHeader};
+pub use state::{VsockState, VsockStateError};
 
 /// Index of the receive queue, device to driver (virtio 1.2 §5.10.2).
 pub const RXQ_INDEX: u16 = 0;

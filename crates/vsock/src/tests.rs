@@ -1251,3 +1251,91 @@ fn works_behind_the_mmio_transport() {
         .unwrap();
     assert_eq!(VsockHeader::from_bytes(&raw).op, OP_REQUEST);
 }
+
+#[test]
+fn state_round_trip() {
+    let ctx = Ctx::inactive();
+    ctx.dev().ack_features(AVAIL_FEATURES);
+    let saved = ctx.dev().save();
+    assert_eq!(saved.acked_features, AVAIL_FEATURES);
+    assert_eq!(saved.guest_cid, CID);
+    let text = serde_json::to_string(&saved).unwrap();
+    let state: crate::VsockState = serde_json::from_str(&text).unwrap();
+
+    // Another socket path: it is the host's business, not the guest's.
+    let mut fresh = Ctx::inactive();
+    fresh.dev().restore(&state).unwrap();
+    assert_eq!(fresh.dev().save(), saved);
+    assert_eq!(fresh.dev().acked_features(), ctx.dev().acked_features());
+    let cid = |dev: &Vsock| {
+        let mut space = [0u8; 8];
+        dev.read_config(0, &mut space);
+        space
+    };
+    assert_eq!(cid(&fresh.dev()), cid(&ctx.dev()));
+    assert_eq!(fresh.dev().metrics().cfg_fails(), 0);
+
+    // What a VMM does next: reactivate, tell the driver its connections
+    // are gone, and carry on once it refilled the event queue.
+    fresh.activate();
+    fresh.post_rx(SLOTS as usize);
+    assert_eq!(fresh.dev().connection_count(), 0);
+    fresh.post_event_buffer(4);
+    fresh.dev().send_transport_reset().unwrap();
+    fresh.post_event_buffer(4);
+    fresh.kick(2);
+    fresh.run();
+    let (_host, _conn) = fresh.host_connect(52, 65536);
+    assert_eq!(fresh.dev().connection_count(), 1);
+}
+
+#[test]
+fn hostile_states_are_refused() {
+    use crate::{VsockState, VsockStateError};
+
+    let mut ctx = Ctx::inactive();
+    let good = ctx.dev().save();
+    let offered = ctx.dev().features();
+
+    let unoffered = VsockState {
+        acked_features: AVAIL_FEATURES | (1 << 33),
+        ..good.clone()
+    };
+    assert!(matches!(
+        ctx.dev().restore(&unoffered),
+        Err(VsockStateError::Features { acked, offered: o })
+            if acked == AVAIL_FEATURES | (1 << 33) && o == offered
+    ));
+    let legacy = VsockState {
+        acked_features: 1 << VIRTIO_F_IN_ORDER,
+        ..good.clone()
+    };
+    assert!(matches!(
+        ctx.dev().restore(&legacy),
+        Err(VsockStateError::Features { .. })
+    ));
+    let other_cid = VsockState {
+        guest_cid: 4,
+        ..good.clone()
+    };
+    assert!(matches!(
+        ctx.dev().restore(&other_cid),
+        Err(VsockStateError::Cid {
+            state: 4,
+            device: CID
+        })
+    ));
+    let reserved = VsockState {
+        guest_cid: 2,
+        ..good.clone()
+    };
+    assert!(ctx.dev().restore(&reserved).is_err());
+    assert_eq!(ctx.dev().save(), good, "a refused state changed the device");
+
+    // A running device is not restored into.
+    ctx.activate();
+    assert!(matches!(
+        ctx.dev().restore(&good),
+        Err(VsockStateError::InUse)
+    ));
+}
