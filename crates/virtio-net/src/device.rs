@@ -8,8 +8,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use ember_virtio::{
-    drain_eventfd, needs_interrupt, take_queues, ActivateError, ActiveQueue, InterruptKind,
-    VirtioConfig, VirtioDevice, VirtioInterrupt,
+    drain_eventfd, needs_interrupt, pop_or_enable_notification, take_queues, ActivateError,
+    ActiveQueue, InterruptKind, VirtioConfig, VirtioDevice, VirtioInterrupt,
 };
 use log::{error, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -209,23 +209,6 @@ fn scatter(
         rest = later;
     }
     Ok(())
-}
-
-/// Pops the next chain; when the ring is empty, re-enables notifications
-/// and looks again, so that a chain the driver published meanwhile is not
-/// left without a notification (virtio 1.2 §2.7.10).
-fn pop_or_enable_notification<'a>(
-    queue: &mut Queue,
-    mem: &'a GuestMemoryMmap,
-) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, virtio_queue::Error> {
-    loop {
-        if let Some(chain) = queue.iter(mem)?.next() {
-            return Ok(Some(chain));
-        }
-        if !queue.enable_notification(mem)? {
-            return Ok(None);
-        }
-    }
 }
 
 /// Reads the next frame from the TAP into `buf`, dropping and counting
