@@ -319,6 +319,8 @@ struct Ring {
     next_desc: u16,
     avail_idx: u16,
     used_seen: u16,
+    /// Index both rings start at.
+    start: u16,
 }
 
 struct Guest {
@@ -350,6 +352,7 @@ impl Guest {
                 next_desc: 0,
                 avail_idx: 0,
                 used_seen: 0,
+                start: 0,
             }
         };
         let (rx, tx) = (ring(RX_RING), ring(TX_RING));
@@ -392,8 +395,25 @@ impl Guest {
         queue.set_used_ring_address(lo, hi);
         queue.set_ready(true);
         queue.set_event_idx(event_idx);
+        queue.set_next_avail(ring.start);
+        queue.set_next_used(ring.start);
         assert!(queue.is_valid(&self.mem));
         queue
+    }
+
+    /// Starts both rings of `q` (the driver's avail.idx, the device's
+    /// used.idx) at `idx`, as after that many buffers went through. Call
+    /// before activation.
+    fn start_at(&mut self, q: Q, idx: u16) {
+        let mem = self.mem.clone();
+        let ring = self.ring(q);
+        ring.start = idx;
+        ring.avail_idx = idx;
+        ring.used_seen = idx;
+        mem.write_obj(idx.to_le(), GuestAddress(ring.avail + 2))
+            .expect("avail idx");
+        mem.write_obj(idx.to_le(), GuestAddress(ring.used + 2))
+            .expect("used idx");
     }
 
     fn alloc(&mut self, len: usize) -> u64 {
@@ -1579,6 +1599,32 @@ fn event_idx_suppresses_interrupts_and_notifications() {
     assert_eq!(guest.take_used(Q::Tx).len(), 3);
     // The device wants a notification for the next chain, at avail index 3.
     assert_eq!(guest.avail_event(Q::Tx), 3);
+}
+
+#[test]
+fn event_idx_wraps_at_2_16() {
+    let mut net = new_net();
+    let mut guest = Guest::new(SMALL_QUEUE);
+    let start = u16::MAX - 1;
+    guest.start_at(Q::Tx, start);
+    let act = activate(&mut net, &guest, BASE_FEATURES | EVENT_IDX);
+    let frame = eth_frame(HOST_MAC, GUEST_MAC, TEST_ETHERTYPE, &pattern(60, 0));
+
+    // Interrupt when the used index passes 65535, that is at 0.
+    guest.set_used_event(Q::Tx, u16::MAX);
+    guest.send(&frame);
+    net.handle_tx_queue_event(); // used 65534 -> 65535
+    assert_eq!(act.irq.vring_count(), 0);
+    assert_eq!(guest.avail_event(Q::Tx), u16::MAX);
+    guest.send(&frame);
+    net.handle_tx_queue_event(); // 65535 -> 0: passes 65535
+    assert_eq!(act.irq.vring_count(), 1);
+    assert_eq!(guest.avail_event(Q::Tx), 0);
+    guest.send(&frame);
+    net.handle_tx_queue_event(); // 0 -> 1
+    assert_eq!(act.irq.vring_count(), 1);
+    assert_eq!(guest.avail_event(Q::Tx), 1);
+    assert_eq!(guest.take_used(Q::Tx).len(), 3);
 }
 
 // ---------------------------------------------------------------------------
