@@ -8,8 +8,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use ember_virtio::{
-    drain_eventfd, needs_interrupt, take_queues, ActivateError, ActiveQueue, InterruptKind,
-    VirtioConfig, VirtioDevice, VirtioInterrupt,
+    drain_eventfd, needs_interrupt, pop_or_enable_notification, take_queues, ActivateError,
+    ActiveQueue, InterruptKind, VirtioConfig, VirtioDevice, VirtioInterrupt,
 };
 use log::{error, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -17,7 +17,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO,
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -102,8 +102,8 @@ enum RxChainError {
     OutsideMemory { addr: u64, len: u32 },
     #[error("the chain is broken (bad head or next index, or a loop)")]
     Broken,
-    #[error("the chain holds {0} bytes, less than the virtio-net and Ethernet headers")]
-    TooSmall(usize),
+    #[error("the chain holds {capacity} bytes, less than the {min} bytes a buffer needs")]
+    TooSmall { capacity: usize, min: usize },
 }
 
 /// Gathers a transmit chain (device-readable descriptors only, virtio 1.2
@@ -150,13 +150,15 @@ fn read_tx_chain(
 }
 
 /// Checks a receive chain (device-writable descriptors only, virtio 1.2
-/// §5.1.6.3) and lists its buffers; returns its capacity in bytes.
+/// §5.1.6.3) of at least `min` bytes and appends its buffers to
+/// `segments`; returns its capacity in bytes. On error `segments` may hold
+/// part of the chain: the caller truncates it.
 fn parse_rx_chain(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
     segments: &mut Vec<(GuestAddress, usize)>,
+    min: usize,
 ) -> Result<usize, RxChainError> {
-    segments.clear();
     let mut capacity = 0usize;
     let mut count = 0usize;
     let mut last_has_next = false;
@@ -185,8 +187,8 @@ fn parse_rx_chain(
     if count == 0 || last_has_next {
         return Err(RxChainError::Broken);
     }
-    if capacity < VNET_HDR_LEN + ETH_HLEN {
-        return Err(RxChainError::TooSmall(capacity));
+    if capacity < min {
+        return Err(RxChainError::TooSmall { capacity, min });
     }
     Ok(capacity)
 }
@@ -209,19 +211,23 @@ fn scatter(
     Ok(())
 }
 
-/// Pops the next chain; when the ring is empty, re-enables notifications
-/// and looks again, so that a chain the driver published meanwhile is not
-/// left without a notification (virtio 1.2 §2.7.10).
-fn pop_or_enable_notification<'a>(
-    queue: &mut Queue,
-    mem: &'a GuestMemoryMmap,
-) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, virtio_queue::Error> {
+/// Reads the next frame from the TAP into `buf`, dropping and counting
+/// frames too short to hold the virtio-net header. `None` when the TAP has
+/// nothing to read or fails.
+fn read_frame(tap: &Tap, buf: &mut [u8], metrics: &NetMetrics) -> Option<usize> {
     loop {
-        if let Some(chain) = queue.iter(mem)?.next() {
-            return Ok(Some(chain));
-        }
-        if !queue.enable_notification(mem)? {
-            return Ok(None);
+        match tap.read_frame(buf) {
+            Ok(len) if len < VNET_HDR_LEN || len > buf.len() => {
+                metrics.rx_fails.inc();
+                warn!("virtio-net: dropped a {len}-byte frame read from the TAP");
+            }
+            Ok(len) => return Some(len),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(e) => {
+                metrics.tap_read_fails.inc();
+                error!("virtio-net: failed to read from TAP {}: {e}", tap.name());
+                return None;
+            }
         }
     }
 }
@@ -291,8 +297,28 @@ pub struct Net {
     /// event loop has unregistered them.
     pub(crate) retired: Vec<EventFd>,
     rx_buf: Box<[u8]>,
+    /// Length of a frame read into `rx_buf` and not yet delivered: with
+    /// VIRTIO_NET_F_MRG_RXBUF a frame is read before the device knows how
+    /// many receive chains it needs, and waits here for more of them.
+    rx_pending: Option<usize>,
     rx_segments: Vec<(GuestAddress, usize)>,
+    /// The receive chains gathered for one frame with
+    /// VIRTIO_NET_F_MRG_RXBUF.
+    rx_chains: Vec<RxChain>,
+    /// Unusable receive chains met while gathering chains for one frame:
+    /// returned after that frame's chains, which the driver reads as one
+    /// run of `num_buffers` used entries.
+    rx_unusable: Vec<u16>,
     tx_buf: Box<[u8]>,
+}
+
+/// One receive chain gathered for a frame: its head and its buffers,
+/// `Net::rx_segments[segments]`.
+#[derive(Debug, Clone)]
+struct RxChain {
+    head: u16,
+    segments: std::ops::Range<usize>,
+    capacity: usize,
 }
 
 impl std::fmt::Debug for Net {
@@ -326,9 +352,10 @@ impl Net {
         })?;
         let tap = Tap::open(&config.host_dev_name)?;
 
-        // Firecracker's feature set, without VIRTIO_NET_F_MRG_RXBUF.
+        // Firecracker's feature set.
         let mut avail_features = (1u64 << VIRTIO_F_VERSION_1)
             | (1u64 << VIRTIO_RING_F_EVENT_IDX)
+            | (1u64 << VIRTIO_NET_F_MRG_RXBUF)
             | (1u64 << VIRTIO_NET_F_CSUM)
             | (1u64 << VIRTIO_NET_F_GUEST_CSUM)
             | (1u64 << VIRTIO_NET_F_GUEST_TSO4)
@@ -360,7 +387,10 @@ impl Net {
             registered: Vec::new(),
             retired: Vec::new(),
             rx_buf: vec![0u8; MAX_BUFFER_SIZE].into_boxed_slice(),
+            rx_pending: None,
             rx_segments: Vec::new(),
+            rx_chains: Vec::new(),
+            rx_unusable: Vec::new(),
             tx_buf: vec![0u8; MAX_BUFFER_SIZE].into_boxed_slice(),
         })
     }
@@ -468,6 +498,9 @@ impl Net {
     /// Moves frames from the TAP into receive chains. Returns whether any
     /// chain was used.
     fn process_rx(&mut self) -> bool {
+        if self.virtio.has_acked(VIRTIO_NET_F_MRG_RXBUF) {
+            return self.process_rx_mergeable();
+        }
         let Some(active) = self.active.as_mut() else {
             return false;
         };
@@ -496,7 +529,9 @@ impl Net {
                 }
             };
             let head = chain.head_index();
-            let capacity = match parse_rx_chain(mem, chain, &mut self.rx_segments) {
+            self.rx_segments.clear();
+            let min = VNET_HDR_LEN + ETH_HLEN;
+            let capacity = match parse_rx_chain(mem, chain, &mut self.rx_segments, min) {
                 Ok(capacity) => capacity,
                 Err(e) => {
                     metrics.rx_fails.inc();
@@ -557,6 +592,160 @@ impl Net {
                     error!("virtio-net: failed to write a frame to guest memory: {e}");
                     add_used(rx, mem, head, 0, metrics);
                 }
+            }
+            used_any = true;
+        }
+        used_any
+    }
+
+    /// Moves frames from the TAP into receive chains when the driver
+    /// accepted VIRTIO_NET_F_MRG_RXBUF: a frame may take several chains,
+    /// used one after the other, and the header in the first says how many
+    /// (`num_buffers`, virtio 1.2 §5.1.6.4). Returns whether any chain was
+    /// used.
+    ///
+    /// A frame is read once a first chain is there; if the ring runs out
+    /// before the frame fits, the chains go back untouched and the frame
+    /// waits in `rx_pending` for more buffers. A frame larger than all the
+    /// chains a full ring holds is dropped and counted.
+    fn process_rx_mergeable(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let metrics = &*self.metrics;
+        let (mem, rx) = (&active.mem, &mut active.rx);
+        if let Err(e) = rx.disable_notification(mem) {
+            metrics.event_fails.inc();
+            error!("virtio-net: cannot disable receive queue notifications: {e}");
+        }
+        // The ring never holds more chains than its size (virtio-queue
+        // refuses an available index further ahead).
+        let max_chains = usize::from(rx.size());
+        let mut used_any = false;
+        'frames: loop {
+            self.rx_chains.clear();
+            self.rx_segments.clear();
+            self.rx_unusable.clear();
+            let mut start = rx.next_avail();
+            let mut capacity = 0usize;
+            // Gather chains until the frame fits.
+            let len = loop {
+                if let Some(len) = self.rx_pending.filter(|len| capacity >= *len) {
+                    break len;
+                }
+                if self.rx_chains.len() + self.rx_unusable.len() >= max_chains {
+                    let len = self.rx_pending.take().unwrap_or(0);
+                    metrics.rx_frames_too_big.inc();
+                    metrics.rx_fails.inc();
+                    warn!(
+                        "virtio-net: dropped a {len}-byte frame, larger than the \
+                         {capacity} bytes of a full receive ring"
+                    );
+                    rx.set_next_avail(start);
+                    continue 'frames;
+                }
+                let chain = match pop_or_enable_notification(rx, mem) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => {
+                        // The chains gathered so far go back; a pending
+                        // frame waits until the driver posts more buffers
+                        // and notifies the queue.
+                        metrics.no_rx_avail_buffer.inc();
+                        rx.set_next_avail(start);
+                        break 'frames;
+                    }
+                    Err(e) => {
+                        metrics.event_fails.inc();
+                        error!("virtio-net: cannot read the receive queue: {e}");
+                        rx.set_next_avail(start);
+                        break 'frames;
+                    }
+                };
+                let head = chain.head_index();
+                let first = self.rx_segments.len();
+                // virtio 1.2 §5.1.6.3.1: with VIRTIO_NET_F_MRG_RXBUF every
+                // buffer holds at least the header.
+                match parse_rx_chain(mem, chain, &mut self.rx_segments, VNET_HDR_LEN) {
+                    Ok(chain_capacity) => {
+                        self.rx_chains.push(RxChain {
+                            head,
+                            segments: first..self.rx_segments.len(),
+                            capacity: chain_capacity,
+                        });
+                        capacity += chain_capacity;
+                    }
+                    Err(e) => {
+                        self.rx_segments.truncate(first);
+                        if self.rx_chains.is_empty() {
+                            metrics.rx_fails.inc();
+                            warn!("virtio-net: unusable receive chain (head {head}): {e}");
+                            add_used(rx, mem, head, 0, metrics);
+                            used_any = true;
+                            start = rx.next_avail();
+                        } else {
+                            // Returned after the frame's own chains.
+                            self.rx_unusable.push(head);
+                        }
+                        continue;
+                    }
+                }
+                if self.rx_pending.is_none() {
+                    match read_frame(&self.tap, &mut self.rx_buf, metrics) {
+                        Some(len) => self.rx_pending = Some(len),
+                        None => {
+                            // Nothing to receive: the chains go back to the
+                            // available ring, untouched.
+                            rx.set_next_avail(start);
+                            break 'frames;
+                        }
+                    }
+                }
+            };
+            self.rx_pending = None;
+            let frame = &mut self.rx_buf[..len];
+            // Cannot truncate: at most the queue size, a u16.
+            let num_buffers = self.rx_chains.len() as u16;
+            frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&num_buffers.to_le_bytes());
+            // Every chain but the last is filled: gathering stopped as soon
+            // as the frame fitted.
+            let mut rest = &frame[..];
+            let mut written = Ok(());
+            for chain in &self.rx_chains {
+                let (now, later) = rest.split_at(rest.len().min(chain.capacity));
+                let segments = self.rx_segments.get(chain.segments.clone()).unwrap_or(&[]);
+                if let Err(e) = scatter(mem, segments, now) {
+                    written = Err(e);
+                    break;
+                }
+                rest = later;
+            }
+            match written {
+                Ok(()) => {
+                    let mut rest = len;
+                    for chain in &self.rx_chains {
+                        let n = rest.min(chain.capacity);
+                        rest -= n;
+                        // Cannot truncate: n <= len <= MAX_BUFFER_SIZE.
+                        add_used(rx, mem, chain.head, n as u32, metrics);
+                    }
+                    metrics.rx_count.inc();
+                    metrics.rx_packets_count.inc();
+                    metrics.rx_bytes_count.add(len as u64);
+                }
+                Err(e) => {
+                    // Nothing is delivered: every chain comes back empty,
+                    // which the driver drops as too short.
+                    metrics.rx_fails.inc();
+                    error!("virtio-net: failed to write a frame to guest memory: {e}");
+                    for chain in &self.rx_chains {
+                        add_used(rx, mem, chain.head, 0, metrics);
+                    }
+                }
+            }
+            for &head in &self.rx_unusable {
+                metrics.rx_fails.inc();
+                warn!("virtio-net: unusable receive chain (head {head})");
+                add_used(rx, mem, head, 0, metrics);
             }
             used_any = true;
         }
@@ -717,6 +906,8 @@ impl VirtioDevice for Net {
                 }
             }
         }
+        // A frame waiting for receive buffers goes with the queues.
+        self.rx_pending = None;
         self.virtio.reset();
         if let Err(e) = self.tap.set_offload(0) {
             warn!(
@@ -787,13 +978,13 @@ mod chain_tests {
         assert!(matches!(tx, Err(TxChainError::Broken)), "{tx:?}");
         let mut segments = Vec::new();
         let w = VRING_DESC_F_WRITE as u16;
-        let rx = long_indirect(&mem, n, w, |c| parse_rx_chain(&mem, c, &mut segments));
+        let rx = long_indirect(&mem, n, w, |c| parse_rx_chain(&mem, c, &mut segments, 1));
         assert!(matches!(rx, Err(RxChainError::Broken)), "{rx:?}");
         // A chain of exactly the queue size is fine.
         let tx = long_indirect(&mem, QUEUE_SIZE, 0, |c| read_tx_chain(&mem, c, &mut buf));
         assert_eq!(tx.unwrap(), usize::from(QUEUE_SIZE));
         let rx = long_indirect(&mem, QUEUE_SIZE, w, |c| {
-            parse_rx_chain(&mem, c, &mut segments)
+            parse_rx_chain(&mem, c, &mut segments, 1)
         });
         assert_eq!(rx.unwrap(), usize::from(QUEUE_SIZE));
     }

@@ -22,7 +22,11 @@
 //!   device stops reading, leaving frames queued in the TAP, until the driver
 //!   posts buffers and notifies the receive queue. A frame larger than the
 //!   chain it is read for is dropped and counted; the chain waits for the
-//!   next frame.
+//!   next frame. With `VIRTIO_NET_F_MRG_RXBUF` a frame is spread over as
+//!   many chains as it needs, used one after the other, and the header's
+//!   `num_buffers` says how many; a frame waits for more chains when the
+//!   ring runs short, and is dropped and counted only when it is larger
+//!   than a full ring.
 //! - The driver is interrupted at most once per batch, honouring
 //!   `VIRTIO_RING_F_EVENT_IDX` or `VRING_AVAIL_F_NO_INTERRUPT`.
 //!

@@ -43,7 +43,8 @@ pub struct NetMetrics {
     /// Successful frame reads from the TAP delivered to the guest.
     pub rx_count: Counter,
     /// Frames read from the TAP and dropped because they were larger than
-    /// the receive chain they were read for.
+    /// the receive chain they were read for (with mergeable receive
+    /// buffers: than all the chains of a full receive ring).
     pub rx_frames_too_big: Counter,
     /// TAP reads that failed with an error other than "no frame".
     pub tap_read_fails: Counter,

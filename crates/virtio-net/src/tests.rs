@@ -58,6 +58,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 const BASE_FEATURES: u64 = 1u64 << VIRTIO_F_VERSION_1;
 const EVENT_IDX: u64 = 1u64 << VIRTIO_RING_F_EVENT_IDX;
+const MRG_RXBUF: u64 = 1u64 << VIRTIO_NET_F_MRG_RXBUF;
 
 static NEXT_TAP: AtomicUsize = AtomicUsize::new(0);
 
@@ -318,6 +319,8 @@ struct Ring {
     next_desc: u16,
     avail_idx: u16,
     used_seen: u16,
+    /// Index both rings start at.
+    start: u16,
 }
 
 struct Guest {
@@ -349,6 +352,7 @@ impl Guest {
                 next_desc: 0,
                 avail_idx: 0,
                 used_seen: 0,
+                start: 0,
             }
         };
         let (rx, tx) = (ring(RX_RING), ring(TX_RING));
@@ -391,8 +395,25 @@ impl Guest {
         queue.set_used_ring_address(lo, hi);
         queue.set_ready(true);
         queue.set_event_idx(event_idx);
+        queue.set_next_avail(ring.start);
+        queue.set_next_used(ring.start);
         assert!(queue.is_valid(&self.mem));
         queue
+    }
+
+    /// Starts both rings of `q` (the driver's avail.idx, the device's
+    /// used.idx) at `idx`, as after that many buffers went through. Call
+    /// before activation.
+    fn start_at(&mut self, q: Q, idx: u16) {
+        let mem = self.mem.clone();
+        let ring = self.ring(q);
+        ring.start = idx;
+        ring.avail_idx = idx;
+        ring.used_seen = idx;
+        mem.write_obj(idx.to_le(), GuestAddress(ring.avail + 2))
+            .expect("avail idx");
+        mem.write_obj(idx.to_le(), GuestAddress(ring.used + 2))
+            .expect("used idx");
     }
 
     fn alloc(&mut self, len: usize) -> u64 {
@@ -706,10 +727,10 @@ fn features_and_config_space_follow_the_config() {
         VIRTIO_NET_F_HOST_UFO,
         VIRTIO_NET_F_MAC,
         VIRTIO_NET_F_MTU,
+        VIRTIO_NET_F_MRG_RXBUF,
     ] {
         assert_ne!(features & (1u64 << bit), 0, "feature bit {bit}");
     }
-    assert_eq!(features & (1u64 << VIRTIO_NET_F_MRG_RXBUF), 0);
 
     assert_eq!(net.config_size(), CONFIG_SPACE_SIZE as u64);
     let mut mac = [0u8; 6];
@@ -1314,6 +1335,207 @@ fn host_answers_an_arp_request_from_the_guest() {
 }
 
 // ---------------------------------------------------------------------------
+// Mergeable receive buffers.
+
+/// `num_buffers` of the virtio-net header at the start of `data`.
+fn num_buffers(data: &[u8]) -> u16 {
+    u16::from_le_bytes([data[10], data[11]])
+}
+
+/// The bytes of `used` entries `(id, len)`, read from `buffers` by head.
+fn used_bytes(guest: &Guest, buffers: &[RxBuffer], used: &[(u32, u32)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &(id, len) in used {
+        let buffer = buffers
+            .iter()
+            .find(|b| u32::from(b.head) == id)
+            .expect("a posted buffer");
+        out.extend(buffer.contents(guest, len as usize));
+    }
+    out
+}
+
+#[test]
+fn a_frame_spans_several_chains_with_mrg_rxbuf() {
+    let mut net = new_net();
+    bring_up(net.tap_name(), true);
+    let host = PacketSocket::new(if_index(net.tap_name()));
+    let mut guest = Guest::new(SMALL_QUEUE);
+    let act = activate(&mut net, &guest, BASE_FEATURES | MRG_RXBUF);
+    // 12 + 114 = 126 bytes over chains of 50 (two descriptors), 50 and 50.
+    let buffers = vec![
+        guest.post_rx(&[20, 30]),
+        guest.post_rx(&[50]),
+        guest.post_rx(&[50]),
+    ];
+    let frame = eth_frame(GUEST_MAC, HOST_MAC, TEST_ETHERTYPE, &pattern(100, 3));
+    host.send(&frame);
+    let mut used = Vec::new();
+    pump_tap(&mut net, |_| {
+        used.extend(guest.take_used(Q::Rx));
+        !used.is_empty()
+    });
+    let heads: Vec<u32> = buffers.iter().map(|b| u32::from(b.head)).collect();
+    assert_eq!(
+        used,
+        vec![(heads[0], 50), (heads[1], 50), (heads[2], 26)],
+        "three chains, used in order, the last one in part"
+    );
+    let data = used_bytes(&guest, &buffers, &used);
+    assert_eq!(num_buffers(&data), 3);
+    assert_eq!(&data[..10], &[0; 10]);
+    assert_eq!(&data[VNET_HDR_LEN..], &frame[..], "the bytes in order");
+    let m = net.metrics();
+    assert_eq!(m.rx_packets_count.count(), 1);
+    assert_eq!(m.rx_bytes_count.count(), 126);
+    assert_eq!(m.rx_fails.count(), 0);
+    assert_eq!(act.irq.vring_count(), 1);
+
+    // A frame that fits one chain says so.
+    let small = guest.post_rx(&[2048]);
+    host.send(&frame);
+    let mut used = Vec::new();
+    pump_tap(&mut net, |_| {
+        used.extend(guest.take_used(Q::Rx));
+        !used.is_empty()
+    });
+    assert_eq!(used, vec![(u32::from(small.head), 126)]);
+    let data = small.contents(&guest, 126);
+    assert_eq!(num_buffers(&data), 1);
+    assert_eq!(&data[VNET_HDR_LEN..], &frame[..]);
+}
+
+#[test]
+fn without_mrg_rxbuf_a_frame_takes_one_chain_or_is_dropped() {
+    let mut net = new_net();
+    bring_up(net.tap_name(), true);
+    let host = PacketSocket::new(if_index(net.tap_name()));
+    let mut guest = Guest::new(SMALL_QUEUE);
+    activate(&mut net, &guest, BASE_FEATURES | EVENT_IDX);
+    let buffers = [
+        guest.post_rx(&[50]),
+        guest.post_rx(&[50]),
+        guest.post_rx(&[50]),
+    ];
+    let big = eth_frame(GUEST_MAC, HOST_MAC, TEST_ETHERTYPE, &pattern(100, 3));
+    let small = eth_frame(GUEST_MAC, HOST_MAC, TEST_ETHERTYPE, &pattern(20, 4));
+    host.send(&big);
+    host.send(&small);
+    let mut used = Vec::new();
+    pump_tap(&mut net, |_| {
+        used.extend(guest.take_used(Q::Rx));
+        !used.is_empty()
+    });
+    let len = VNET_HDR_LEN + small.len();
+    assert_eq!(used, vec![(u32::from(buffers[0].head), len as u32)]);
+    let data = buffers[0].contents(&guest, len);
+    assert_eq!(num_buffers(&data), 1);
+    assert_eq!(&data[VNET_HDR_LEN..], &small[..]);
+    let m = net.metrics();
+    assert_eq!(m.rx_frames_too_big.count(), 1);
+    assert_eq!(m.rx_packets_count.count(), 1);
+}
+
+#[test]
+fn with_mrg_rxbuf_too_few_buffers_defer_the_frame() {
+    let mut net = new_net();
+    bring_up(net.tap_name(), true);
+    let host = PacketSocket::new(if_index(net.tap_name()));
+    let mut guest = Guest::new(SMALL_QUEUE);
+    let act = activate(&mut net, &guest, BASE_FEATURES | MRG_RXBUF | EVENT_IDX);
+    let mut buffers = vec![guest.post_rx(&[50]), guest.post_rx(&[50])];
+    let frame = eth_frame(GUEST_MAC, HOST_MAC, TEST_ETHERTYPE, &pattern(100, 7));
+    host.send(&frame);
+    pump_tap(&mut net, |net| net.metrics().no_rx_avail_buffer.count() > 0);
+    assert!(
+        guest.take_used(Q::Rx).is_empty(),
+        "nothing delivered in part"
+    );
+    assert_eq!(net.metrics().rx_packets_count.count(), 0);
+    assert_eq!(net.metrics().rx_fails.count(), 0);
+    // The device wants a kick when the third chain arrives.
+    assert_eq!(guest.avail_event(Q::Rx), 2);
+    assert_eq!(act.irq.vring_count(), 0);
+
+    buffers.push(guest.post_rx(&[50]));
+    act.kick(Q::Rx);
+    net.handle_rx_queue_event();
+    let used = guest.take_used(Q::Rx);
+    let heads: Vec<u32> = buffers.iter().map(|b| u32::from(b.head)).collect();
+    assert_eq!(used, vec![(heads[0], 50), (heads[1], 50), (heads[2], 26)]);
+    let data = used_bytes(&guest, &buffers, &used);
+    assert_eq!(num_buffers(&data), 3);
+    assert_eq!(&data[VNET_HDR_LEN..], &frame[..]);
+    assert_eq!(net.metrics().rx_packets_count.count(), 1);
+    assert_eq!(net.metrics().rx_fails.count(), 0);
+}
+
+#[test]
+fn with_mrg_rxbuf_a_frame_larger_than_the_ring_is_dropped() {
+    let mut net = new_net();
+    bring_up(net.tap_name(), true);
+    let host = PacketSocket::new(if_index(net.tap_name()));
+    let mut guest = Guest::new(SMALL_QUEUE);
+    activate(&mut net, &guest, BASE_FEATURES | MRG_RXBUF);
+    // A full ring of 20-byte chains: 16 * 20 = 320 bytes.
+    let buffers: Vec<RxBuffer> = (0..SMALL_QUEUE).map(|_| guest.post_rx(&[20])).collect();
+    let big = eth_frame(GUEST_MAC, HOST_MAC, TEST_ETHERTYPE, &pattern(400, 1));
+    let small = eth_frame(GUEST_MAC, HOST_MAC, TEST_ETHERTYPE, &pattern(30, 2));
+    host.send(&big);
+    host.send(&small);
+    let mut used = Vec::new();
+    pump_tap(&mut net, |_| {
+        used.extend(guest.take_used(Q::Rx));
+        !used.is_empty()
+    });
+    // 12 + 44 = 56 bytes: three chains, the first ones of the ring.
+    let heads: Vec<u32> = buffers.iter().map(|b| u32::from(b.head)).collect();
+    assert_eq!(used, vec![(heads[0], 20), (heads[1], 20), (heads[2], 16)]);
+    let data = used_bytes(&guest, &buffers, &used);
+    assert_eq!(num_buffers(&data), 3);
+    assert_eq!(&data[VNET_HDR_LEN..], &small[..]);
+    let m = net.metrics();
+    assert_eq!(m.rx_frames_too_big.count(), 1);
+    assert_eq!(m.rx_fails.count(), 1);
+    assert_eq!(m.rx_packets_count.count(), 1);
+}
+
+#[test]
+fn with_mrg_rxbuf_unusable_chains_follow_the_frame() {
+    let mut net = new_net();
+    bring_up(net.tap_name(), true);
+    let host = PacketSocket::new(if_index(net.tap_name()));
+    let mut guest = Guest::new(SMALL_QUEUE);
+    activate(&mut net, &guest, BASE_FEATURES | MRG_RXBUF);
+    let first = guest.post_rx(&[50]);
+    // Shorter than the header: unusable with MRG_RXBUF.
+    let tiny = guest.post_rx(&[8]);
+    let second = guest.post_rx(&[100]);
+    let frame = eth_frame(GUEST_MAC, HOST_MAC, TEST_ETHERTYPE, &pattern(100, 5));
+    host.send(&frame);
+    let mut used = Vec::new();
+    pump_tap(&mut net, |_| {
+        used.extend(guest.take_used(Q::Rx));
+        !used.is_empty()
+    });
+    assert_eq!(
+        used,
+        vec![
+            (u32::from(first.head), 50),
+            (u32::from(second.head), 76),
+            (u32::from(tiny.head), 0)
+        ],
+        "the frame's chains form one run"
+    );
+    let buffers = [first, second];
+    let data = used_bytes(&guest, &buffers, &used[..2]);
+    assert_eq!(num_buffers(&data), 2);
+    assert_eq!(&data[VNET_HDR_LEN..], &frame[..]);
+    assert_eq!(net.metrics().rx_fails.count(), 1);
+    assert_eq!(guest.read(tiny.segments[0].0, 8), vec![0u8; 8]);
+}
+
+// ---------------------------------------------------------------------------
 // Notification suppression.
 
 #[test]
@@ -1377,6 +1599,32 @@ fn event_idx_suppresses_interrupts_and_notifications() {
     assert_eq!(guest.take_used(Q::Tx).len(), 3);
     // The device wants a notification for the next chain, at avail index 3.
     assert_eq!(guest.avail_event(Q::Tx), 3);
+}
+
+#[test]
+fn event_idx_wraps_at_2_16() {
+    let mut net = new_net();
+    let mut guest = Guest::new(SMALL_QUEUE);
+    let start = u16::MAX - 1;
+    guest.start_at(Q::Tx, start);
+    let act = activate(&mut net, &guest, BASE_FEATURES | EVENT_IDX);
+    let frame = eth_frame(HOST_MAC, GUEST_MAC, TEST_ETHERTYPE, &pattern(60, 0));
+
+    // Interrupt when the used index passes 65535, that is at 0.
+    guest.set_used_event(Q::Tx, u16::MAX);
+    guest.send(&frame);
+    net.handle_tx_queue_event(); // used 65534 -> 65535
+    assert_eq!(act.irq.vring_count(), 0);
+    assert_eq!(guest.avail_event(Q::Tx), u16::MAX);
+    guest.send(&frame);
+    net.handle_tx_queue_event(); // 65535 -> 0: passes 65535
+    assert_eq!(act.irq.vring_count(), 1);
+    assert_eq!(guest.avail_event(Q::Tx), 0);
+    guest.send(&frame);
+    net.handle_tx_queue_event(); // 0 -> 1
+    assert_eq!(act.irq.vring_count(), 1);
+    assert_eq!(guest.avail_event(Q::Tx), 1);
+    assert_eq!(guest.take_used(Q::Tx).len(), 3);
 }
 
 // ---------------------------------------------------------------------------

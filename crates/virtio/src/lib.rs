@@ -79,4 +79,4 @@ mod queue;
 
 pub use config::{features_page, VirtioConfig};
 pub use device::{ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
-pub use queue::{drain_eventfd, needs_interrupt, take_queues};
+pub use queue::{drain_eventfd, needs_interrupt, pop_or_enable_notification, take_queues};

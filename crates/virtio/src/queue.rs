@@ -8,7 +8,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -68,6 +68,28 @@ pub fn needs_interrupt(
         .map(u16::from_le)
         .unwrap_or(0);
     Ok(u32::from(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0)
+}
+
+/// Pops the next chain; when the ring is empty, re-enables notifications
+/// (with VIRTIO_F_EVENT_IDX this publishes avail_event) and looks again, so
+/// that a chain the driver published meanwhile is not left without a
+/// notification (virtio 1.2 §2.7.10).
+///
+/// A device drains a queue with notifications disabled and takes chains
+/// through this function: notifications come back on exactly when it has
+/// nothing left to do.
+pub fn pop_or_enable_notification<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, virtio_queue::Error> {
+    loop {
+        if let Some(chain) = queue.iter(mem)?.next() {
+            return Ok(Some(chain));
+        }
+        if !queue.enable_notification(mem)? {
+            return Ok(None);
+        }
+    }
 }
 
 /// Clears a non-blocking EventFd; an EventFd with nothing to read is not an

@@ -10,18 +10,19 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ember_virtio::{
-    drain_eventfd, needs_interrupt, take_queues, ActivateError, ActiveQueue, InterruptKind,
-    VirtioConfig, VirtioDevice, VirtioInterrupt,
+    drain_eventfd, needs_interrupt, pop_or_enable_notification, take_queues, ActivateError,
+    ActiveQueue, InterruptKind, VirtioConfig, VirtioDevice, VirtioInterrupt,
 };
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::{debug, error, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -77,9 +78,11 @@ pub struct Vsock {
     running: bool,
     /// A reset happened while running: the event loop must stop watching.
     teardown_pending: bool,
-    /// A transport reset was sent; the guest has not kicked the event queue
-    /// since (it does once it has reset its sockets), so RX waits.
-    awaiting_event_ack: bool,
+    /// A transport reset was sent; the guest has not refilled the event
+    /// queue since (it does once it has reset its sockets), so RX waits.
+    /// Holds the event queue's available index when the event was sent:
+    /// the driver has refilled once its index moved past it.
+    awaiting_event_ack: Option<u16>,
     /// TX processing stopped because the RST queue is full.
     tx_stalled: bool,
     /// Device and inode of the socket file this device created.
@@ -149,7 +152,7 @@ impl Vsock {
             retired: Vec::new(),
             running: false,
             teardown_pending: false,
-            awaiting_event_ack: false,
+            awaiting_event_ack: None,
             tx_stalled: false,
             socket_id,
         })
@@ -231,7 +234,7 @@ impl Vsock {
         signal_used(active, &self.metrics, &[EVQ_INDEX]);
         match written {
             Ok(_) => {
-                self.awaiting_event_ack = true;
+                self.awaiting_event_ack = Some(watch_refill(&mut active.ev, &active.mem));
                 Ok(())
             }
             Err(e) => {
@@ -351,7 +354,7 @@ impl Vsock {
             _ => {
                 // The guest refilled the event queue: it has handled the
                 // transport reset.
-                self.awaiting_event_ack = false;
+                self.awaiting_event_ack = None;
                 if failed {
                     inc(&self.metrics.ev_queue_event_fails);
                 }
@@ -369,6 +372,13 @@ impl Vsock {
             return;
         };
         let now = Instant::now();
+        if let Some(idx) = self.awaiting_event_ack {
+            // The refill may have come without a kick: the driver can add
+            // a buffer before it sees the avail_event asking for one.
+            if avail_idx(&active.ev, &active.mem).is_some_and(|current| current != idx) {
+                self.awaiting_event_ack = None;
+            }
+        }
         let mut used = [false; NUM_QUEUES];
         let mut do_tx = tx || self.tx_stalled;
         loop {
@@ -377,7 +387,7 @@ impl Vsock {
                 used[usize::from(TXQ_INDEX)] |= progress;
                 self.tx_stalled = stalled;
             }
-            if !self.awaiting_event_ack {
+            if self.awaiting_event_ack.is_none() {
                 used[usize::from(RXQ_INDEX)] |=
                     process_rx(active, &mut self.muxer, &self.metrics, now);
             }
@@ -420,13 +430,21 @@ impl Vsock {
 /// Pops TX packets and hands them to the muxer. Returns (used any, stalled
 /// because the muxer cannot take more).
 fn process_tx(active: &mut Active, muxer: &mut Muxer, metrics: &VsockMetrics) -> (bool, bool) {
+    // No kicks while the ring is drained (virtio 1.2 §2.7.10):
+    // pop_or_enable_notification turns them back on once it is empty. A
+    // stall keeps them off: the device resumes by itself when the muxer
+    // can take packets again.
+    if let Err(e) = active.tx.disable_notification(&active.mem) {
+        inc(&metrics.tx_queue_event_fails);
+        error!("vsock: cannot disable TX queue notifications: {e}");
+    }
     let mut used = false;
     loop {
         if !muxer.can_take_tx() {
             return (used, true);
         }
-        let chain = match active.tx.iter(&active.mem) {
-            Ok(mut iter) => iter.next(),
+        let chain = match pop_or_enable_notification(&mut active.tx, &active.mem) {
+            Ok(chain) => chain,
             Err(e) => {
                 // The driver published more buffers than the queue holds.
                 inc(&metrics.tx_queue_event_fails);
@@ -458,10 +476,17 @@ fn process_rx(
     metrics: &VsockMetrics,
     now: Instant,
 ) -> bool {
+    // Kicks are only wanted once the device runs out of buffers with
+    // something to deliver: pop_or_enable_notification turns them back on
+    // then.
+    if let Err(e) = active.rx.disable_notification(&active.mem) {
+        inc(&metrics.rx_queue_event_fails);
+        error!("vsock: cannot disable RX queue notifications: {e}");
+    }
     let mut used = false;
     while muxer.has_pending_rx() {
-        let chain = match active.rx.iter(&active.mem) {
-            Ok(mut iter) => iter.next(),
+        let chain = match pop_or_enable_notification(&mut active.rx, &active.mem) {
+            Ok(chain) => chain,
             Err(e) => {
                 inc(&metrics.rx_queue_event_fails);
                 error!("vsock: RX queue is broken: {e}");
@@ -496,6 +521,43 @@ fn process_rx(
         used = true;
     }
     used
+}
+
+/// The driver's available index of `queue`, or `None` when the ring cannot
+/// be read.
+fn avail_idx(queue: &Queue, mem: &GuestMemoryMmap) -> Option<u16> {
+    queue
+        .avail_idx(mem, Ordering::Acquire)
+        .ok()
+        .map(|idx| idx.0)
+}
+
+/// After the transport reset event: asks for a kick at the driver's next
+/// event buffer and returns the event queue's available index now.
+///
+/// The driver refills the event queue once it handled the event, and the
+/// device waits for that. It keeps several event buffers, so the device's
+/// own position (what `enable_notification` publishes) is behind the
+/// driver's index: with VIRTIO_RING_F_EVENT_IDX avail_event is set to the
+/// driver's index instead, which the refill passes (virtio 1.2 §2.7.10).
+/// The caller also compares the index with the returned one on every run,
+/// for a refill made before the driver saw avail_event.
+fn watch_refill(ev: &mut Queue, mem: &GuestMemoryMmap) -> u16 {
+    let idx = avail_idx(ev, mem).unwrap_or(0);
+    if ev.event_idx_enabled() {
+        // avail_event follows the used ring's entries (virtio 1.2 §2.7.8).
+        let addr = ev
+            .used_ring()
+            .checked_add(4 + 8 * u64::from(ev.size()))
+            .map(GuestAddress);
+        let stored = addr.map(|addr| mem.store(idx.to_le(), addr, Ordering::Release));
+        if !matches!(stored, Some(Ok(()))) {
+            error!("vsock: cannot publish the event queue's avail_event");
+        }
+        // The store before the caller's next read of the index.
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+    idx
 }
 
 fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) {
@@ -600,7 +662,7 @@ impl VirtioDevice for Vsock {
         }
         self.muxer.teardown();
         self.virtio.reset();
-        self.awaiting_event_ack = false;
+        self.awaiting_event_ack = None;
         self.tx_stalled = false;
         true
     }
@@ -628,7 +690,7 @@ impl Vsock {
             notify: vec![rx.notify, tx.notify, ev.notify],
             interrupt,
         });
-        self.awaiting_event_ack = false;
+        self.awaiting_event_ack = None;
         self.tx_stalled = false;
         Ok(())
     }

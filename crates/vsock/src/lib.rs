@@ -105,6 +105,7 @@ use std::io;
 use std::path::PathBuf;
 
 use virtio_bindings::virtio_config::{VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 pub use device::Vsock;
 pub use metrics::VsockMetrics;
@@ -125,10 +126,12 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const CONFIG_SPACE_SIZE: u64 = 8;
 /// The host's context ID (virtio 1.2 §5.10.4: `VMADDR_CID_HOST`).
 pub const HOST_CID: u64 = 2;
-/// Features offered: `VIRTIO_F_VERSION_1`, and `VIRTIO_F_IN_ORDER` (the
-/// device uses buffers in the order they were made available), as in
-/// Firecracker.
-pub const AVAIL_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_IN_ORDER);
+/// Features offered: `VIRTIO_F_VERSION_1`, `VIRTIO_F_IN_ORDER` (the device
+/// uses buffers in the order they were made available) and
+/// `VIRTIO_RING_F_EVENT_IDX` (kicks and interrupts only past the indices
+/// each side publishes, virtio 1.2 §2.7.7, §2.7.10), as in Firecracker.
+pub const AVAIL_FEATURES: u64 =
+    (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_IN_ORDER) | (1 << VIRTIO_RING_F_EVENT_IDX);
 /// Receive buffer per connection the device advertises (`buf_alloc`), and
 /// the most guest data it buffers for a host socket (Firecracker's
 /// `CONN_TX_BUF_SIZE`).

@@ -18,7 +18,9 @@ use event_manager::{EventManager, SubscriberOps};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1,
 };
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::{Queue, QueueT};
@@ -115,6 +117,33 @@ impl GuestQueue {
             .unwrap();
     }
 
+    /// Starts both rings (the driver's avail.idx, the device's used.idx)
+    /// at index `idx`, as after that many buffers went through.
+    fn start_at(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue, idx: u16) {
+        self.avail_idx = idx;
+        self.used_idx = idx;
+        mem.write_obj(idx.to_le(), GuestAddress(self.avail + 2))
+            .unwrap();
+        mem.write_obj(idx.to_le(), GuestAddress(self.used + 2))
+            .unwrap();
+        queue.set_next_avail(idx);
+        queue.set_next_used(idx);
+    }
+
+    /// Sets used_event: the driver wants an interrupt once the used index
+    /// passes `value` (virtio 1.2 §2.7.10).
+    fn set_used_event(&self, mem: &GuestMemoryMmap, value: u16) {
+        let addr = self.avail + 4 + 2 * u64::from(QSIZE);
+        mem.write_obj(value.to_le(), GuestAddress(addr)).unwrap();
+    }
+
+    /// avail_event: the device wants a kick once the available index
+    /// passes it.
+    fn avail_event(&self, mem: &GuestMemoryMmap) -> u16 {
+        let addr = self.used + 4 + 8 * u64::from(QSIZE);
+        u16::from_le(mem.read_obj(GuestAddress(addr)).unwrap())
+    }
+
     /// New used ring entries: (head, length).
     fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
         let idx = u16::from_le(mem.read_obj::<u16>(GuestAddress(self.used + 2)).unwrap());
@@ -148,9 +177,24 @@ struct Ctx {
     received: VecDeque<(VsockHeader, Vec<u8>)>,
     tx_done: Vec<(u16, u32)>,
     rx_used: Vec<(u16, u32)>,
+    /// The driver accepts VIRTIO_RING_F_EVENT_IDX.
+    event_idx: bool,
+    /// Index at which the rings start.
+    start_idx: u16,
 }
 
 impl Ctx {
+    /// An activated device whose driver accepted VIRTIO_RING_F_EVENT_IDX,
+    /// with rings starting at index `start_idx`.
+    fn with_event_idx(start_idx: u16) -> Self {
+        let mut ctx = Self::inactive();
+        ctx.event_idx = true;
+        ctx.start_idx = start_idx;
+        ctx.activate();
+        ctx.post_rx(SLOTS as usize);
+        ctx
+    }
+
     fn new() -> Self {
         let mut ctx = Self::inactive();
         ctx.activate();
@@ -187,6 +231,8 @@ impl Ctx {
             received: VecDeque::new(),
             tx_done: Vec::new(),
             rx_used: Vec::new(),
+            event_idx: false,
+            start_idx: 0,
         }
     }
 
@@ -197,7 +243,10 @@ impl Ctx {
         self.queues.clear();
         self.kicks.clear();
         for (i, addr) in QUEUE_ADDRS.iter().enumerate() {
-            let (gq, queue) = GuestQueue::new(&self.mem, *addr);
+            let (mut gq, mut queue) = GuestQueue::new(&self.mem, *addr);
+            // What the transport does when the driver accepted EVENT_IDX.
+            queue.set_event_idx(self.event_idx);
+            gq.start_at(&self.mem, &mut queue, self.start_idx);
             let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
             active.push(ActiveQueue {
                 index: i as u16,
@@ -211,6 +260,12 @@ impl Ctx {
         self.tx_free = (0..SLOTS).rev().collect();
         self.ev_free = (0..4).rev().collect();
         self.received.clear();
+        let features = if self.event_idx {
+            AVAIL_FEATURES
+        } else {
+            AVAIL_FEATURES & !(1 << VIRTIO_RING_F_EVENT_IDX)
+        };
+        self.dev().ack_features(features);
         self.dev()
             .activate(self.mem.clone(), active, self.irq.clone())
             .unwrap();
@@ -546,7 +601,7 @@ fn virtio_identity_and_config_space() {
     assert_eq!(dev.queue_max_sizes(), &[256, 256, 256]);
     assert_eq!(
         dev.features(),
-        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_IN_ORDER)
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_IN_ORDER) | (1 << VIRTIO_RING_F_EVENT_IDX)
     );
     assert_eq!(dev.config_size(), 8);
     let mut cid = [0u8; 8];
@@ -1338,4 +1393,119 @@ fn hostile_states_are_refused() {
         ctx.dev().restore(&good),
         Err(VsockStateError::InUse)
     ));
+
+// ---------------------------------------------------------------------------
+// Notification suppression (VIRTIO_RING_F_EVENT_IDX).
+
+/// A refused connection: the guest sends REQUEST to a port nobody listens
+/// on and gets RST back, one TX and one RX buffer used.
+fn refused_request(ctx: &mut Ctx, port: u32) {
+    let refused = GuestConn::new(port, 53, 65536);
+    ctx.send(refused.hdr(OP_REQUEST), &[]);
+    let (rst, _) = ctx.next_packet();
+    assert_eq!((rst.op, rst.dst_port), (OP_RST, port));
+}
+
+#[test]
+fn event_idx_publishes_avail_event_and_suppresses_interrupts() {
+    let mut ctx = Ctx::with_event_idx(0);
+    assert!(ctx.dev().acked_features() & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+    let irqs = ctx.irq.vring_count();
+    // used_event far ahead on both queues: no interrupt wanted.
+    ctx.queues[0].set_used_event(&ctx.mem, 0x8000);
+    ctx.queues[1].set_used_event(&ctx.mem, 0x8000);
+    refused_request(&mut ctx, 1000);
+    assert_eq!(ctx.irq.vring_count(), irqs, "suppressed by used_event");
+    // The TX ring was drained: a kick is wanted at the next chain.
+    assert_eq!(ctx.queues[1].avail_event(&ctx.mem), 1);
+
+    // The driver asks for an interrupt when the TX used index passes 1.
+    ctx.queues[1].set_used_event(&ctx.mem, 1);
+    refused_request(&mut ctx, 1001);
+    assert_eq!(ctx.irq.vring_count(), irqs + 1);
+    assert_eq!(ctx.queues[1].avail_event(&ctx.mem), 2);
+    // Still 1: the next one needs none.
+    refused_request(&mut ctx, 1002);
+    assert_eq!(ctx.irq.vring_count(), irqs + 1);
+    assert_eq!(ctx.queues[1].avail_event(&ctx.mem), 3);
+}
+
+#[test]
+fn event_idx_wraps_at_2_16() {
+    let start = u16::MAX - 1;
+    let mut ctx = Ctx::with_event_idx(start);
+    let irqs = ctx.irq.vring_count();
+    ctx.queues[0].set_used_event(&ctx.mem, start.wrapping_add(0x8000));
+    // Interrupt when the TX used index passes 65535, that is at 0.
+    ctx.queues[1].set_used_event(&ctx.mem, u16::MAX);
+    refused_request(&mut ctx, 1000); // TX used 65534 -> 65535
+    assert_eq!(ctx.irq.vring_count(), irqs);
+    assert_eq!(ctx.queues[1].avail_event(&ctx.mem), u16::MAX);
+    refused_request(&mut ctx, 1001); // 65535 -> 0: passes 65535
+    assert_eq!(ctx.irq.vring_count(), irqs + 1);
+    assert_eq!(ctx.queues[1].avail_event(&ctx.mem), 0);
+    refused_request(&mut ctx, 1002); // 0 -> 1
+    assert_eq!(ctx.irq.vring_count(), irqs + 1);
+    assert_eq!(ctx.queues[1].avail_event(&ctx.mem), 1);
+}
+
+#[test]
+fn event_idx_rx_asks_for_buffers_when_it_runs_out() {
+    let mut ctx = Ctx::with_event_idx(0);
+    ctx.auto_rx = false;
+    let rx_posted = ctx.queues[0].avail_idx;
+    // Use up every RX buffer with refusals, and one more.
+    for port in 0..u32::from(SLOTS) + 1 {
+        let refused = GuestConn::new(2000 + port, 53, 65536);
+        ctx.send(refused.hdr(OP_REQUEST), &[]);
+    }
+    assert_eq!(ctx.received.len(), usize::from(SLOTS));
+    // Out of buffers with an RST still owed: a kick is wanted at the next
+    // buffer.
+    assert_eq!(ctx.queues[0].avail_event(&ctx.mem), rx_posted);
+    ctx.post_rx(1);
+    ctx.pump();
+    assert_eq!(ctx.received.len(), usize::from(SLOTS) + 1);
+}
+
+#[test]
+fn event_idx_transport_reset_does_not_wait_for_a_suppressed_kick() {
+    let mut ctx = Ctx::with_event_idx(0);
+    // The driver keeps several event buffers, as Linux does.
+    ctx.post_event_buffer(4);
+    ctx.post_event_buffer(4);
+    ctx.post_event_buffer(4);
+    ctx.dev().send_transport_reset().unwrap();
+    assert_eq!(ctx.queues[2].take_used(&ctx.mem).len(), 1);
+    // A kick is wanted at the driver's next event buffer, past the two it
+    // still has: the device's own position (1) would never be passed.
+    assert_eq!(ctx.queues[2].avail_event(&ctx.mem), 3);
+    ctx.run();
+
+    let mut next = UnixStream::connect(&ctx.uds).unwrap();
+    next.write_all(b"CONNECT 54\n").unwrap();
+    ctx.no_packet();
+    // The driver refills without a kick (it did not see avail_event yet):
+    // the device notices on its next run.
+    ctx.post_event_buffer(4);
+    let mut other = UnixStream::connect(&ctx.uds).unwrap();
+    other.write_all(b"CONNECT 55\n").unwrap();
+    let (req, _) = ctx.next_packet();
+    assert_eq!((req.op, req.dst_port), (OP_REQUEST, 54));
+    let (req, _) = ctx.next_packet();
+    assert_eq!((req.op, req.dst_port), (OP_REQUEST, 55));
+
+    // And with a kick, as the avail_event asks.
+    ctx.dev().send_transport_reset().unwrap();
+    ctx.run();
+    assert_eq!(ctx.queues[2].avail_event(&ctx.mem), 4);
+    let mut third = UnixStream::connect(&ctx.uds).unwrap();
+    third.write_all(b"CONNECT 56\n").unwrap();
+    ctx.no_packet();
+    // Use the slot the first event took: the driver reposts it.
+    ctx.ev_free.push(0);
+    ctx.post_event_buffer(4);
+    ctx.kick(2);
+    let (req, _) = ctx.next_packet();
+    assert_eq!((req.op, req.dst_port), (OP_REQUEST, 56));
 }
