@@ -1393,6 +1393,7 @@ fn hostile_states_are_refused() {
         ctx.dev().restore(&good),
         Err(VsockStateError::InUse)
     ));
+}
 
 // ---------------------------------------------------------------------------
 // Notification suppression (VIRTIO_RING_F_EVENT_IDX).
