@@ -229,14 +229,21 @@ fn linux_acks_virtio_features() {
         ["0x0001", "0x0002", "0x0002", "0x0002", "0x0013"],
         "{s}"
     );
-    for f in features {
-        let bits = f.split(':').nth(1).unwrap_or_default();
-        assert_eq!(
-            bits.as_bytes().get(32),
-            Some(&b'1'),
-            "VERSION_1 in {f}\n{s}"
-        );
+    // sysfs prints the accepted feature bits, bit 0 first.
+    let acked = |f: &str, bit: usize| {
+        f.split(':').nth(1).unwrap_or_default().as_bytes().get(bit) == Some(&b'1')
+    };
+    for f in &features {
+        assert!(acked(f, 32), "VERSION_1 in {f}\n{s}");
+        // Notification suppression on every device (VIRTIO_RING_F_EVENT_IDX).
+        assert!(acked(f, 29), "EVENT_IDX in {f}\n{s}");
     }
+    // VIRTIO_NET_F_MRG_RXBUF on the network device.
+    let net = features.iter().find(|f| f.starts_with("0x0001:"));
+    assert!(
+        net.is_some_and(|f| acked(f, 15)),
+        "MRG_RXBUF in {net:?}\n{s}"
+    );
 }
 
 #[test]
