@@ -9,8 +9,9 @@
 //!
 //! - the outer VM: Debian's generic kernel (`linux-image-*-amd64`) and an
 //!   initramfs with busybox, the kvm modules, the `ember` binary under test
-//!   with its shared libraries, socat and debugfs, and `tcg/outer-init.sh`
-//!   as `/init`;
+//!   with its shared libraries, socat and debugfs (and the programs of
+//!   [`HostOptions`], such as a Firecracker binary for the `bench`
+//!   scenario), and `tcg/outer-init.sh` as `/init`;
 //! - the inner guest ember boots: Debian's cloud kernel (PVH vmlinux, see
 //!   [`crate::linux`]), an initrd holding busybox, socat and the cloud
 //!   kernel's virtio modules with `tcg/guest-init.sh` as `/init`, the same
@@ -126,7 +127,20 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
 }
 
 /// Every scenario `tcg/outer-init.sh` knows, in the order one boot runs them.
+/// (`bench` and `shell` are run on their own: see [`run_scenarios_with`] and
+/// [`run_shell`].)
 pub const SCENARIOS: [&str; 4] = ["boot", "smp4", "devices", "console"];
+
+/// What a boot of the test host adds to the default one.
+#[derive(Debug, Clone, Default)]
+pub struct HostOptions {
+    /// Dynamic executables to copy into the outer VM, each with the shared
+    /// libraries `ldd` names: (path here, absolute path in the outer VM).
+    pub programs: Vec<(PathBuf, String)>,
+    /// Words appended to the outer kernel's command line, read by the outer
+    /// `/init` (e.g. `ember.bench.runs=5`).
+    pub cmdline: Vec<String>,
+}
 
 /// What one scenario printed and measured.
 #[derive(Debug, Clone, Default)]
@@ -514,8 +528,13 @@ pub fn build_guest(work: &Path, assets: &HostAssets) -> Result<GuestFiles, Error
     })
 }
 
-/// Builds the outer initramfs in `work` and returns its path.
-fn build_initramfs(work: &Path, assets: &HostAssets) -> Result<PathBuf, Error> {
+/// Builds the outer initramfs in `work`, with the extra `programs` of
+/// [`HostOptions`], and returns its path.
+fn build_initramfs(
+    work: &Path,
+    assets: &HostAssets,
+    programs: &[(PathBuf, String)],
+) -> Result<PathBuf, Error> {
     let busybox = require("busybox", "busybox-static")?;
     let socat = require("socat", "socat")?;
     let debugfs = require("debugfs", "e2fsprogs")?;
@@ -553,6 +572,9 @@ fn build_initramfs(work: &Path, assets: &HostAssets) -> Result<PathBuf, Error> {
     outer.copy_program(&ember, "/usr/bin/ember")?;
     outer.copy_program(&socat, "/usr/bin/socat")?;
     outer.copy_program(&debugfs, "/usr/sbin/debugfs")?;
+    for (from, to) in programs {
+        outer.copy_program(from, to)?;
+    }
     for (module, name) in assets.outer_modules.iter().zip(OUTER_MODULES) {
         outer.copy(module, &format!("/lib/modules/{name}"), 0o644)?;
     }
@@ -582,12 +604,22 @@ pub fn host_kvm_runs_stock_kernels() -> bool {
 }
 
 /// The QEMU command that boots the test host on `initramfs` with the outer
-/// `/init`'s `scenarios`.
-fn qemu_command(qemu: &Path, assets: &HostAssets, initramfs: &Path, scenarios: &[&str]) -> Command {
-    let append = format!(
+/// `/init`'s `scenarios` and the `extra` command-line words.
+fn qemu_command(
+    qemu: &Path,
+    assets: &HostAssets,
+    initramfs: &Path,
+    scenarios: &[&str],
+    extra: &[String],
+) -> Command {
+    let mut append = format!(
         "console=ttyS0 panic=-1 quiet loglevel=4 ember.scenarios={}",
         scenarios.join(",")
     );
+    for word in extra {
+        append.push(' ');
+        append.push_str(word);
+    }
     let mut cmd = Command::new(qemu);
     cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2"])
         .args(["-m", &OUTER_MEM_MIB.to_string()])
@@ -608,8 +640,8 @@ pub fn run_shell() -> Result<std::process::ExitStatus, Error> {
     let qemu = require("qemu-system-x86_64", "qemu-system-x86")?;
     let assets = host_assets()?;
     let work = TempDir::new_in(&env::temp_dir()).map_err(io_err(&env::temp_dir()))?;
-    let initramfs = build_initramfs(work.path(), &assets)?;
-    qemu_command(&qemu, &assets, &initramfs, &["shell"])
+    let initramfs = build_initramfs(work.path(), &assets, &[])?;
+    qemu_command(&qemu, &assets, &initramfs, &["shell"], &[])
         .status()
         .map_err(Error::Spawn)
 }
@@ -621,12 +653,23 @@ pub fn run_shell() -> Result<std::process::ExitStatus, Error> {
 /// `EMBER_TCG_VERBOSE=1` echoes the outer console on stderr as it comes;
 /// `EMBER_TCG_LOG=FILE` writes it to FILE when QEMU has exited.
 pub fn run_scenarios(scenarios: &[&str], timeout: Duration) -> Result<Report, Error> {
+    run_scenarios_with(scenarios, &HostOptions::default(), timeout)
+}
+
+/// [`run_scenarios`] on a test host with `options`: extra programs in the
+/// outer VM and words on its command line. The `bench` scenario runs this
+/// way (`tests/benches/real_linux.rs`).
+pub fn run_scenarios_with(
+    scenarios: &[&str],
+    options: &HostOptions,
+    timeout: Duration,
+) -> Result<Report, Error> {
     let qemu = require("qemu-system-x86_64", "qemu-system-x86")?;
     let assets = host_assets()?;
     let work = TempDir::new_in(&env::temp_dir()).map_err(io_err(&env::temp_dir()))?;
-    let initramfs = build_initramfs(work.path(), &assets)?;
+    let initramfs = build_initramfs(work.path(), &assets, &options.programs)?;
 
-    let mut child = qemu_command(&qemu, &assets, &initramfs, scenarios)
+    let mut child = qemu_command(&qemu, &assets, &initramfs, scenarios, &options.cmdline)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -39,6 +39,8 @@ if [ -e /etc/ember-initrd ]; then
 	mark "init reached"
 	say "init-uptime=$(cut -d' ' -f1 /proc/uptime)"
 	say "cpus-online=$(cat /sys/devices/system/cpu/online)"
+	# The boot benchmark: kernel start to init only.
+	[ "$scenario" = bench ] && reboot -f
 	for m in virtio_ring virtio virtio_mmio virtio_blk failover net_failover \
 		virtio_net vsock vmw_vsock_virtio_transport_common \
 		vmw_vsock_virtio_transport; do
@@ -111,6 +113,27 @@ devices)
 	say "vsock-out-md5=$(md5sum /tmp/vsock-out | cut -d' ' -f1)"
 	socat -u FILE:/tmp/vsock-out VSOCK-CONNECT:2:5001
 	say "vsock-out-rc=$?"
+	finish
+	;;
+bench-idle | bench-blk | bench-net)
+	# VM exits per MiB (the outer `bench` scenario): the same set-up each
+	# time, then the drive read or TCP from the host, ember.bench.mib MiB.
+	mib=$(sed -n 's/.*ember\.bench\.mib=\([0-9]*\).*/\1/p' /proc/cmdline)
+	i=0
+	while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do
+		sleep 0.1
+		i=$((i + 1))
+	done
+	ip link set eth0 up
+	ip addr add 172.30.0.2/24 dev eth0
+	case "$scenario" in
+	bench-blk)
+		say "bench-bytes=$(dd if=/dev/vda bs=1M count=$mib 2>/dev/null | wc -c)"
+		;;
+	bench-net)
+		say "bench-bytes=$(socat -u TCP:172.30.0.1:5557,connect-timeout=30 - | wc -c)"
+		;;
+	esac
 	finish
 	;;
 console)

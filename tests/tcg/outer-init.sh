@@ -11,7 +11,8 @@
 #   @@ember fact NAME KEY VALUE   a fact measured on this host
 #   @@ember end NAME              end of scenario NAME
 #
-# then powers off. Guest assets are in /guest, ember in /usr/bin.
+# then powers off. Guest assets are in /guest, ember in /usr/bin (and, for
+# the `bench` scenario, Firecracker when the harness added it).
 
 export PATH=/bin:/usr/bin:/usr/sbin
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run
@@ -47,18 +48,30 @@ show_console() {
 	sed 's/^/@| /' "$2"
 }
 
-# Writes ember's config for scenario $1: vCPUs $2, extra JSON members $3.
+# Writes ember's config for scenario $1: vCPUs $2, extra JSON members $3,
+# extra kernel command-line words $4.
 config() {
 	cat > /tmp/$1.json <<EOF
 {
   "boot-source": {
     "kernel_image_path": "/guest/vmlinux",
     "initrd_path": "/guest/initrd.cpio",
-    "boot_args": "console=ttyS0 reboot=k panic=1 pci=off ember.scenario=$1"
+    "boot_args": "console=ttyS0 reboot=k panic=1 pci=off ember.scenario=$1${4:+ $4}"
   },
   "machine-config": { "vcpu_count": $2, "mem_size_mib": 256, "smt": false }$3
 }
 EOF
+}
+
+# The TAP $1 appears when the VMM opens it; gives it the host's address.
+tap_up() {
+	i=0
+	while [ ! -e /sys/class/net/$1 ] && [ $i -lt 3000 ]; do
+		sleep 0.1
+		i=$((i + 1))
+	done
+	ip addr add 172.30.0.1/24 dev $1
+	ip link set $1 up
 }
 
 # Runs ember on scenario $1 until it exits or $2 seconds pass; stdin from $3.
@@ -94,16 +107,7 @@ scenario_devices() {
   ],
   "vsock": {"guest_cid": 3, "uds_path": "/tmp/v.sock"}'
 
-	# The TAP appears when ember opens it; give it the host's address.
-	(
-		i=0
-		while [ ! -e /sys/class/net/embertap0 ] && [ $i -lt 3000 ]; do
-			sleep 0.1
-			i=$((i + 1))
-		done
-		ip addr add 172.30.0.1/24 dev embertap0
-		ip link set embertap0 up
-	) &
+	tap_up embertap0 &
 	dd if=/dev/urandom of=/tmp/net-send bs=65536 count=64 2>/dev/null
 	fact devices net-send-md5 "$(md5sum /tmp/net-send | cut -d' ' -f1)"
 	socat -u TCP-LISTEN:5555,reuseaddr CREATE:/tmp/net-recv &
@@ -187,6 +191,86 @@ scenario_console() {
 	exec 3>&-
 }
 
+# Benchmark: ember and, where /usr/bin/firecracker is present, Firecracker
+# boot the same guest with the same config, alternately, $bench_runs times
+# each ($bench_vcpus vCPUs, 256 MiB). The guest's /init prints its uptime
+# and reboots at once. Facts per run I of VMM: VMM-rc-I, VMM-wall-I
+# (seconds from the VMM's start to its exit) and VMM-init-I (the guest's
+# /proc/uptime read by its /init). With $bench_io_mib above 0, then
+# bench_io.
+scenario_bench() {
+	vmms=ember
+	[ -x /usr/bin/firecracker ] && vmms="ember firecracker"
+	fact bench vmms "$(echo $vmms | tr ' ' ,)"
+	fact bench runs "$bench_runs"
+	fact bench vcpus "$bench_vcpus"
+	fact bench io-mib "$bench_io_mib"
+	: >/tmp/bench.out
+	: >/tmp/bench.err
+	# Firecracker requires the drives member.
+	config bench "$bench_vcpus" ',
+  "drives": []'
+	i=1
+	while [ $i -le "$bench_runs" ]; do
+		for vmm in $vmms; do
+			bench_run $vmm bench $i
+		done
+		i=$((i + 1))
+	done
+	[ "$bench_io_mib" -gt 0 ] && bench_io
+}
+
+# Runs VMM $1 on config /tmp/$2.json; reports facts $1-rc-$3, $1-wall-$3,
+# $1-init-$3 and $1-bytes-$3 (what the guest said it transferred).
+bench_run() {
+	start=$(now)
+	timeout 300 $1 --no-api --config-file /tmp/$2.json </dev/null >/tmp/run.out 2>/tmp/run.err
+	rc=$?
+	end=$(now)
+	fact bench $1-rc-$3 $rc
+	fact bench $1-wall-$3 "$(awk "BEGIN{print $end - $start}")"
+	fact bench $1-init-$3 \
+		"$(sed -n 's/.*ember-guest: init-uptime=\([0-9.]*\).*/\1/p' /tmp/run.out | head -n1)"
+	fact bench $1-bytes-$3 \
+		"$(sed -n 's/.*ember-guest: bench-bytes=\([0-9]*\).*/\1/p' /tmp/run.out | head -n1)"
+	echo "=== $1 $2 $3" >>/tmp/bench.out
+	cat /tmp/run.out >>/tmp/bench.out
+	sed "s/^/$1 $3: /" /tmp/run.err >>/tmp/bench.err
+}
+
+# VM exits per MiB: each VMM runs the guest with a read-only drive, a TAP
+# and a metrics file three times: idle (drivers loaded, link up), reading
+# $bench_io_mib MiB from the drive (blk), and receiving as many over TCP
+# from this host (net). Facts VMM-exits-KIND: the sum of the vcpu metrics
+# group's exit_io_in, exit_io_out, exit_mmio_read and exit_mmio_write over
+# every metrics line (each line counts since the previous one).
+bench_io() {
+	dd if=/dev/zero of=/tmp/bench.img bs=1M count=$bench_io_mib 2>/dev/null
+	for vmm in $vmms; do
+		for kind in idle blk net; do
+			config bench-$kind "$bench_vcpus" ',
+  "drives": [{"drive_id": "data", "path_on_host": "/tmp/bench.img", "is_root_device": false, "is_read_only": true}],
+  "network-interfaces": [{"iface_id": "eth0", "guest_mac": "06:00:ac:1e:00:02", "host_dev_name": "benchtap0"}],
+  "metrics": {"metrics_path": "/tmp/metrics.json"}' "ember.bench.mib=$bench_io_mib"
+			: >/tmp/metrics.json
+			tap_up benchtap0 &
+			tap=$!
+			sender=
+			if [ $kind = net ]; then
+				dd if=/dev/zero bs=1M count=$bench_io_mib 2>/dev/null |
+					timeout 300 socat -u - TCP-LISTEN:5557,reuseaddr &
+				sender=$!
+			fi
+			bench_run $vmm bench-$kind $kind
+			fact bench $vmm-exits-$kind "$(grep -oE '"exit_(io_in|io_out|mmio_read|mmio_write)":[0-9]+' /tmp/metrics.json |
+				awk -F: '{ s += $2 } END { print s + 0 }')"
+			kill $tap $sender 2>/dev/null
+			wait
+		done
+	done
+	rm -f /tmp/bench.img
+}
+
 # Interactive: the guest's console is this VM's console (the demo).
 scenario_shell() {
 	config console 2 ""
@@ -196,9 +280,15 @@ scenario_shell() {
 }
 
 scenarios=
+bench_runs=5
+bench_vcpus=1
+bench_io_mib=0
 for word in $(cat /proc/cmdline); do
 	case "$word" in
 	ember.scenarios=*) scenarios=$(echo "${word#*=}" | tr , ' ') ;;
+	ember.bench.runs=*) bench_runs=${word#*=} ;;
+	ember.bench.vcpus=*) bench_vcpus=${word#*=} ;;
+	ember.bench.io_mib=*) bench_io_mib=${word#*=} ;;
 	esac
 done
 
