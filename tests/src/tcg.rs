@@ -220,20 +220,24 @@ pub fn kernel_timestamp(line: &str) -> Option<f64> {
     stamp.trim().parse().ok()
 }
 
-/// Everything one boot of the test host printed.
+/// Everything the test host printed: one boot's, or several boots' joined
+/// by [`Report::merge`].
 #[derive(Debug, Clone, Default)]
 pub struct Report {
-    /// The outer VM's whole console.
+    /// The outer VM's whole console, and the harness's own `harness:` lines
+    /// (how QEMU exited, why it was stopped, where a boot begins).
     pub console: Vec<String>,
     /// Facts about the outer VM itself (`@@ember fact host KEY VALUE`).
     pub host: BTreeMap<String, String>,
     /// The scenarios, by name.
     pub scenarios: BTreeMap<String, Scenario>,
-    /// Whether the outer VM reported that it ran every scenario.
+    /// Whether the outer VM reported that it ran every scenario (for a
+    /// merged report: every requested scenario finished in some boot).
     pub complete: bool,
-    /// Wall time from starting QEMU to its exit.
+    /// Wall time from starting QEMU to its exit (all boots).
     pub wall: Duration,
-    /// Seconds from starting QEMU to the outer `/init`'s first fact.
+    /// Seconds from starting QEMU to the outer `/init`'s first fact (the
+    /// first boot).
     pub outer_boot: Option<Duration>,
 }
 
@@ -301,6 +305,37 @@ impl Report {
     /// The scenario `name`, if the outer VM began it.
     pub fn scenario(&self, name: &str) -> Option<&Scenario> {
         self.scenarios.get(name)
+    }
+
+    /// One report from the boots of the test host that ran `requested`, in
+    /// order: each scenario as its last boot to finish it saw it (else as
+    /// the last boot that began it), the consoles one after the other, and
+    /// `complete` when every requested scenario finished.
+    pub fn merge(requested: &[&str], boots: Vec<Report>) -> Report {
+        let mut merged = Report::default();
+        let count = boots.len();
+        for (i, boot) in boots.into_iter().enumerate() {
+            if count > 1 {
+                merged.console.push(format!(
+                    "harness: boot {} of {count} of the test host",
+                    i + 1
+                ));
+            }
+            merged.console.extend(boot.console);
+            merged.host.extend(boot.host);
+            merged.outer_boot = merged.outer_boot.or(boot.outer_boot);
+            merged.wall += boot.wall;
+            for (name, scenario) in boot.scenarios {
+                let keep = merged.scenarios.get(&name).is_some_and(|s| s.finished);
+                if !keep {
+                    merged.scenarios.insert(name, scenario);
+                }
+            }
+        }
+        merged.complete = requested
+            .iter()
+            .all(|name| merged.scenario(name).is_some_and(|s| s.finished));
+        merged
     }
 }
 
@@ -646,9 +681,11 @@ pub fn run_shell() -> Result<std::process::ExitStatus, Error> {
         .map_err(Error::Spawn)
 }
 
-/// Boots the test host once, runs `scenarios` (names from [`SCENARIOS`]) in
-/// it, and returns what it printed. QEMU is killed after `timeout`; the
-/// report then says `complete: false` and holds the console so far.
+/// Boots the test host, runs `scenarios` (names from [`SCENARIOS`]) in it,
+/// and returns what it printed. Everything, including any boot again after
+/// a fault of the host itself (see [`run_scenarios_with`]), ends within
+/// `timeout`; a report whose scenarios did not all finish says `complete:
+/// false` and holds the console so far.
 ///
 /// `EMBER_TCG_VERBOSE=1` echoes the outer console on stderr as it comes;
 /// `EMBER_TCG_LOG=FILE` writes it to FILE when QEMU has exited.
@@ -659,6 +696,16 @@ pub fn run_scenarios(scenarios: &[&str], timeout: Duration) -> Result<Report, Er
 /// [`run_scenarios`] on a test host with `options`: extra programs in the
 /// outer VM and words on its command line. The `bench` scenario runs this
 /// way (`tests/benches/real_linux.rs`).
+///
+/// The software-emulated test host is not what is under test, and it has
+/// been seen to fail on its own: its kernel panicked (stack corruption in
+/// its scheduler), locked up (a vCPU stuck in the emulated SVM for minutes)
+/// or reset without a word. So each scenario has a time limit
+/// ([`scenario_limit`]); when the host dies, resets or overruns a limit
+/// before its last scenario, it is booted again for the scenarios it did
+/// not finish, up to [`MAX_BOOTS`] boots in all and within `timeout` for
+/// all of them. A scenario interrupted twice is not tried a third time.
+/// The report's console says what happened to each boot.
 pub fn run_scenarios_with(
     scenarios: &[&str],
     options: &HostOptions,
@@ -669,41 +716,91 @@ pub fn run_scenarios_with(
     let work = TempDir::new_in(&env::temp_dir()).map_err(io_err(&env::temp_dir()))?;
     let initramfs = build_initramfs(work.path(), &assets, &options.programs)?;
 
-    let first = boot_host(&qemu, &assets, &initramfs, scenarios, options, timeout)?;
-    if !host_kernel_panicked(&first.console) {
-        return Ok(first);
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut boots = Vec::new();
+    let mut interrupted: BTreeMap<String, u32> = BTreeMap::new();
+    let mut todo: Vec<String> = scenarios.iter().map(|s| s.to_string()).collect();
+    while !todo.is_empty() && boots.len() < MAX_BOOTS && Instant::now() < deadline {
+        let names: Vec<&str> = todo.iter().map(String::as_str).collect();
+        let qemu_log = work.path().join(format!("qemu-{}.log", boots.len() + 1));
+        let boot = boot_host(
+            &qemu, &assets, &initramfs, &names, options, deadline, &qemu_log,
+        )?;
+        if boot.complete {
+            boots.push(boot);
+            break;
+        }
+        // The host ended or was stopped before its last scenario.
+        let cut = boot
+            .scenarios
+            .values()
+            .find(|s| !s.finished)
+            .map(|s| s.name.clone());
+        if let Some(name) = &cut {
+            *interrupted.entry(name.clone()).or_default() += 1;
+        }
+        todo.retain(|name| {
+            !boot.scenario(name).is_some_and(|s| s.finished)
+                && interrupted.get(name).copied().unwrap_or(0) < 2
+        });
+        eprintln!(
+            "tcg: the test host ended during {} ({}); {}",
+            cut.as_deref().unwrap_or("its own boot"),
+            boot.console.last().map(String::as_str).unwrap_or(""),
+            if todo.is_empty() {
+                "nothing left to run again".to_string()
+            } else {
+                format!("booting it again for {}", todo.join(", "))
+            }
+        );
+        boots.push(boot);
     }
-    // The nested software-emulated host itself is not what is under test:
-    // its own kernel has been seen to panic (stack corruption in its
-    // scheduler) in rare runs. Boot it once more, and say so; a second
-    // panic is reported as it is.
-    eprintln!("tcg: the test host's own kernel panicked; booting it once more");
-    let mut second = boot_host(&qemu, &assets, &initramfs, scenarios, options, timeout)?;
-    second.console.insert(
-        0,
-        "harness: second boot of the test host after its kernel panicked".into(),
-    );
-    Ok(second)
+    let mut report = Report::merge(scenarios, boots);
+    report.wall = start.elapsed();
+    if let Some(path) = env::var_os("EMBER_TCG_LOG") {
+        let path = PathBuf::from(path);
+        fs::write(&path, report.console.join("\n") + "\n").map_err(io_err(&path))?;
+    }
+    Ok(report)
 }
 
-/// Whether the outer kernel (not a guest under ember, whose lines carry the
-/// `@| ` prefix) panicked.
-fn host_kernel_panicked(console: &[String]) -> bool {
-    console
-        .iter()
-        .any(|l| !l.starts_with("@| ") && l.contains("Kernel panic - not syncing"))
+/// Most boots of the test host [`run_scenarios_with`] makes for one set of
+/// scenarios.
+pub const MAX_BOOTS: usize = 3;
+
+/// How long scenario `name` may run in the test host before the harness
+/// takes the host for hung: the outer `/init`'s own limit on it plus a
+/// margin. Other scenarios (`bench`) have only the overall limit.
+pub fn scenario_limit(name: &str) -> Option<Duration> {
+    match name {
+        "boot" | "smp4" => Some(Duration::from_secs(300 + 120)),
+        "devices" | "console" => Some(Duration::from_secs(600 + 120)),
+        _ => None,
+    }
 }
 
-/// Boots the test host once with `initramfs` and collects its report.
+/// How long the outer kernel may take to reach its `/init`'s first line.
+const OUTER_BOOT_LIMIT: Duration = Duration::from_secs(240);
+
+/// Boots the test host once with `initramfs`, runs `scenarios` in it and
+/// collects its report; stops QEMU at `deadline`, when a scenario overruns
+/// its [`scenario_limit`], or when the outer `/init` does not start within
+/// [`OUTER_BOOT_LIMIT`]. QEMU logs resets (a triple fault) to `qemu_log`.
+#[allow(clippy::too_many_arguments)]
 fn boot_host(
     qemu: &Path,
     assets: &HostAssets,
     initramfs: &Path,
     scenarios: &[&str],
     options: &HostOptions,
-    timeout: Duration,
+    deadline: Instant,
+    qemu_log: &Path,
 ) -> Result<Report, Error> {
     let mut child = qemu_command(qemu, assets, initramfs, scenarios, &options.cmdline)
+        .arg("-D")
+        .arg(qemu_log)
+        .args(["-d", "cpu_reset"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -738,10 +835,11 @@ fn boot_host(
 
     let mut console = Vec::new();
     let mut outer_boot = None;
-    let deadline = start + timeout;
+    // The scenario running now and when the harness stops waiting for it.
+    let mut watch = Watch::new(start);
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
+        let (limit, what) = watch.next_limit(deadline);
+        match rx.recv_timeout(limit.saturating_duration_since(Instant::now())) {
             Ok((at, line)) => {
                 if verbose {
                     eprintln!(
@@ -752,23 +850,29 @@ fn boot_host(
                 if outer_boot.is_none() && line.starts_with(PROTOCOL) {
                     outer_boot = Some(at.duration_since(start));
                 }
+                watch.line(at, &line);
                 console.push(line);
             }
             Err(RecvTimeoutError::Timeout) => {
-                console.push(format!("harness: QEMU killed after {timeout:?}"));
+                console.push(format!(
+                    "harness: QEMU stopped after {:?}: {what}",
+                    start.elapsed()
+                ));
                 let _ = child.kill();
                 break;
             }
             Err(RecvTimeoutError::Disconnected) => break,
         }
     }
-    let _ = child.wait();
+    match child.wait() {
+        Ok(status) => console.push(format!("harness: QEMU exited ({status})")),
+        Err(e) => console.push(format!("harness: cannot wait for QEMU: {e}")),
+    }
     for reader in readers.into_iter().flatten() {
         let _ = reader.join();
     }
-    if let Some(path) = env::var_os("EMBER_TCG_LOG") {
-        let path = PathBuf::from(path);
-        fs::write(&path, console.join("\n") + "\n").map_err(io_err(&path))?;
+    if fs::read_to_string(qemu_log).is_ok_and(|log| log.contains("Triple fault")) {
+        console.push("harness: the test host's CPU triple-faulted (QEMU log)".into());
     }
     let mut report = Report::parse(&console);
     report.wall = start.elapsed();
@@ -776,21 +880,146 @@ fn boot_host(
     Ok(report)
 }
 
+/// The time limits of one boot of the test host, fed its console lines.
+struct Watch {
+    started: Instant,
+    /// The outer `/init` has printed its first line.
+    up: bool,
+    /// The scenario running now and when it began.
+    running: Option<(String, Instant)>,
+}
+
+impl Watch {
+    fn new(started: Instant) -> Self {
+        Watch {
+            started,
+            up: false,
+            running: None,
+        }
+    }
+
+    fn line(&mut self, at: Instant, line: &str) {
+        let Some(rest) = line.strip_prefix(PROTOCOL) else {
+            return;
+        };
+        self.up = true;
+        if let Some(name) = rest.strip_prefix("begin ") {
+            self.running = Some((name.trim().to_string(), at));
+        } else if rest.starts_with("end ") {
+            self.running = None;
+        }
+    }
+
+    /// The next instant the harness gives up at, and why.
+    fn next_limit(&self, deadline: Instant) -> (Instant, String) {
+        let mut next = (deadline, "the overall time limit passed".to_string());
+        let mut earlier = |at: Instant, why: String| {
+            if at < next.0 {
+                next = (at, why);
+            }
+        };
+        if !self.up {
+            earlier(
+                self.started + OUTER_BOOT_LIMIT,
+                format!("the outer /init did not start within {OUTER_BOOT_LIMIT:?}"),
+            );
+        }
+        if let Some((name, began)) = &self.running {
+            if let Some(limit) = scenario_limit(name) {
+                earlier(
+                    *began + limit,
+                    format!("scenario {name} ran past its limit of {limit:?}"),
+                );
+            }
+        }
+        next
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn lines(l: &[&str]) -> Vec<String> {
+        l.iter().map(|s| s.to_string()).collect()
+    }
+
     #[test]
-    fn only_the_host_kernel_panic_counts_as_a_host_fault() {
-        let lines = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(host_kernel_panicked(&lines(&[
+    fn a_scenario_cut_short_is_taken_from_the_boot_that_finished_it() {
+        let first = Report::parse(&lines(&[
+            "@@ember fact host kvm present",
+            "@@ember begin boot",
+            "@@ember fact boot ember-rc 0",
+            "@@ember end boot",
             "@@ember begin smp4",
             "[   99.1] Kernel panic - not syncing: corrupted stack end detected inside scheduler",
-        ])));
-        // A guest under ember that panics is a test result, not a host fault.
-        assert!(!host_kernel_panicked(&lines(&[
-            "@| [    2.0] Kernel panic - not syncing: VFS: Unable to mount root fs",
-        ])));
+            "harness: QEMU exited (exit status: 0)",
+        ]));
+        assert!(!first.complete);
+        let second = Report::parse(&lines(&[
+            "@@ember fact host kvm present",
+            "@@ember begin smp4",
+            "@@ember fact smp4 ember-rc 0",
+            "@@ember end smp4",
+            "@@ember all-done",
+        ]));
+        let merged = Report::merge(&["boot", "smp4"], vec![first, second]);
+        assert!(merged.complete);
+        assert_eq!(merged.scenario("boot").unwrap().fact("ember-rc"), Some("0"));
+        let smp4 = merged.scenario("smp4").unwrap();
+        assert!(smp4.finished);
+        assert_eq!(smp4.fact("ember-rc"), Some("0"));
+        assert_eq!(merged.console[0], "harness: boot 1 of 2 of the test host");
+        assert!(merged
+            .console
+            .contains(&"harness: boot 2 of 2 of the test host".to_string()));
+    }
+
+    #[test]
+    fn a_merge_is_complete_only_when_every_requested_scenario_finished() {
+        let cut = Report::parse(&lines(&["@@ember begin boot"]));
+        let again = Report::parse(&lines(&["@@ember begin boot"]));
+        let merged = Report::merge(&["boot"], vec![cut, again]);
+        assert!(!merged.complete);
+        assert!(!merged.scenario("boot").unwrap().finished);
+        // A finished scenario is not replaced by a later unfinished run.
+        let done = Report::parse(&lines(&["@@ember begin boot", "@@ember end boot"]));
+        let cut = Report::parse(&lines(&["@@ember begin boot"]));
+        let merged = Report::merge(&["boot"], vec![done, cut]);
+        assert!(merged.complete);
+    }
+
+    #[test]
+    fn the_watch_stops_a_scenario_at_its_limit_and_a_silent_boot_early() {
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_secs(10_000);
+        let mut watch = Watch::new(t0);
+        let (at, why) = watch.next_limit(deadline);
+        assert_eq!(at, t0 + OUTER_BOOT_LIMIT);
+        assert!(why.contains("/init"), "{why}");
+
+        watch.line(
+            t0 + Duration::from_secs(10),
+            "@@ember fact host kvm present",
+        );
+        assert_eq!(watch.next_limit(deadline).0, deadline);
+
+        let began = t0 + Duration::from_secs(20);
+        watch.line(began, "@@ember begin smp4");
+        let (at, why) = watch.next_limit(deadline);
+        assert_eq!(at, began + scenario_limit("smp4").unwrap());
+        assert!(why.contains("smp4"), "{why}");
+        // Lines of the inner guest do not move the limit.
+        watch.line(began + Duration::from_secs(5), "@| [    1.0] Linux version");
+        assert_eq!(watch.next_limit(deadline).0, at);
+        // The overall limit wins when it comes first.
+        assert_eq!(watch.next_limit(began).0, began);
+
+        watch.line(began + Duration::from_secs(30), "@@ember end smp4");
+        assert_eq!(watch.next_limit(deadline).0, deadline);
+        // bench has no limit of its own.
+        watch.line(began + Duration::from_secs(40), "@@ember begin bench");
+        assert_eq!(watch.next_limit(deadline).0, deadline);
     }
 
     #[test]
