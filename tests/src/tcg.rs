@@ -716,8 +716,7 @@ pub fn run_scenarios_with(
     let work = TempDir::new_in(&env::temp_dir()).map_err(io_err(&env::temp_dir()))?;
     let initramfs = build_initramfs(work.path(), &assets, &options.programs)?;
 
-    let start = Instant::now();
-    let deadline = start + timeout;
+    let deadline = Instant::now() + timeout;
     let mut boots = Vec::new();
     let mut interrupted: BTreeMap<String, u32> = BTreeMap::new();
     let mut todo: Vec<String> = scenarios.iter().map(|s| s.to_string()).collect();
@@ -756,8 +755,7 @@ pub fn run_scenarios_with(
         );
         boots.push(boot);
     }
-    let mut report = Report::merge(scenarios, boots);
-    report.wall = start.elapsed();
+    let report = Report::merge(scenarios, boots);
     if let Some(path) = env::var_os("EMBER_TCG_LOG") {
         let path = PathBuf::from(path);
         fs::write(&path, report.console.join("\n") + "\n").map_err(io_err(&path))?;
@@ -834,11 +832,9 @@ fn boot_host(
     ];
 
     let mut console = Vec::new();
-    let mut outer_boot = None;
-    // The scenario running now and when the harness stops waiting for it.
     let mut watch = Watch::new(start);
     loop {
-        let (limit, what) = watch.next_limit(deadline);
+        let (limit, reason) = watch.next_limit(deadline);
         match rx.recv_timeout(limit.saturating_duration_since(Instant::now())) {
             Ok((at, line)) => {
                 if verbose {
@@ -847,16 +843,14 @@ fn boot_host(
                         at.duration_since(start).as_secs_f64()
                     );
                 }
-                if outer_boot.is_none() && line.starts_with(PROTOCOL) {
-                    outer_boot = Some(at.duration_since(start));
-                }
                 watch.line(at, &line);
                 console.push(line);
             }
             Err(RecvTimeoutError::Timeout) => {
                 console.push(format!(
-                    "harness: QEMU stopped after {:?}: {what}",
-                    start.elapsed()
+                    "harness: QEMU stopped after {:?}: {}",
+                    start.elapsed(),
+                    watch.describe(reason)
                 ));
                 let _ = child.kill();
                 break;
@@ -876,24 +870,32 @@ fn boot_host(
     }
     let mut report = Report::parse(&console);
     report.wall = start.elapsed();
-    report.outer_boot = outer_boot;
+    report.outer_boot = watch.up.map(|at| at.duration_since(start));
     Ok(report)
 }
 
 /// The time limits of one boot of the test host, fed its console lines.
 struct Watch {
     started: Instant,
-    /// The outer `/init` has printed its first line.
-    up: bool,
+    /// When the outer `/init` printed its first line.
+    up: Option<Instant>,
     /// The scenario running now and when it began.
     running: Option<(String, Instant)>,
+}
+
+/// Which limit [`Watch::next_limit`] found first.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    Overall,
+    OuterBoot,
+    Scenario(Duration),
 }
 
 impl Watch {
     fn new(started: Instant) -> Self {
         Watch {
             started,
-            up: false,
+            up: None,
             running: None,
         }
     }
@@ -902,7 +904,7 @@ impl Watch {
         let Some(rest) = line.strip_prefix(PROTOCOL) else {
             return;
         };
-        self.up = true;
+        self.up.get_or_insert(at);
         if let Some(name) = rest.strip_prefix("begin ") {
             self.running = Some((name.trim().to_string(), at));
         } else if rest.starts_with("end ") {
@@ -910,29 +912,36 @@ impl Watch {
         }
     }
 
-    /// The next instant the harness gives up at, and why.
-    fn next_limit(&self, deadline: Instant) -> (Instant, String) {
-        let mut next = (deadline, "the overall time limit passed".to_string());
-        let mut earlier = |at: Instant, why: String| {
+    /// The next instant the harness gives up at, and which limit it is.
+    fn next_limit(&self, deadline: Instant) -> (Instant, Limit) {
+        let mut next = (deadline, Limit::Overall);
+        let mut earlier = |at: Instant, limit: Limit| {
             if at < next.0 {
-                next = (at, why);
+                next = (at, limit);
             }
         };
-        if !self.up {
-            earlier(
-                self.started + OUTER_BOOT_LIMIT,
-                format!("the outer /init did not start within {OUTER_BOOT_LIMIT:?}"),
-            );
+        if self.up.is_none() {
+            earlier(self.started + OUTER_BOOT_LIMIT, Limit::OuterBoot);
         }
         if let Some((name, began)) = &self.running {
             if let Some(limit) = scenario_limit(name) {
-                earlier(
-                    *began + limit,
-                    format!("scenario {name} ran past its limit of {limit:?}"),
-                );
+                earlier(*began + limit, Limit::Scenario(limit));
             }
         }
         next
+    }
+
+    /// Why the harness gave up, in words.
+    fn describe(&self, limit: Limit) -> String {
+        match (limit, &self.running) {
+            (Limit::Scenario(limit), Some((name, _))) => {
+                format!("scenario {name} ran past its limit of {limit:?}")
+            }
+            (Limit::OuterBoot, _) => {
+                format!("the outer /init did not start within {OUTER_BOOT_LIMIT:?}")
+            }
+            _ => "the overall time limit passed".to_string(),
+        }
     }
 }
 
@@ -994,7 +1003,8 @@ mod tests {
         let t0 = Instant::now();
         let deadline = t0 + Duration::from_secs(10_000);
         let mut watch = Watch::new(t0);
-        let (at, why) = watch.next_limit(deadline);
+        let (at, limit) = watch.next_limit(deadline);
+        let why = watch.describe(limit);
         assert_eq!(at, t0 + OUTER_BOOT_LIMIT);
         assert!(why.contains("/init"), "{why}");
 
@@ -1006,7 +1016,8 @@ mod tests {
 
         let began = t0 + Duration::from_secs(20);
         watch.line(began, "@@ember begin smp4");
-        let (at, why) = watch.next_limit(deadline);
+        let (at, limit) = watch.next_limit(deadline);
+        let why = watch.describe(limit);
         assert_eq!(at, began + scenario_limit("smp4").unwrap());
         assert!(why.contains("smp4"), "{why}");
         // Lines of the inner guest do not move the limit.
