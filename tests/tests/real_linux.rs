@@ -261,17 +261,22 @@ fn serial_console_shell_reads_typed_input_without_loss() {
         "the guest received every typed byte once ({} bytes)\n{s}",
         s.fact("typed-bytes").unwrap_or("?")
     );
-    // Output: 1..=1000, each exactly once and in order, between the echo
-    // of the command and its end marker.
-    let start = s
+    // Output: 1..=1000, each exactly once and in order, between the last
+    // echo of the command and its end marker. The command can be echoed
+    // twice: typed ahead of the prompt, the line discipline echoes it at
+    // once and the shell again after its prompt.
+    let end = s
         .console
         .iter()
-        .position(|l| l.contains("seq 1 1000; echo seq-$((1))-done"))
+        .position(|l| l.trim_end() == "seq-1-done")
+        .unwrap_or_else(|| panic!("no end marker of the seq command\n{s}"));
+    let start = s.console[..end]
+        .iter()
+        .rposition(|l| l.contains("seq 1 1000; echo seq-$((1))-done"))
         .unwrap_or_else(|| panic!("no echo of the seq command\n{s}"));
-    let numbers: Vec<&str> = s.console[start + 1..]
+    let numbers: Vec<&str> = s.console[start + 1..end]
         .iter()
         .map(|l| l.trim_end())
-        .take_while(|l| *l != "seq-1-done")
         .collect();
     let want: Vec<String> = (1..=1000).map(|n| n.to_string()).collect();
     assert_eq!(numbers, want, "{s}");
