@@ -723,7 +723,7 @@ impl Harness {
         }
 
         let m = self.transport.metrics();
-        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
+        let load = |c: &ember_metrics::Counter| c.count();
         let counters = Counters {
             invalid_access_size: load(&m.invalid_access_size),
             invalid_register: load(&m.invalid_register),

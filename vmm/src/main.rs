@@ -20,7 +20,7 @@ use ember_api::{
 use ember_config::{self as config, LogLevel, VmConfig};
 use ember_devices::boot_timer;
 use ember_logger::logger;
-use ember_logger::metrics::{GroupWriter, Metrics};
+use ember_logger::metrics::{MetricWriter, Metrics};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Exit codes, Firecracker's values.
@@ -321,7 +321,7 @@ fn run() -> ExitCode {
     let metrics = Arc::new(Metrics::new());
     metrics.register(
         "seccomp",
-        Arc::new(|out: &mut GroupWriter<'_>| {
+        Arc::new(|out: &mut dyn MetricWriter| {
             out.counter("num_faults", ember::seccomp::fault_count())
         }),
     );

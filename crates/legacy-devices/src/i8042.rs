@@ -11,9 +11,9 @@
 //! Register and bit names follow Linux `drivers/input/serio/i8042.h`.
 
 use std::num::Wrapping;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use ember_metrics::{metric_group, Counter};
 use vm_superio::Trigger;
 
 /// Port-I/O base of the controller: the data port, 0x60.
@@ -84,45 +84,55 @@ pub enum Error {
     KbdInterruptFailure(String),
 }
 
-/// Counters kept by an [`I8042Device`].
-#[derive(Debug, Default)]
-pub struct I8042Metrics {
-    reset_count: AtomicU64,
-    missed_read_count: AtomicU64,
-    missed_write_count: AtomicU64,
-    invalid_access_count: AtomicU64,
-    error_count: AtomicU64,
+metric_group! {
+    /// Counters kept by an [`I8042Device`]: Firecracker's `i8042` group,
+    /// then Ember's own `invalid_access_count`.
+    #[derive(Debug, Default)]
+    pub struct I8042Metrics {
+        /// Reset or keyboard interrupt triggers that failed.
+        error_count: Counter,
+        /// Byte reads of ports 0x61-0x63, which the controller does not
+        /// decode.
+        missed_read_count: Counter,
+        /// Byte writes of ports 0x61-0x63, or unsupported commands written
+        /// to port 0x64.
+        missed_write_count: Counter,
+        /// CPU-reset commands the guest issued.
+        reset_count: Counter,
+        /// Accesses that were not one byte wide or fell outside the 5 ports.
+        invalid_access_count: Counter,
+    }
 }
 
 impl I8042Metrics {
     /// CPU-reset commands the guest issued.
     pub fn reset_count(&self) -> u64 {
-        self.reset_count.load(Ordering::Relaxed)
+        self.reset_count.count()
     }
 
     /// Byte reads of ports 0x61-0x63, which the controller does not decode.
     pub fn missed_read_count(&self) -> u64 {
-        self.missed_read_count.load(Ordering::Relaxed)
+        self.missed_read_count.count()
     }
 
     /// Byte writes of ports 0x61-0x63, or unsupported commands written to
     /// port 0x64.
     pub fn missed_write_count(&self) -> u64 {
-        self.missed_write_count.load(Ordering::Relaxed)
+        self.missed_write_count.count()
     }
 
     /// Accesses that were not one byte wide or fell outside the 5 ports.
     pub fn invalid_access_count(&self) -> u64 {
-        self.invalid_access_count.load(Ordering::Relaxed)
+        self.invalid_access_count.count()
     }
 
     /// Reset or keyboard interrupt triggers that failed.
     pub fn error_count(&self) -> u64 {
-        self.error_count.load(Ordering::Relaxed)
+        self.error_count.count()
     }
 
-    fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    fn inc(counter: &Counter) {
+        counter.inc();
     }
 }
 
@@ -451,7 +461,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Mutex;
 
     use ember_bus::BusDevice;

@@ -7,9 +7,10 @@
 //! receive FIFO and tells the VMM when the guest has drained that FIFO.
 
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use ember_metrics::{metric_group, Counter};
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::{Error as UartError, SerialEvents, SerialState};
 use vm_superio::Serial;
@@ -63,51 +64,66 @@ const MSR_DEFAULT: u8 = 0xb0;
 /// to `debug`, so that a broken console cannot flood the log.
 const LOST_BYTE_WARN_LIMIT: u64 = 5;
 
-/// Counters kept by a [`SerialDevice`].
-#[derive(Debug, Default)]
-pub struct SerialMetrics {
-    bytes_written: AtomicU64,
-    bytes_read: AtomicU64,
-    missed_read_count: AtomicU64,
-    missed_write_count: AtomicU64,
-    invalid_access_count: AtomicU64,
-    error_count: AtomicU64,
+metric_group! {
+    /// Counters kept by a [`SerialDevice`]: Firecracker's `uart` group, then
+    /// Ember's own `invalid_access_count`.
+    #[derive(Debug, Default)]
+    pub struct SerialMetrics {
+        /// Interrupts (or input-ready notifications) that could not be
+        /// signalled.
+        error_count: Counter,
+        /// Guest reads of the receiver buffer while the receive FIFO was
+        /// empty.
+        missed_read_count: Counter,
+        /// Bytes the guest wrote to the transmitter that were lost because
+        /// the output failed.
+        missed_write_count: Counter,
+        /// Bytes of host input the guest read from the receive FIFO.
+        read_count: Counter,
+        /// Bytes the guest wrote to the transmitter that reached the output.
+        write_count: Counter,
+        /// Accesses that were not one byte wide or fell outside the 8
+        /// registers.
+        invalid_access_count: Counter,
+    }
 }
 
 impl SerialMetrics {
     /// Bytes the guest wrote to the transmitter that reached the output.
     pub fn bytes_written(&self) -> u64 {
-        self.bytes_written.load(Ordering::Relaxed)
+        self.write_count.count()
     }
 
     /// Bytes of host input the guest read from the receive FIFO.
     pub fn bytes_read(&self) -> u64 {
-        self.bytes_read.load(Ordering::Relaxed)
+        self.read_count.count()
     }
 
     /// Guest reads of the receiver buffer while the receive FIFO was empty.
     pub fn missed_read_count(&self) -> u64 {
-        self.missed_read_count.load(Ordering::Relaxed)
+        self.missed_read_count.count()
     }
 
     /// Bytes the guest wrote to the transmitter that were lost because the
     /// output failed.
     pub fn missed_write_count(&self) -> u64 {
-        self.missed_write_count.load(Ordering::Relaxed)
+        self.missed_write_count.count()
     }
 
     /// Accesses that were not one byte wide or fell outside the 8 registers.
     pub fn invalid_access_count(&self) -> u64 {
-        self.invalid_access_count.load(Ordering::Relaxed)
+        self.invalid_access_count.count()
     }
 
     /// Interrupts (or input-ready notifications) that could not be signalled.
     pub fn error_count(&self) -> u64 {
-        self.error_count.load(Ordering::Relaxed)
+        self.error_count.count()
     }
 
-    fn inc(counter: &AtomicU64) -> u64 {
-        counter.fetch_add(1, Ordering::Relaxed) + 1
+    /// Counts one event and returns the new total.
+    fn inc(counter: &Counter) -> u64 {
+        counter.inc();
+        counter.count()
     }
 }
 
@@ -255,7 +271,7 @@ impl SerialEvents for UartEvents {
     fn buffer_read(&self) {}
 
     fn out_byte(&self) {
-        SerialMetrics::inc(&self.metrics.bytes_written);
+        SerialMetrics::inc(&self.metrics.write_count);
     }
 
     fn tx_lost_byte(&self) {
@@ -405,7 +421,7 @@ impl<W: Write + Send> SerialDevice<W> {
             SerialMetrics::inc(&self.metrics.missed_read_count);
             return value;
         }
-        SerialMetrics::inc(&self.metrics.bytes_read);
+        SerialMetrics::inc(&self.metrics.read_count);
         if drained {
             if let Some(evt) = &self.input_ready {
                 if let Err(err) = evt.write(1) {

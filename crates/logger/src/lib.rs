@@ -7,12 +7,12 @@
 //! ```
 //! use std::sync::Arc;
 //!
-//! use ember_logger::metrics::{Counter, GroupWriter, Metrics};
+//! use ember_logger::metrics::{Counter, MetricWriter, Metrics};
 //!
 //! let metrics = Metrics::new();
 //! let exits = Arc::new(Counter::new());
 //! let e = exits.clone();
-//! metrics.register("vcpu", Arc::new(move |out: &mut GroupWriter<'_>| {
+//! metrics.register("vcpu", Arc::new(move |out: &mut dyn MetricWriter| {
 //!     out.counter("exit_io_out", e.count());
 //! }));
 //! exits.add(2);

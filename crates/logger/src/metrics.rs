@@ -17,10 +17,12 @@
 //! previous line, as Firecracker's `SharedIncMetric` does; gauges (times,
 //! sizes) report their value.
 //!
-//! Counters are plain cumulative atomics ([`Counter`], or a device crate's
-//! own getters): the [`Metrics`] registry remembers what each line reported
-//! and writes the difference, so a device crate needs no knowledge of
-//! flushing and any number of readers can look at a counter.
+//! Counters are plain cumulative atomics ([`Counter`]); each device crate
+//! declares its group once with [`ember_metrics::metric_group!`] and the
+//! group reports itself ([`MetricGroup`]). The [`Metrics`] registry
+//! remembers what each line reported and writes the difference, so a device
+//! crate needs no knowledge of flushing, any number of readers can look at a
+//! counter, and one group can be registered under several names.
 //!
 //! # Example
 //!
@@ -28,7 +30,7 @@
 //! use std::sync::Arc;
 //!
 //! use ember_config::Metrics as MetricsConfig;
-//! use ember_logger::metrics::{Counter, GroupWriter, Metrics};
+//! use ember_logger::metrics::{Counter, MetricWriter, Metrics};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dir = tempfile::tempdir()?;
@@ -38,7 +40,7 @@
 //! // A device crate's counters, registered under their Firecracker group.
 //! let reads = Arc::new(Counter::new());
 //! let r = reads.clone();
-//! metrics.register("block", Arc::new(move |out: &mut GroupWriter<'_>| {
+//! metrics.register("block", Arc::new(move |out: &mut dyn MetricWriter| {
 //!     out.counter("read_count", r.count());
 //! }));
 //!
@@ -70,12 +72,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ember_legacy_devices::i8042::I8042Metrics;
-use ember_legacy_devices::serial::SerialMetrics;
 pub use ember_vcpu::VcpuMetrics;
-use ember_virtio_blk::BlockMetrics;
-use ember_virtio_net::NetMetrics;
-use ember_vsock::VsockMetrics;
 
 use ember_config as config;
 
@@ -99,8 +96,9 @@ pub enum MetricsError {
     },
 }
 
-/// The shared metric types every crate counts with.
-pub use ember_metrics::{Counter, Gauge};
+use ember_metrics::metric_group;
+/// The shared metric types every crate counts with, and the group contract.
+pub use ember_metrics::{Counter, Gauge, MetricGroup, MetricWriter};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -112,132 +110,97 @@ enum Kind {
 type Fields = Vec<(&'static str, Kind, u64)>;
 
 /// Collects the fields of one group while a line is being written.
-pub struct GroupWriter<'a> {
+struct Collect<'a> {
     fields: &'a mut Fields,
 }
 
-impl GroupWriter<'_> {
-    /// Reports a counter by its cumulative value; the line shows the growth
-    /// since the previous line.
-    pub fn counter(&mut self, name: &'static str, cumulative: u64) {
-        self.fields.push((name, Kind::Counter, cumulative));
+impl MetricWriter for Collect<'_> {
+    fn counter(&mut self, name: &'static str, total: u64) {
+        self.fields.push((name, Kind::Counter, total));
     }
 
-    /// Reports a gauge; the line shows the value.
-    pub fn gauge(&mut self, name: &'static str, value: u64) {
+    fn gauge(&mut self, name: &'static str, value: u64) {
         self.fields.push((name, Kind::Gauge, value));
     }
 }
 
-/// Something that reports the fields of one metrics group.
-///
-/// Implemented by closures, so a device crate's metrics struct is
-/// registered without that crate knowing about this module:
-///
-/// ```
-/// # use std::sync::Arc;
-/// # use ember_logger::metrics::{Counter, GroupWriter, Metrics};
-/// struct NetMetrics { rx_bytes_count: Counter }
-/// let net = Arc::new(NetMetrics { rx_bytes_count: Counter::new() });
-/// let metrics = Metrics::new();
-/// let n = net.clone();
-/// metrics.register("net", Arc::new(move |out: &mut GroupWriter<'_>| {
-///     out.counter("rx_bytes_count", n.rx_bytes_count.count());
-/// }));
-/// ```
-pub trait MetricGroup: Send + Sync {
-    /// Reports every field of the group.
-    fn report(&self, out: &mut GroupWriter<'_>);
-}
-
-impl<F: Fn(&mut GroupWriter<'_>) + Send + Sync> MetricGroup for F {
-    fn report(&self, out: &mut GroupWriter<'_>) {
-        self(out)
+metric_group! {
+    /// `api_server`: process start-up times, set once the API socket listens.
+    #[derive(Debug, Default)]
+    pub struct ApiServerMetrics {
+        /// Wall-clock time from process start (or the jailer's `--start-time-us`)
+        /// to the API server being ready, in microseconds.
+        pub process_startup_time_us: Gauge,
+        /// CPU time over the same span, in microseconds.
+        pub process_startup_time_cpu_us: Gauge,
     }
 }
 
-/// `api_server`: process start-up times, set once the API socket listens.
-#[derive(Debug, Default)]
-pub struct ApiServerMetrics {
-    /// Wall-clock time from process start (or the jailer's `--start-time-us`)
-    /// to the API server being ready, in microseconds.
-    pub process_startup_time_us: Gauge,
-    /// CPU time over the same span, in microseconds.
-    pub process_startup_time_cpu_us: Gauge,
-}
-
-impl MetricGroup for ApiServerMetrics {
-    fn report(&self, out: &mut GroupWriter<'_>) {
-        out.gauge(
-            "process_startup_time_us",
-            self.process_startup_time_us.get(),
-        );
-        out.gauge(
-            "process_startup_time_cpu_us",
-            self.process_startup_time_cpu_us.get(),
-        );
+metric_group! {
+    /// `get_api_requests`: GET requests received, per endpoint.
+    #[derive(Debug, Default)]
+    pub struct GetApiRequests {
+        /// `GET /`.
+        pub instance_info_count: Counter,
+        /// `GET /machine-config`.
+        pub machine_cfg_count: Counter,
+        /// `GET /version`.
+        pub vmm_version_count: Counter,
     }
 }
 
-/// `get_api_requests`: GET requests received, per endpoint.
-#[derive(Debug, Default)]
-pub struct GetApiRequests {
-    /// `GET /`.
-    pub instance_info_count: Counter,
-    /// `GET /machine-config`.
-    pub machine_cfg_count: Counter,
-    /// `GET /version`.
-    pub vmm_version_count: Counter,
+metric_group! {
+    /// `put_api_requests`: PUT requests received and failed, per endpoint.
+    #[derive(Debug, Default)]
+    pub struct PutApiRequests {
+        /// `PUT /actions`.
+        pub actions_count: Counter,
+        /// `PUT /actions` that failed.
+        pub actions_fails: Counter,
+        /// `PUT /boot-source`.
+        pub boot_source_count: Counter,
+        /// `PUT /boot-source` that failed.
+        pub boot_source_fails: Counter,
+        /// `PUT /drives/{id}`.
+        pub drive_count: Counter,
+        /// `PUT /drives/{id}` that failed.
+        pub drive_fails: Counter,
+        /// `PUT /logger`.
+        pub logger_count: Counter,
+        /// `PUT /logger` that failed.
+        pub logger_fails: Counter,
+        /// `PUT /machine-config`.
+        pub machine_cfg_count: Counter,
+        /// `PUT /machine-config` that failed.
+        pub machine_cfg_fails: Counter,
+        /// `PUT /metrics`.
+        pub metrics_count: Counter,
+        /// `PUT /metrics` that failed.
+        pub metrics_fails: Counter,
+        /// `PUT /network-interfaces/{id}`.
+        pub network_count: Counter,
+        /// `PUT /network-interfaces/{id}` that failed.
+        pub network_fails: Counter,
+        /// `PUT /vsock`.
+        pub vsock_count: Counter,
+        /// `PUT /vsock` that failed.
+        pub vsock_fails: Counter,
+    }
 }
 
-/// `put_api_requests`: PUT requests received and failed, per endpoint.
-#[derive(Debug, Default)]
-pub struct PutApiRequests {
-    /// `PUT /actions`.
-    pub actions_count: Counter,
-    /// `PUT /actions` that failed.
-    pub actions_fails: Counter,
-    /// `PUT /boot-source`.
-    pub boot_source_count: Counter,
-    /// `PUT /boot-source` that failed.
-    pub boot_source_fails: Counter,
-    /// `PUT /drives/{id}`.
-    pub drive_count: Counter,
-    /// `PUT /drives/{id}` that failed.
-    pub drive_fails: Counter,
-    /// `PUT /logger`.
-    pub logger_count: Counter,
-    /// `PUT /logger` that failed.
-    pub logger_fails: Counter,
-    /// `PUT /machine-config`.
-    pub machine_cfg_count: Counter,
-    /// `PUT /machine-config` that failed.
-    pub machine_cfg_fails: Counter,
-    /// `PUT /metrics`.
-    pub metrics_count: Counter,
-    /// `PUT /metrics` that failed.
-    pub metrics_fails: Counter,
-    /// `PUT /network-interfaces/{id}`.
-    pub network_count: Counter,
-    /// `PUT /network-interfaces/{id}` that failed.
-    pub network_fails: Counter,
-    /// `PUT /vsock`.
-    pub vsock_count: Counter,
-    /// `PUT /vsock` that failed.
-    pub vsock_fails: Counter,
-}
-
-/// `patch_api_requests`: PATCH requests received and failed, per endpoint.
-#[derive(Debug, Default)]
-pub struct PatchApiRequests {
-    /// `PATCH /drives/{id}`.
-    pub drive_count: Counter,
-    /// `PATCH /drives/{id}` that failed.
-    pub drive_fails: Counter,
-    /// `PATCH /machine-config`.
-    pub machine_cfg_count: Counter,
-    /// `PATCH /machine-config` that failed.
-    pub machine_cfg_fails: Counter,
+metric_group! {
+    /// `patch_api_requests`: PATCH requests received and failed, per endpoint.
+    #[derive(Debug, Default)]
+    pub struct PatchApiRequests {
+        /// `PATCH /drives/{id}`.
+        pub drive_count: Counter,
+        /// `PATCH /drives/{id}` that failed.
+        pub drive_fails: Counter,
+        /// `PATCH /machine-config`.
+        pub machine_cfg_count: Counter,
+        /// `PATCH /machine-config` that failed.
+        pub machine_cfg_fails: Counter,
+    }
 }
 
 /// The three API request groups, counted by the API server thread.
@@ -251,210 +214,40 @@ pub struct ApiRequestMetrics {
     pub patch: PatchApiRequests,
 }
 
-impl ApiRequestMetrics {
-    fn report_get(&self, out: &mut GroupWriter<'_>) {
-        let g = &self.get;
-        out.counter("instance_info_count", g.instance_info_count.count());
-        out.counter("machine_cfg_count", g.machine_cfg_count.count());
-        out.counter("vmm_version_count", g.vmm_version_count.count());
-    }
-
-    fn report_put(&self, out: &mut GroupWriter<'_>) {
-        let p = &self.put;
-        for (name, c) in [
-            ("actions_count", &p.actions_count),
-            ("actions_fails", &p.actions_fails),
-            ("boot_source_count", &p.boot_source_count),
-            ("boot_source_fails", &p.boot_source_fails),
-            ("drive_count", &p.drive_count),
-            ("drive_fails", &p.drive_fails),
-            ("logger_count", &p.logger_count),
-            ("logger_fails", &p.logger_fails),
-            ("machine_cfg_count", &p.machine_cfg_count),
-            ("machine_cfg_fails", &p.machine_cfg_fails),
-            ("metrics_count", &p.metrics_count),
-            ("metrics_fails", &p.metrics_fails),
-            ("network_count", &p.network_count),
-            ("network_fails", &p.network_fails),
-            ("vsock_count", &p.vsock_count),
-            ("vsock_fails", &p.vsock_fails),
-        ] {
-            out.counter(name, c.count());
-        }
-    }
-
-    fn report_patch(&self, out: &mut GroupWriter<'_>) {
-        let p = &self.patch;
-        out.counter("drive_count", p.drive_count.count());
-        out.counter("drive_fails", p.drive_fails.count());
-        out.counter("machine_cfg_count", p.machine_cfg_count.count());
-        out.counter("machine_cfg_fails", p.machine_cfg_fails.count());
+metric_group! {
+    /// `latencies_us`: how long the last pause and resume took.
+    #[derive(Debug, Default)]
+    pub struct LatenciesUs {
+        /// `PATCH /vm` Paused, as seen by the API, in microseconds.
+        pub pause_vm: Gauge,
+        /// `PATCH /vm` Resumed, as seen by the API, in microseconds.
+        pub resume_vm: Gauge,
+        /// Pausing the vCPUs, in the VMM, in microseconds.
+        pub vmm_pause_vm: Gauge,
+        /// Resuming the vCPUs, in the VMM, in microseconds.
+        pub vmm_resume_vm: Gauge,
     }
 }
 
-/// `vcpu`: VM exits handled by the vCPU threads, by kind (counted by
-/// `ember_vcpu`, one relaxed atomic add per exit).
-impl MetricGroup for VcpuMetrics {
-    fn report(&self, out: &mut GroupWriter<'_>) {
-        out.counter("exit_io_in", self.exit_io_in.count());
-        out.counter("exit_io_out", self.exit_io_out.count());
-        out.counter("exit_mmio_read", self.exit_mmio_read.count());
-        out.counter("exit_mmio_write", self.exit_mmio_write.count());
-        out.counter("failures", self.failures.count());
+metric_group! {
+    /// `vmm`: the VMM process as a whole.
+    #[derive(Debug, Default)]
+    pub struct VmmMetrics {
+        /// 1 once the VMM has panicked.
+        pub panic_count: Gauge,
     }
 }
 
-/// `latencies_us`: how long the last pause and resume took.
-#[derive(Debug, Default)]
-pub struct LatenciesUs {
-    /// `PATCH /vm` Paused, as seen by the API, in microseconds.
-    pub pause_vm: Gauge,
-    /// `PATCH /vm` Resumed, as seen by the API, in microseconds.
-    pub resume_vm: Gauge,
-    /// Pausing the vCPUs, in the VMM, in microseconds.
-    pub vmm_pause_vm: Gauge,
-    /// Resuming the vCPUs, in the VMM, in microseconds.
-    pub vmm_resume_vm: Gauge,
-}
-
-impl MetricGroup for LatenciesUs {
-    fn report(&self, out: &mut GroupWriter<'_>) {
-        out.gauge("pause_vm", self.pause_vm.get());
-        out.gauge("resume_vm", self.resume_vm.get());
-        out.gauge("vmm_pause_vm", self.vmm_pause_vm.get());
-        out.gauge("vmm_resume_vm", self.vmm_resume_vm.get());
-    }
-}
-
-/// `vmm`: the VMM process as a whole.
-#[derive(Debug, Default)]
-pub struct VmmMetrics {
-    /// 1 once the VMM has panicked.
-    pub panic_count: Gauge,
-}
-
-impl MetricGroup for VmmMetrics {
-    fn report(&self, out: &mut GroupWriter<'_>) {
-        out.gauge("panic_count", self.panic_count.get());
-    }
-}
-
-/// `logger`: lines the log and metrics writers could not deliver.
-#[derive(Debug, Default)]
-pub struct LoggerMetrics {
-    /// Metrics lines not written because the pipe was full.
-    pub missed_metrics_count: Counter,
-    /// Metrics lines not written because of an I/O error.
-    pub metrics_fails: Counter,
-    /// Log lines not written.
-    pub missed_log_count: Counter,
-}
-
-impl MetricGroup for LoggerMetrics {
-    fn report(&self, out: &mut GroupWriter<'_>) {
-        out.counter("missed_metrics_count", self.missed_metrics_count.count());
-        out.counter("metrics_fails", self.metrics_fails.count());
-        out.counter("missed_log_count", self.missed_log_count.count());
-    }
-}
-
-/// `uart`: the serial console, with Firecracker's field names.
-impl MetricGroup for SerialMetrics {
-    fn report(&self, out: &mut GroupWriter<'_>) {
-        out.counter("error_count", self.error_count());
-        out.counter("missed_read_count", self.missed_read_count());
-        out.counter("missed_write_count", self.missed_write_count());
-        out.counter("read_count", self.bytes_read());
-        out.counter("write_count", self.bytes_written());
-        // Ember's own: accesses that were not one byte wide or out of range.
-        out.counter("invalid_access_count", self.invalid_access_count());
-    }
-}
-
-/// `i8042`: the keyboard controller, with Firecracker's field names.
-impl MetricGroup for I8042Metrics {
-    fn report(&self, out: &mut GroupWriter<'_>) {
-        out.counter("error_count", self.error_count());
-        out.counter("missed_read_count", self.missed_read_count());
-        out.counter("missed_write_count", self.missed_write_count());
-        out.counter("reset_count", self.reset_count());
-        // Ember's own: accesses that were not one byte wide.
-        out.counter("invalid_access_count", self.invalid_access_count());
-    }
-}
-
-/// `block` and `block_<drive_id>`: Firecracker's field names, then Ember's
-/// own (`discard_count`, `write_zeroes_count`, `io_completion_event_count`,
-/// `interrupts`).
-impl MetricGroup for BlockMetrics {
-    fn report(&self, out: &mut GroupWriter<'_>) {
-        for (name, c) in [
-            ("activate_fails", &self.activate_fails),
-            ("cfg_fails", &self.cfg_fails),
-            ("no_avail_buffer", &self.no_avail_buffer),
-            ("event_fails", &self.event_fails),
-            ("execute_fails", &self.execute_fails),
-            ("invalid_reqs_count", &self.invalid_reqs_count),
-            ("flush_count", &self.flush_count),
-            ("queue_event_count", &self.queue_event_count),
-            ("update_count", &self.update_count),
-            ("update_fails", &self.update_fails),
-            ("read_bytes", &self.read_bytes),
-            ("write_bytes", &self.write_bytes),
-            ("read_count", &self.read_count),
-            ("write_count", &self.write_count),
-            (
-                "io_engine_throttled_events",
-                &self.io_engine_throttled_events,
-            ),
-            ("discard_count", &self.discard_count),
-            ("write_zeroes_count", &self.write_zeroes_count),
-            ("io_completion_event_count", &self.io_completion_event_count),
-            ("interrupts", &self.interrupts),
-        ] {
-            out.counter(name, c.count());
-        }
-    }
-}
-
-/// `net` and `net_<iface_id>`: Firecracker's field names.
-impl MetricGroup for NetMetrics {
-    fn report(&self, out: &mut GroupWriter<'_>) {
-        for (name, c) in [
-            ("activate_fails", &self.activate_fails),
-            ("cfg_fails", &self.cfg_fails),
-            ("no_rx_avail_buffer", &self.no_rx_avail_buffer),
-            ("no_tx_avail_buffer", &self.no_tx_avail_buffer),
-            ("event_fails", &self.event_fails),
-            ("rx_queue_event_count", &self.rx_queue_event_count),
-            ("rx_tap_event_count", &self.rx_tap_event_count),
-            ("rx_bytes_count", &self.rx_bytes_count),
-            ("rx_packets_count", &self.rx_packets_count),
-            ("rx_fails", &self.rx_fails),
-            ("rx_count", &self.rx_count),
-            ("rx_frames_too_big", &self.rx_frames_too_big),
-            ("tap_read_fails", &self.tap_read_fails),
-            ("tap_write_fails", &self.tap_write_fails),
-            ("tx_bytes_count", &self.tx_bytes_count),
-            ("tx_malformed_frames", &self.tx_malformed_frames),
-            ("tx_fails", &self.tx_fails),
-            ("tx_count", &self.tx_count),
-            ("tx_packets_count", &self.tx_packets_count),
-            ("tx_queue_event_count", &self.tx_queue_event_count),
-            ("tx_spoofed_mac_count", &self.tx_spoofed_mac_count),
-        ] {
-            out.counter(name, c.count());
-        }
-    }
-}
-
-/// `vsock`: Firecracker's field names, plus Ember's counts of refused
-/// packets and buffers.
-impl MetricGroup for VsockMetrics {
-    fn report(&self, out: &mut GroupWriter<'_>) {
-        for (name, value) in self.snapshot() {
-            out.counter(name, value);
-        }
+metric_group! {
+    /// `logger`: lines the log and metrics writers could not deliver.
+    #[derive(Debug, Default)]
+    pub struct LoggerMetrics {
+        /// Metrics lines not written because the pipe was full.
+        pub missed_metrics_count: Counter,
+        /// Metrics lines not written because of an I/O error.
+        pub metrics_fails: Counter,
+        /// Log lines not written.
+        pub missed_log_count: Counter,
     }
 }
 
@@ -528,17 +321,17 @@ impl Metrics {
         let api = m.api_requests.clone();
         m.register(
             "get_api_requests",
-            Arc::new(move |o: &mut GroupWriter<'_>| api.report_get(o)),
+            Arc::new(move |o: &mut dyn MetricWriter| api.get.report(o)),
         );
         let api = m.api_requests.clone();
         m.register(
             "put_api_requests",
-            Arc::new(move |o: &mut GroupWriter<'_>| api.report_put(o)),
+            Arc::new(move |o: &mut dyn MetricWriter| api.put.report(o)),
         );
         let api = m.api_requests.clone();
         m.register(
             "patch_api_requests",
-            Arc::new(move |o: &mut GroupWriter<'_>| api.report_patch(o)),
+            Arc::new(move |o: &mut dyn MetricWriter| api.patch.report(o)),
         );
         m.register("vcpu", m.vcpu.clone());
         m.register("latencies_us", m.latencies.clone());
@@ -691,7 +484,7 @@ impl Metrics {
         let mut merged: Vec<(String, Fields)> = Vec::new();
         for (name, group) in lock(&self.groups).iter() {
             let mut fields = Vec::new();
-            group.report(&mut GroupWriter {
+            group.report(&mut Collect {
                 fields: &mut fields,
             });
             let slot = match merged.iter().position(|(n, _)| n == name) {
@@ -781,6 +574,12 @@ fn write_some(file: &mut File, bytes: &[u8]) -> io::Result<usize> {
 mod tests {
     use std::collections::BTreeMap;
     use std::io::Read;
+
+    use ember_legacy_devices::i8042::I8042Metrics;
+    use ember_legacy_devices::serial::SerialMetrics;
+    use ember_virtio_blk::BlockMetrics;
+    use ember_virtio_net::NetMetrics;
+    use ember_vsock::VsockMetrics;
 
     use super::*;
 
@@ -878,7 +677,7 @@ mod tests {
         for c in [a.clone(), b.clone()] {
             m.register(
                 "block",
-                Arc::new(move |o: &mut GroupWriter<'_>| {
+                Arc::new(move |o: &mut dyn MetricWriter| {
                     o.counter("read_count", c.count());
                     o.gauge("queue_size", c.count() * 10);
                 }),
@@ -1012,7 +811,7 @@ mod tests {
         let b = big.clone();
         m.register(
             "padding",
-            Arc::new(move |o: &mut GroupWriter<'_>| {
+            Arc::new(move |o: &mut dyn MetricWriter| {
                 for n in &names {
                     o.counter(n, b.count());
                 }

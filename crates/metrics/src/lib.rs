@@ -1,43 +1,41 @@
 // SPDX-License-Identifier: Apache-2.0
 
 //! Metric value types shared by every Ember crate: a [`Counter`] of events
-//! and a [`Gauge`] holding a value, both atomic and lock-free, both
-//! [`Serialize`] into what Firecracker's metrics line expects.
+//! and a [`Gauge`] holding a value, both atomic and lock-free, and the
+//! [`MetricGroup`] contract through which a struct of them reports itself.
 //!
-//! A counter only grows. Read directly ([`Counter::count`]) it gives the
-//! total so far; serialized it gives the growth since it was last
-//! serialized, as Firecracker's `SharedIncMetric` does, so each metrics line
-//! reports what happened since the previous one. A gauge
-//! (Firecracker's `SharedStoreMetric`) serializes as its value.
+//! A counter only grows; a gauge (Firecracker's `SharedStoreMetric`) holds a
+//! value. A group reports each counter's total and each gauge's value to a
+//! [`MetricWriter`]; the metrics writer turns totals into Firecracker's
+//! per-line growth, so one group can be reported under several names (the
+//! aggregate `block` group and `block_<drive_id>`) without one report
+//! stealing another's counts.
 //!
-//! A device crate declares its metrics as a plain struct of these types and
-//! derives `Serialize`; the struct then writes its own group of the line.
+//! A device crate declares its metrics once, with [`metric_group!`]: the
+//! struct and its report are generated from the one list of fields, so
+//! adding a counter touches one line.
 //!
 //! # Example
 //!
 //! ```
-//! use ember_metrics::{Counter, Gauge};
-//! use serde::Serialize;
+//! use ember_metrics::{metric_group, totals, Counter, Gauge};
 //!
-//! #[derive(Default, Serialize)]
-//! struct DiskMetrics {
-//!     read_count: Counter,
-//!     queue_size: Gauge,
+//! metric_group! {
+//!     /// Counters of a disk.
+//!     #[derive(Debug, Default)]
+//!     pub struct DiskMetrics {
+//!         /// Reads done.
+//!         pub read_count: Counter,
+//!         /// Queue size.
+//!         pub queue_size: Gauge,
+//!     }
 //! }
 //!
 //! let m = DiskMetrics::default();
 //! m.read_count.add(3);
 //! m.queue_size.set(256);
-//! assert_eq!(
-//!     serde_json::to_string(&m).unwrap(),
-//!     r#"{"read_count":3,"queue_size":256}"#
-//! );
+//! assert_eq!(totals(&m), [("read_count", 3), ("queue_size", 256)]);
 //! m.read_count.inc();
-//! // The second line shows only what was counted since the first.
-//! assert_eq!(
-//!     serde_json::to_string(&m).unwrap(),
-//!     r#"{"read_count":1,"queue_size":256}"#
-//! );
 //! assert_eq!(m.read_count.count(), 4);
 //! ```
 
@@ -45,28 +43,16 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::{Serialize, Serializer};
-
 /// A cumulative event counter, shared between threads without a lock.
 ///
-/// Incrementing costs one relaxed atomic add. Serializing it writes the
-/// growth since the previous serialization and remembers the total, as
-/// Firecracker's `SharedIncMetric` does.
+/// Incrementing costs one relaxed atomic add.
 #[derive(Debug, Default)]
-pub struct Counter {
-    /// Everything counted so far.
-    total: AtomicU64,
-    /// `total` as of the last serialization.
-    reported: AtomicU64,
-}
+pub struct Counter(AtomicU64);
 
 impl Counter {
     /// A counter at zero.
     pub const fn new() -> Self {
-        Counter {
-            total: AtomicU64::new(0),
-            reported: AtomicU64::new(0),
-        }
+        Counter(AtomicU64::new(0))
     }
 
     /// Adds one.
@@ -79,30 +65,12 @@ impl Counter {
     #[inline]
     pub fn add(&self, n: u64) {
         // Relaxed: counters order nothing, readers only want a total.
-        self.total.fetch_add(n, Ordering::Relaxed);
+        self.0.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Everything counted so far.
     pub fn count(&self) -> u64 {
-        self.total.load(Ordering::Relaxed)
-    }
-
-    /// The growth since the last serialization, without marking it as
-    /// reported (Firecracker's `fetch_diff`): what aggregating several
-    /// devices into one group adds up.
-    pub fn fetch_diff(&self) -> u64 {
-        self.count()
-            .wrapping_sub(self.reported.load(Ordering::Relaxed))
-    }
-}
-
-impl Serialize for Counter {
-    /// The growth since the previous serialization; the current total
-    /// becomes the new reference.
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let total = self.count();
-        let before = self.reported.swap(total, Ordering::Relaxed);
-        serializer.serialize_u64(total.wrapping_sub(before))
+        self.0.load(Ordering::Relaxed)
     }
 }
 
@@ -129,10 +97,87 @@ impl Gauge {
     }
 }
 
-impl Serialize for Gauge {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_u64(self.get())
+/// Receives the fields of one group, in order.
+pub trait MetricWriter {
+    /// A counter, by its total so far.
+    fn counter(&mut self, name: &'static str, total: u64);
+    /// A gauge, by its value.
+    fn gauge(&mut self, name: &'static str, value: u64);
+}
+
+/// One field of a group: a [`Counter`] or a [`Gauge`].
+pub trait Metric {
+    /// Reports the field under `name`.
+    fn report(&self, name: &'static str, out: &mut dyn MetricWriter);
+}
+
+impl Metric for Counter {
+    fn report(&self, name: &'static str, out: &mut dyn MetricWriter) {
+        out.counter(name, self.count());
     }
+}
+
+impl Metric for Gauge {
+    fn report(&self, name: &'static str, out: &mut dyn MetricWriter) {
+        out.gauge(name, self.get());
+    }
+}
+
+/// Something that reports a group of metrics: a struct declared with
+/// [`metric_group!`], or a closure.
+pub trait MetricGroup: Send + Sync {
+    /// Reports every field of the group, in a fixed order.
+    fn report(&self, out: &mut dyn MetricWriter);
+}
+
+impl<F: Fn(&mut dyn MetricWriter) + Send + Sync> MetricGroup for F {
+    fn report(&self, out: &mut dyn MetricWriter) {
+        self(out)
+    }
+}
+
+/// Every field of `group` as `(name, total or value)`, in order: for tests
+/// and for readers that want plain numbers.
+pub fn totals(group: &dyn MetricGroup) -> Vec<(&'static str, u64)> {
+    struct Collect(Vec<(&'static str, u64)>);
+    impl MetricWriter for Collect {
+        fn counter(&mut self, name: &'static str, total: u64) {
+            self.0.push((name, total));
+        }
+        fn gauge(&mut self, name: &'static str, value: u64) {
+            self.0.push((name, value));
+        }
+    }
+    let mut c = Collect(Vec::new());
+    group.report(&mut c);
+    c.0
+}
+
+/// Declares a struct of [`Counter`]s and [`Gauge`]s and its
+/// [`MetricGroup`] report: each field reported under its own name, in
+/// declaration order.
+///
+/// Attributes and doc comments on the struct and its fields are kept.
+/// See the crate example.
+#[macro_export]
+macro_rules! metric_group {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident {
+            $( $(#[$fmeta:meta])* $fvis:vis $field:ident : $ty:ty ),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        $vis struct $name {
+            $( $(#[$fmeta])* $fvis $field: $ty, )*
+        }
+
+        impl $crate::MetricGroup for $name {
+            fn report(&self, out: &mut dyn $crate::MetricWriter) {
+                $( $crate::Metric::report(&self.$field, stringify!($field), out); )*
+            }
+        }
+    };
 }
 
 #[cfg(test)]
@@ -141,41 +186,65 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn counter_serializes_the_growth_since_the_last_line() {
-        let c = Counter::new();
-        assert_eq!(serde_json::to_string(&c).unwrap(), "0");
-        c.add(5);
-        c.inc();
-        assert_eq!(c.fetch_diff(), 6);
-        // fetch_diff marks nothing.
-        assert_eq!(c.fetch_diff(), 6);
-        assert_eq!(serde_json::to_string(&c).unwrap(), "6");
-        assert_eq!(serde_json::to_string(&c).unwrap(), "0");
-        c.add(2);
-        assert_eq!(serde_json::to_string(&c).unwrap(), "2");
-        assert_eq!(c.count(), 8);
-        assert_eq!(c.fetch_diff(), 0);
+    metric_group! {
+        #[derive(Default)]
+        struct Sample {
+            reads: Counter,
+            size: Gauge,
+            writes: Counter,
+        }
     }
 
     #[test]
-    fn counter_survives_wrapping_the_total() {
+    fn a_group_reports_its_fields_in_order_with_their_kind() {
+        #[derive(Default)]
+        struct Kinds(Vec<(&'static str, bool, u64)>);
+        impl MetricWriter for Kinds {
+            fn counter(&mut self, name: &'static str, total: u64) {
+                self.0.push((name, true, total));
+            }
+            fn gauge(&mut self, name: &'static str, value: u64) {
+                self.0.push((name, false, value));
+            }
+        }
+        let s = Sample::default();
+        s.reads.add(5);
+        s.size.set(7);
+        s.writes.inc();
+        let mut k = Kinds::default();
+        s.report(&mut k);
+        assert_eq!(
+            k.0,
+            [("reads", true, 5), ("size", false, 7), ("writes", true, 1)]
+        );
+        // Reporting takes nothing away: a second report sees the same totals.
+        assert_eq!(totals(&s), [("reads", 5), ("size", 7), ("writes", 1)]);
+    }
+
+    #[test]
+    fn closures_are_groups() {
+        let c = Arc::new(Counter::new());
+        c.add(2);
+        let c2 = c.clone();
+        let g = move |out: &mut dyn MetricWriter| out.counter("x", c2.count());
+        assert_eq!(totals(&g), [("x", 2)]);
+    }
+
+    #[test]
+    fn counter_wraps_instead_of_panicking() {
         let c = Counter::new();
         c.add(u64::MAX);
-        assert_eq!(serde_json::to_string(&c).unwrap(), u64::MAX.to_string());
         c.add(3);
-        assert_eq!(serde_json::to_string(&c).unwrap(), "3");
+        assert_eq!(c.count(), 2);
     }
 
     #[test]
-    fn gauge_serializes_its_value_every_time() {
+    fn gauge_holds_its_last_value() {
         let g = Gauge::new();
         g.set(42);
-        assert_eq!(serde_json::to_string(&g).unwrap(), "42");
-        assert_eq!(serde_json::to_string(&g).unwrap(), "42");
+        assert_eq!(g.get(), 42);
         g.set(7);
         assert_eq!(g.get(), 7);
-        assert_eq!(serde_json::to_string(&g).unwrap(), "7");
     }
 
     #[test]
@@ -195,6 +264,5 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(c.count(), 4000);
-        assert_eq!(serde_json::to_string(&*c).unwrap(), "4000");
     }
 }

@@ -7,22 +7,24 @@
 /// The shared counter type: one relaxed atomic add per event.
 pub use ember_metrics::Counter;
 
-/// VM exits handled by the vCPU threads of one VM, by kind, with
-/// Firecracker's field names. Every vCPU of the VM shares one instance (see
-/// [`Vcpu::set_metrics`](crate::Vcpu::set_metrics)).
-#[derive(Debug, Default)]
-pub struct VcpuMetrics {
-    /// KVM_EXIT_IO, direction in (the guest read a port).
-    pub exit_io_in: Counter,
-    /// KVM_EXIT_IO, direction out (the guest wrote a port).
-    pub exit_io_out: Counter,
-    /// KVM_EXIT_MMIO reads.
-    pub exit_mmio_read: Counter,
-    /// KVM_EXIT_MMIO writes.
-    pub exit_mmio_write: Counter,
-    /// Exits that stopped a vCPU with an error: triple fault, KVM internal
-    /// error, failed entry, unexpected exit, failed KVM_RUN, HLT.
-    pub failures: Counter,
+ember_metrics::metric_group! {
+    /// VM exits handled by the vCPU threads of one VM, by kind, with
+    /// Firecracker's field names. Every vCPU of the VM shares one instance (see
+    /// [`Vcpu::set_metrics`](crate::Vcpu::set_metrics)).
+    #[derive(Debug, Default)]
+    pub struct VcpuMetrics {
+        /// KVM_EXIT_IO, direction in (the guest read a port).
+        pub exit_io_in: Counter,
+        /// KVM_EXIT_IO, direction out (the guest wrote a port).
+        pub exit_io_out: Counter,
+        /// KVM_EXIT_MMIO reads.
+        pub exit_mmio_read: Counter,
+        /// KVM_EXIT_MMIO writes.
+        pub exit_mmio_write: Counter,
+        /// Exits that stopped a vCPU with an error: triple fault, KVM internal
+        /// error, failed entry, unexpected exit, failed KVM_RUN, HLT.
+        pub failures: Counter,
+    }
 }
 
 #[cfg(test)]

@@ -2,94 +2,86 @@
 
 //! Block device counters, named as Firecracker names them where it has one.
 //!
-//! The struct serializes itself as Firecracker's `block` group: each
-//! counter as its growth since the previous serialization, Firecracker's
-//! fields first, then Ember's own (`discard_count`, `write_zeroes_count`,
+//! The struct reports itself as Firecracker's `block` group
+//! ([`MetricGroup`](ember_metrics::MetricGroup)): Firecracker's fields
+//! first, then Ember's own (`discard_count`, `write_zeroes_count`,
 //! `io_completion_event_count`, `interrupts`).
 
-use ember_metrics::Counter;
-use serde::Serialize;
+use ember_metrics::{metric_group, Counter};
 
-/// Counters of one block device.
-#[derive(Debug, Default, Serialize)]
-pub struct BlockMetrics {
-    /// Activations refused (wrong queues, already active).
-    pub activate_fails: Counter,
-    /// Writes to the (read-only) configuration space.
-    pub cfg_fails: Counter,
-    /// Queue events that found no request to process.
-    pub no_avail_buffer: Counter,
-    /// Failures to read an EventFd, signal the interrupt, or walk the
-    /// available ring of a misbehaving driver.
-    pub event_fails: Counter,
-    /// Descriptor chains that were not a valid request.
-    pub execute_fails: Counter,
-    /// Requests completed with a status other than VIRTIO_BLK_S_OK.
-    pub invalid_reqs_count: Counter,
-    /// Completed flush requests.
-    pub flush_count: Counter,
-    /// Queue notifications handled.
-    pub queue_event_count: Counter,
-    /// Backing files replaced on a running device
-    /// ([`Block::update_backing_file`](crate::Block::update_backing_file)).
-    pub update_count: Counter,
-    /// Backing file replacements refused or failed.
-    pub update_fails: Counter,
-    /// Bytes read from the disk into guest memory.
-    pub read_bytes: Counter,
-    /// Bytes written from guest memory to the disk.
-    pub write_bytes: Counter,
-    /// Successful reads.
-    pub read_count: Counter,
-    /// Successful writes.
-    pub write_count: Counter,
-    /// Times the io_uring was full and processing paused until completions.
-    pub io_engine_throttled_events: Counter,
-    /// Successful discards.
-    pub discard_count: Counter,
-    /// Successful write zeroes.
-    pub write_zeroes_count: Counter,
-    /// Completion events handled (async engine).
-    pub io_completion_event_count: Counter,
-    /// Used-buffer interrupts sent.
-    pub interrupts: Counter,
+metric_group! {
+    /// Counters of one block device.
+    #[derive(Debug, Default)]
+    pub struct BlockMetrics {
+        /// Activations refused (wrong queues, already active).
+        pub activate_fails: Counter,
+        /// Writes to the (read-only) configuration space.
+        pub cfg_fails: Counter,
+        /// Queue events that found no request to process.
+        pub no_avail_buffer: Counter,
+        /// Failures to read an EventFd, signal the interrupt, or walk the
+        /// available ring of a misbehaving driver.
+        pub event_fails: Counter,
+        /// Descriptor chains that were not a valid request.
+        pub execute_fails: Counter,
+        /// Requests completed with a status other than VIRTIO_BLK_S_OK.
+        pub invalid_reqs_count: Counter,
+        /// Completed flush requests.
+        pub flush_count: Counter,
+        /// Queue notifications handled.
+        pub queue_event_count: Counter,
+        /// Backing files replaced on a running device
+        /// ([`Block::update_backing_file`](crate::Block::update_backing_file)).
+        pub update_count: Counter,
+        /// Backing file replacements refused or failed.
+        pub update_fails: Counter,
+        /// Bytes read from the disk into guest memory.
+        pub read_bytes: Counter,
+        /// Bytes written from guest memory to the disk.
+        pub write_bytes: Counter,
+        /// Successful reads.
+        pub read_count: Counter,
+        /// Successful writes.
+        pub write_count: Counter,
+        /// Times the io_uring was full and processing paused until completions.
+        pub io_engine_throttled_events: Counter,
+        /// Successful discards.
+        pub discard_count: Counter,
+        /// Successful write zeroes.
+        pub write_zeroes_count: Counter,
+        /// Completion events handled (async engine).
+        pub io_completion_event_count: Counter,
+        /// Used-buffer interrupts sent.
+        pub interrupts: Counter,
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use ember_metrics::totals;
+
     use super::*;
 
     #[test]
-    fn serializes_firecracker_names_as_deltas() {
+    fn reports_every_counter_by_its_total() {
         let m = BlockMetrics::default();
         m.read_count.add(3);
         m.write_bytes.add(4096);
-        let line = serde_json::to_value(&m).unwrap();
-        let fields: Vec<&str> = line
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
-        assert_eq!(fields.len(), 19);
-        assert_eq!(line["read_count"], 3);
-        assert_eq!(line["write_bytes"], 4096);
-        assert_eq!(line["flush_count"], 0);
-        // The next line only shows what happened since.
+        let t = totals(&m);
+        assert_eq!(t.len(), 19);
+        let get = |n: &str| t.iter().find(|(f, _)| *f == n).unwrap().1;
+        assert_eq!(get("read_count"), 3);
+        assert_eq!(get("write_bytes"), 4096);
+        assert_eq!(get("flush_count"), 0);
         m.read_count.inc();
-        let line = serde_json::to_value(&m).unwrap();
-        assert_eq!(line["read_count"], 1);
-        assert_eq!(line["write_bytes"], 0);
-        assert_eq!(m.read_count.count(), 4);
+        assert!(totals(&m).contains(&("read_count", 4)));
     }
 
     #[test]
     fn field_order_is_firecracker_then_ember() {
-        let text = serde_json::to_string(&BlockMetrics::default()).unwrap();
-        let names: Vec<&str> = text
-            .trim_matches(|c| c == '{' || c == '}')
-            .split(',')
-            .map(|kv| kv.split(':').next().unwrap().trim_matches('"'))
+        let names: Vec<&str> = totals(&BlockMetrics::default())
+            .into_iter()
+            .map(|(n, _)| n)
             .collect();
         assert_eq!(
             names,

@@ -3,10 +3,11 @@
 //! The virtio-mmio register file (virtio 1.2 §4.2.2, version 2 only).
 
 use std::io;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ember_bus::BusDevice;
+use ember_metrics::{metric_group, Counter};
 use log::{debug, warn};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -150,40 +151,43 @@ pub enum Error {
     Activate(#[from] ActivateError),
 }
 
-/// Counters of what the driver did that the transport refused or noticed.
-///
-/// All counters only ever increase; they are atomics so that a metrics
-/// thread can read them without taking the bus lock.
-#[derive(Debug, Default)]
-pub struct MmioMetrics {
-    /// Register accesses that were not 32 bits wide and aligned (ignored).
-    pub invalid_access_size: AtomicU64,
-    /// Accesses to offsets that hold no register, reads of write-only
-    /// registers and writes to read-only registers (ignored).
-    pub invalid_register: AtomicU64,
-    /// Configuration space accesses outside its length or of a size other
-    /// than 1, 2, 4 or 8 bytes, or writes before the driver bound (ignored).
-    pub invalid_config_access: AtomicU64,
-    /// Handshake violations that set DEVICE_NEEDS_RESET.
-    pub order_violations: AtomicU64,
-    /// FEATURES_OK writes refused because of the accepted feature set.
-    pub features_rejected: AtomicU64,
-    /// Successful activations at DRIVER_OK.
-    pub activations: AtomicU64,
-    /// Activations refused by queue validation or by the device.
-    pub activate_fails: AtomicU64,
-    /// Resets (writes of 0 to Status).
-    pub resets: AtomicU64,
-    /// Resets the device could not complete (the transport reports FAILED).
-    pub reset_fails: AtomicU64,
-    /// QueueNotify writes that reached the transport (no ioeventfd).
-    pub notifies: AtomicU64,
-    /// QueueNotify writes naming a queue the device does not have.
-    pub invalid_notifies: AtomicU64,
+metric_group! {
+    /// Counters of what the driver did that the transport refused or noticed.
+    ///
+    /// All counters only ever increase; they are atomics so that a metrics
+    /// thread can read them without taking the bus lock. The struct reports
+    /// itself as a [`MetricGroup`](ember_metrics::MetricGroup).
+    #[derive(Debug, Default)]
+    pub struct MmioMetrics {
+        /// Register accesses that were not 32 bits wide and aligned (ignored).
+        pub invalid_access_size: Counter,
+        /// Accesses to offsets that hold no register, reads of write-only
+        /// registers and writes to read-only registers (ignored).
+        pub invalid_register: Counter,
+        /// Configuration space accesses outside its length or of a size other
+        /// than 1, 2, 4 or 8 bytes, or writes before the driver bound (ignored).
+        pub invalid_config_access: Counter,
+        /// Handshake violations that set DEVICE_NEEDS_RESET.
+        pub order_violations: Counter,
+        /// FEATURES_OK writes refused because of the accepted feature set.
+        pub features_rejected: Counter,
+        /// Successful activations at DRIVER_OK.
+        pub activations: Counter,
+        /// Activations refused by queue validation or by the device.
+        pub activate_fails: Counter,
+        /// Resets (writes of 0 to Status).
+        pub resets: Counter,
+        /// Resets the device could not complete (the transport reports FAILED).
+        pub reset_fails: Counter,
+        /// QueueNotify writes that reached the transport (no ioeventfd).
+        pub notifies: Counter,
+        /// QueueNotify writes naming a queue the device does not have.
+        pub invalid_notifies: Counter,
+    }
 }
 
-fn inc(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
+fn inc(counter: &Counter) {
+    counter.inc();
 }
 
 /// Interrupt state shared by the transport and its device: the
