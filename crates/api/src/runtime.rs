@@ -215,72 +215,61 @@ impl<V: RuntimeVm> ActionHandler for RuntimeApiController<V> {
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
-    use std::sync::{Mutex, MutexGuard};
 
-    use ember_bus::BusDevice;
     use ember_config::{BootSource, Drive, Logger};
-    use ember_legacy_devices::i8042::I8042Device;
-    use ember_legacy_devices::EventFdTrigger;
-    use ember_vcpu::VmControl;
-    use ember_virtio_blk::{Block, BlockConfig, CacheType, IoEngine};
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use super::*;
     use crate::MachineConfigUpdate;
 
-    type I8042 = Arc<Mutex<I8042Device<EventFdTrigger, EventFdTrigger>>>;
-
-    fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-        m.lock().unwrap_or_else(|e| e.into_inner())
+    /// A scripted VM: records what the controller asked, answers as the
+    /// script says. What the real VM does with each call (vCPUs parked,
+    /// scan codes queued, the drive's capacity) is tested end to end with
+    /// the `ember` binary.
+    #[derive(Default)]
+    struct FakeVm {
+        calls: Vec<String>,
+        /// Pause fails, as when a vCPU cannot be parked.
+        stopping: bool,
+        /// Drive ids the VM has devices for.
+        drives: Vec<String>,
     }
 
-    /// The VM side as the VMM builds it: the run control, the i8042 and
-    /// the block devices.
-    struct TestVm {
-        control: Arc<VmControl>,
-        i8042: I8042,
-        drives: Vec<(String, Arc<Mutex<Block>>)>,
-    }
-
-    impl RuntimeVm for TestVm {
+    impl RuntimeVm for FakeVm {
         fn pause(&mut self) -> Result<(), VmActionError> {
-            self.control
-                .pause()
-                .map_err(|e| VmActionError::Failed(e.into()))
+            self.calls.push("pause".into());
+            if self.stopping {
+                return Err(VmActionError::Failed("the VM is stopping".into()));
+            }
+            Ok(())
         }
 
         fn resume(&mut self) {
-            self.control.resume()
+            self.calls.push("resume".into());
         }
 
         fn is_stopping(&self) -> bool {
-            self.control.is_exiting()
+            self.stopping
         }
 
         fn send_ctrl_alt_del(&mut self) -> Result<(), VmActionError> {
-            lock(&self.i8042)
-                .trigger_ctrl_alt_del()
-                .map_err(|e| VmActionError::Failed(e.into()))
+            self.calls.push("ctrl_alt_del".into());
+            Ok(())
         }
 
         fn replace_drive_file(&mut self, id: &str, path: &Path) -> Result<(), VmActionError> {
-            let (_, block) = self
-                .drives
-                .iter()
-                .find(|(d, _)| d == id)
-                .ok_or_else(|| VmActionError::NoSuchDrive(id.to_string()))?;
-            lock(block)
-                .update_backing_file(path)
-                .map_err(|e| VmActionError::Failed(e.into()))
+            self.calls.push(format!("replace {id} {}", path.display()));
+            if !self.drives.iter().any(|d| d == id) {
+                return Err(VmActionError::NoSuchDrive(id.to_string()));
+            }
+            std::fs::File::open(path)
+                .map(drop)
+                .map_err(|e| VmActionError::Failed(format!("{}: {e}", path.display()).into()))
         }
     }
 
     struct Setup {
         dir: tempfile::TempDir,
-        api: RuntimeApiController<TestVm>,
-        control: Arc<VmControl>,
-        i8042: I8042,
-        block: Arc<Mutex<Block>>,
+        api: RuntimeApiController<FakeVm>,
         metrics: Arc<Metrics>,
     }
 
@@ -293,16 +282,6 @@ mod tests {
     fn setup() -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let disk = image(dir.path(), "disk.img", 1 << 20);
-        let block = Arc::new(Mutex::new(
-            Block::new(&BlockConfig {
-                drive_id: "rootfs".into(),
-                path_on_host: disk.clone(),
-                is_read_only: false,
-                cache_type: CacheType::Unsafe,
-                io_engine: IoEngine::Sync,
-            })
-            .unwrap(),
-        ));
         let config = VmConfig {
             boot_source: Some(BootSource {
                 kernel_image_path: PathBuf::from("/k"),
@@ -322,29 +301,16 @@ mod tests {
             }],
             ..VmConfig::default()
         };
-        let control = VmControl::new().unwrap();
-        let i8042: I8042 = Arc::new(Mutex::new(I8042Device::new(
-            EventFdTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap()),
-            EventFdTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap()),
-        )));
         let metrics = Arc::new(Metrics::new());
-        let vm = TestVm {
-            control: control.clone(),
-            i8042: i8042.clone(),
-            drives: vec![("rootfs".into(), block.clone())],
+        let vm = FakeVm {
+            drives: vec!["rootfs".into()],
+            ..FakeVm::default()
         };
         let api = RuntimeApiController::new("vm-7", config, vm, Some(metrics.clone()));
-        Setup {
-            dir,
-            api,
-            control,
-            i8042,
-            block,
-            metrics,
-        }
+        Setup { dir, api, metrics }
     }
 
-    fn state(api: &mut RuntimeApiController<TestVm>) -> InstanceState {
+    fn state(api: &mut RuntimeApiController<FakeVm>) -> InstanceState {
         match api.handle(VmmAction::GetInstanceInfo) {
             Ok(VmmData::InstanceInfo(info)) => {
                 assert_eq!(info.id, "vm-7");
@@ -368,8 +334,10 @@ mod tests {
         let line: serde_json::Value = serde_json::from_str(&s.metrics.render()).unwrap();
         assert!(line["latencies_us"]["vmm_pause_vm"].is_u64(), "{line}");
 
+        assert_eq!(s.api.vm.calls, ["pause", "resume"]);
+
         // A stopping VM cannot be paused, and the state stays.
-        s.control.request_stop(ember_vcpu::ExitReason::Stopped);
+        s.api.vm.stopping = true;
         let e = s.api.handle(VmmAction::Pause).unwrap_err();
         assert_eq!(e.status, 400);
         assert!(
@@ -378,6 +346,8 @@ mod tests {
             e.message
         );
         assert_eq!(state(&mut s.api), InstanceState::Running);
+        // The failed pause did not leave the vCPUs half-paused.
+        assert_eq!(s.api.vm.calls, ["pause", "resume", "pause", "resume"]);
     }
 
     #[test]
@@ -408,17 +378,10 @@ mod tests {
     }
 
     #[test]
-    fn ctrl_alt_del_queues_the_scan_codes() {
+    fn ctrl_alt_del_reaches_the_vm() {
         let mut s = setup();
         s.api.handle(VmmAction::SendCtrlAltDel).unwrap();
-        let mut i8042 = lock(&s.i8042);
-        let mut bytes = Vec::new();
-        for _ in 0..4 {
-            let mut b = [0u8];
-            i8042.read(0x60, 0, &mut b);
-            bytes.push(b[0]);
-        }
-        assert_eq!(bytes, [0x14, 0x11, 0xe0, 0x71]);
+        assert_eq!(s.api.vm.calls, ["ctrl_alt_del"]);
     }
 
     #[test]
@@ -432,7 +395,10 @@ mod tests {
                 rate_limiter: None,
             }))
             .unwrap();
-        assert_eq!(lock(&s.block).capacity(), 8192);
+        assert_eq!(
+            s.api.vm.calls,
+            [format!("replace rootfs {}", bigger.display())]
+        );
         assert_eq!(
             s.api.config().drives[0].path_on_host.as_ref(),
             Some(&bigger)
@@ -457,11 +423,11 @@ mod tests {
             "{}",
             e.message
         );
+        // A refused file leaves the configuration as it was.
         assert_eq!(
             s.api.config().drives[0].path_on_host.as_ref(),
             Some(&bigger)
         );
-        assert_eq!(lock(&s.block).capacity(), 8192);
 
         let e = s
             .api
