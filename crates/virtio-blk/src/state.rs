@@ -124,3 +124,17 @@ impl Block {
         Ok(())
     }
 }
+
+/// The snapshot contract, through the methods above.
+impl ember_virtio::Persist for Block {
+    type State = BlockState;
+    type Error = BlockStateError;
+
+    fn save(&self) -> BlockState {
+        Block::save(self)
+    }
+
+    fn restore(&mut self, state: &BlockState) -> Result<(), BlockStateError> {
+        Block::restore(self, state)
+    }
+}

@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ember_virtio::{ActivateError, ActiveQueue, VirtioDevice};
+use ember_virtio::{ActivateError, ActiveQueue, Persist, VirtioDevice};
 use ember_virtio_mmio::test_utils::{MockInterrupt, QueueLayout};
 use tempfile::NamedTempFile;
 use virtio_bindings::virtio_blk::{
@@ -1617,14 +1617,14 @@ fn state_round_trip() {
     // The driver took discard but not write-zeroes.
     let accepted = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_DISCARD);
     h.block.ack_features(accepted);
-    let saved = h.block.save();
+    let saved = Persist::save(&h.block);
     assert_eq!(saved.acked_features, accepted);
     assert_eq!(saved.capacity, CAPACITY);
     let text = serde_json::to_string(&saved).unwrap();
     let state: crate::BlockState = serde_json::from_str(&text).unwrap();
 
     let mut fresh = Harness::inactive(Opts::new(IoEngine::Sync));
-    fresh.block.restore(&state).unwrap();
+    Persist::restore(&mut fresh.block, &state).unwrap();
     assert_eq!(fresh.block.save(), saved);
     assert_eq!(fresh.block.features(), h.block.features());
     let config = |block: &Block| {

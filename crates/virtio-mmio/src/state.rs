@@ -251,3 +251,17 @@ impl MmioTransport {
         Ok(())
     }
 }
+
+/// The snapshot contract, through the methods above.
+impl ember_virtio::Persist for MmioTransport {
+    type State = MmioTransportState;
+    type Error = StateError;
+
+    fn save(&self) -> MmioTransportState {
+        MmioTransport::save(self)
+    }
+
+    fn restore(&mut self, state: &MmioTransportState) -> Result<(), StateError> {
+        MmioTransport::restore(self, state)
+    }
+}

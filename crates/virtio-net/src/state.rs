@@ -111,3 +111,17 @@ impl Net {
         Ok(())
     }
 }
+
+/// The snapshot contract, through the methods above.
+impl ember_virtio::Persist for Net {
+    type State = NetState;
+    type Error = NetStateError;
+
+    fn save(&self) -> NetState {
+        Net::save(self)
+    }
+
+    fn restore(&mut self, state: &NetState) -> Result<(), NetStateError> {
+        Net::restore(self, state)
+    }
+}

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ember_bus::BusDevice;
-use ember_virtio::{ActivateError, ActiveQueue, VirtioDevice};
+use ember_virtio::{ActivateError, ActiveQueue, Persist, VirtioDevice};
 use ember_virtio_mmio::test_utils::{initialize, read_reg, MockInterrupt, QueueLayout};
 use ember_virtio_mmio::{MmioTransport, NOTIFY_REG_OFFSET};
 use event_manager::{EventManager, SubscriberOps};
@@ -1766,7 +1766,7 @@ fn state_round_trip() {
         | (1u64 << VIRTIO_NET_F_GUEST_CSUM)
         | (1u64 << VIRTIO_NET_F_GUEST_TSO4);
     net.ack_features(accepted);
-    let saved = net.save();
+    let saved = Persist::save(&net);
     assert_eq!(saved.acked_features, accepted);
     assert_eq!(saved.guest_mac, Some(GUEST_MAC));
     assert_eq!(saved.mtu, Some(9000));
@@ -1775,7 +1775,7 @@ fn state_round_trip() {
 
     // Another TAP: its name is the host's business, not the guest's.
     let mut fresh = Net::new(config(&tap_name(), Some(GUEST_MAC), Some(9000))).expect("open");
-    fresh.restore(&state).unwrap();
+    Persist::restore(&mut fresh, &state).unwrap();
     assert_eq!(fresh.save(), saved);
     assert_eq!(fresh.acked_features(), net.acked_features());
     assert_eq!(fresh.features(), net.features());

@@ -17,7 +17,8 @@
 //! - [`take_queues`]: the activation guard on the set of ready queues;
 //! - [`needs_interrupt`]: whether the driver wants an interrupt, with or
 //!   without VIRTIO_F_EVENT_IDX;
-//! - [`drain_eventfd`]: clearing a notify EventFd.
+//! - [`drain_eventfd`]: clearing a notify EventFd;
+//! - [`Persist`]: the state a device saves for a snapshot and takes back.
 //!
 //! # Example
 //!
@@ -75,8 +76,10 @@
 
 mod config;
 mod device;
+mod persist;
 mod queue;
 
 pub use config::{features_page, VirtioConfig};
 pub use device::{ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
+pub use persist::Persist;
 pub use queue::{drain_eventfd, needs_interrupt, pop_or_enable_notification, take_queues};

@@ -93,3 +93,17 @@ impl Vsock {
         Ok(())
     }
 }
+
+/// The snapshot contract, through the methods above.
+impl ember_virtio::Persist for Vsock {
+    type State = VsockState;
+    type Error = VsockStateError;
+
+    fn save(&self) -> VsockState {
+        Vsock::save(self)
+    }
+
+    fn restore(&mut self, state: &VsockState) -> Result<(), VsockStateError> {
+        Vsock::restore(self, state)
+    }
+}

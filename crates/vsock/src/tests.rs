@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ember_virtio::{ActivateError, ActiveQueue, VirtioDevice};
+use ember_virtio::{ActivateError, ActiveQueue, Persist, VirtioDevice};
 use ember_virtio_mmio::test_utils::{self, MockInterrupt, QueueLayout};
 use ember_virtio_mmio::{MmioTransport, CONFIG_SPACE_OFFSET};
 use event_manager::{EventManager, SubscriberOps};
@@ -1311,7 +1311,7 @@ fn works_behind_the_mmio_transport() {
 fn state_round_trip() {
     let ctx = Ctx::inactive();
     ctx.dev().ack_features(AVAIL_FEATURES);
-    let saved = ctx.dev().save();
+    let saved = Persist::save(&*ctx.dev());
     assert_eq!(saved.acked_features, AVAIL_FEATURES);
     assert_eq!(saved.guest_cid, CID);
     let text = serde_json::to_string(&saved).unwrap();
@@ -1319,7 +1319,7 @@ fn state_round_trip() {
 
     // Another socket path: it is the host's business, not the guest's.
     let mut fresh = Ctx::inactive();
-    fresh.dev().restore(&state).unwrap();
+    Persist::restore(&mut *fresh.dev(), &state).unwrap();
     assert_eq!(fresh.dev().save(), saved);
     assert_eq!(fresh.dev().acked_features(), ctx.dev().acked_features());
     let cid = |dev: &Vsock| {
