@@ -160,6 +160,7 @@ fn disk(name: &str, read_only: bool, cache_type: CacheType) -> (Block, File) {
         is_read_only: read_only,
         cache_type,
         io_engine: IoEngine::Sync,
+        rate_limiter: Default::default(),
     })
     .expect("block device");
     let file = OpenOptions::new()

@@ -48,6 +48,7 @@ thread_local! {
             is_read_only: false,
             cache_type: CacheType::Unsafe,
             io_engine: IoEngine::Sync,
+            rate_limiter: Default::default(),
         })
         .unwrap();
         // The device keeps the file open; nothing is left behind.

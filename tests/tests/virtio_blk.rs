@@ -7,6 +7,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ember_tests::{guest_path, run_guest, Output};
 use serde_json::{json, Value};
@@ -386,4 +387,65 @@ fn root_and_data_drives_get_firecracker_slots() {
         pattern_bytes(3, IO_SECTOR, IO_SECTORS)
     );
     assert!(fs::read(&root).unwrap().iter().all(|b| *b == 0));
+}
+
+/// The guest's benchmark (sequential 128 KiB reads and writes of
+/// `blk.mib`, then `blk.ops` random 4 KiB reads twice), whose bytes a
+/// limiter must pace.
+const LIMITED_ARGS: &str = "blk.test=bench blk.mib=2 blk.bs=131072 blk.qd=4 blk.ops=16 blk.rbs=4096";
+/// Bytes that benchmark moves: 2 MiB read, 2 MiB written, 2 x 16 x 4 KiB.
+const LIMITED_BYTES: u64 = (4 << 20) + 2 * 16 * 4096;
+
+fn bench_bytes(out: &Output) -> u64 {
+    let lines = device_lines(out, 0);
+    lines
+        .iter()
+        .filter(|l| l.starts_with("bench ") && l.contains(" tsc "))
+        .map(|l| {
+            assert!(!l.contains("timeout"), "{l}\n{out}");
+            assert!(l.contains(" errors 0"), "{l}\n{out}");
+            let words: Vec<&str> = l.split(' ').collect();
+            let i = words.iter().position(|w| *w == "bytes").unwrap();
+            words[i + 1].parse::<u64>().unwrap()
+        })
+        .sum()
+}
+
+#[test]
+fn a_bandwidth_limited_drive_moves_no_more_than_its_bucket_allows() {
+    let images = Images::new();
+    let image = images.sparse("limited.img", IMAGE_SECTORS);
+    let mut d = drive("limited", &image, "Sync", false, false);
+    // 1 MiB/s: a 512 KiB bucket refilled every 500 ms.
+    d["rate_limiter"] = json!({"bandwidth": {"size": 512 * 1024, "refill_time": 500}});
+    let out = boot(LIMITED_ARGS, json!([d]));
+    assert_eq!(bench_bytes(&out), LIMITED_BYTES);
+    // All but the first, full bucket waits for refills: at least 3.5 s.
+    let floor = Duration::from_secs_f64((LIMITED_BYTES - 512 * 1024) as f64 / (1 << 20) as f64);
+    assert!(out.wall >= floor, "{:?} < {floor:?}\n{out}", out.wall);
+    assert!(out.wall < Duration::from_secs(60), "{:?}\n{out}", out.wall);
+
+    // The same run unlimited is far below that floor: the limit is what
+    // made it slow.
+    let free = boot(
+        LIMITED_ARGS,
+        json!([drive("free", &image, "Sync", false, false)]),
+    );
+    assert_eq!(bench_bytes(&free), LIMITED_BYTES);
+    assert!(free.wall < floor / 2, "{:?}\n{free}", free.wall);
+}
+
+#[test]
+fn an_ops_limited_drive_serves_no_more_requests_than_its_bucket_allows() {
+    let images = Images::new();
+    let image = images.sparse("ops.img", IMAGE_SECTORS);
+    let mut d = drive("ops", &image, "Async", false, false);
+    // 20 requests per second, with a one-time burst of 10 on top.
+    d["rate_limiter"] = json!({"ops": {"size": 20, "refill_time": 1000, "one_time_burst": 10}});
+    let out = boot(LIMITED_ARGS, json!([d]));
+    assert_eq!(bench_bytes(&out), LIMITED_BYTES);
+    // GET_ID, 16 + 16 sequential and 2 x 16 random requests: 65, of which
+    // 30 go at once and 35 wait for 1.75 s of refill.
+    assert!(out.wall >= Duration::from_millis(1750), "{:?}\n{out}", out.wall);
+    assert!(out.wall < Duration::from_secs(60), "{:?}\n{out}", out.wall);
 }

@@ -19,7 +19,7 @@ use ember_config::{drives_in_attach_order, VmConfig};
 use ember_devices::{Devices, I8042};
 use ember_logger::metrics::Metrics;
 use ember_vcpu::{ExitReason, Vcpu, VcpuConfig, VcpuHandle, VmControl};
-use ember_virtio_blk::Block;
+use ember_virtio_blk::{Block, BucketSpec, BucketUpdate};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -415,6 +415,23 @@ impl RuntimeVm for RunningVm {
         lock(block)
             .update_backing_file(path)
             .map_err(|e| VmActionError::Failed(e.into()))
+    }
+
+    fn update_drive_rate_limiter(
+        &mut self,
+        id: &str,
+        update: &ember_config::RateLimiter,
+    ) -> Result<(), VmActionError> {
+        let (_, block) = self
+            .drives
+            .iter()
+            .find(|(d, _)| d == id)
+            .ok_or_else(|| VmActionError::NoSuchDrive(id.to_string()))?;
+        let bucket = |b: &Option<ember_config::TokenBucket>| {
+            BucketUpdate::from_spec(b.as_ref().map(BucketSpec::from))
+        };
+        lock(block).update_rate_limiter(bucket(&update.bandwidth), bucket(&update.ops));
+        Ok(())
     }
 }
 

@@ -394,7 +394,16 @@ pub fn patch_drive(config: &VmConfig, update: &DriveUpdate) -> Result<Drive, Api
         drive.path_on_host = Some(path.clone());
     }
     if let Some(rl) = &update.rate_limiter {
-        drive.rate_limiter = Some(rl.clone());
+        // A bucket the update leaves out stays as it was (Firecracker's
+        // BucketUpdate::None).
+        let mut merged = drive.rate_limiter.take().unwrap_or_default();
+        if rl.bandwidth.is_some() {
+            merged.bandwidth = rl.bandwidth.clone();
+        }
+        if rl.ops.is_some() {
+            merged.ops = rl.ops.clone();
+        }
+        drive.rate_limiter = Some(merged);
     }
     Ok(drive)
 }

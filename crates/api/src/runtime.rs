@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ember_config::VmConfig;
+use ember_config::{RateLimiter, VmConfig};
 use ember_logger::metrics::Metrics;
 
 use crate::action::{
@@ -41,6 +41,14 @@ pub trait RuntimeVm {
     fn send_ctrl_alt_del(&mut self) -> Result<(), VmActionError>;
     /// Backs the block device `drive_id` with the file at `path`.
     fn replace_drive_file(&mut self, drive_id: &str, path: &Path) -> Result<(), VmActionError>;
+    /// Changes the rate limiter of the block device `drive_id`: each bucket
+    /// `update` gives replaces the device's (size or refill time 0 removes
+    /// it), each it leaves out stays.
+    fn update_drive_rate_limiter(
+        &mut self,
+        drive_id: &str,
+        update: &RateLimiter,
+    ) -> Result<(), VmActionError>;
 }
 
 /// Answers API requests once the VM runs.
@@ -152,11 +160,19 @@ impl<V: RuntimeVm> RuntimeApiController<V> {
                 path.display()
             );
         }
-        if update.rate_limiter.is_some() {
-            log::warn!(
-                "drive `{}`: rate limiters are accepted but not applied",
-                update.drive_id
-            );
+        if let Some(rl) = &update.rate_limiter {
+            match self.vm.update_drive_rate_limiter(&update.drive_id, rl) {
+                Ok(()) => {}
+                Err(e @ VmActionError::NoSuchDrive(_)) => {
+                    return Err(ApiError::internal(e.to_string()))
+                }
+                Err(VmActionError::Failed(e)) => {
+                    return Err(ApiError::bad_request(format!(
+                        "Drive config error: Unable to patch the block device: {e}. Please verify the request arguments."
+                    )))
+                }
+            }
+            log::info!("drive `{}`: rate limiter updated", update.drive_id);
         }
         self.config.drives[index] = drive;
         Ok(VmmData::Empty)
@@ -216,7 +232,7 @@ impl<V: RuntimeVm> ActionHandler for RuntimeApiController<V> {
 mod tests {
     use std::path::PathBuf;
 
-    use ember_config::{BootSource, Drive, Logger};
+    use ember_config::{BootSource, Drive, Logger, TokenBucket};
 
     use super::*;
     use crate::MachineConfigUpdate;
@@ -264,6 +280,22 @@ mod tests {
             std::fs::File::open(path)
                 .map(drop)
                 .map_err(|e| VmActionError::Failed(format!("{}: {e}", path.display()).into()))
+        }
+
+        fn update_drive_rate_limiter(
+            &mut self,
+            id: &str,
+            update: &RateLimiter,
+        ) -> Result<(), VmActionError> {
+            self.calls.push(format!(
+                "rate_limiter {id} bandwidth={:?} ops={:?}",
+                update.bandwidth.as_ref().map(|b| b.size),
+                update.ops.as_ref().map(|b| b.size)
+            ));
+            if !self.drives.iter().any(|d| d == id) {
+                return Err(VmActionError::NoSuchDrive(id.to_string()));
+            }
+            Ok(())
         }
     }
 
@@ -441,6 +473,61 @@ mod tests {
             e.message.contains("no drive has the id `other`"),
             "{}",
             e.message
+        );
+    }
+
+    #[test]
+    fn patch_drive_rate_limiter_reaches_the_device_and_merges_per_bucket() {
+        let mut s = setup();
+        let bucket = |size| TokenBucket {
+            size,
+            one_time_burst: None,
+            refill_time: 100,
+        };
+        let patch = |rl: RateLimiter| {
+            VmmAction::PatchDrive(DriveUpdate {
+                drive_id: "rootfs".into(),
+                path_on_host: None,
+                rate_limiter: Some(rl),
+            })
+        };
+        s.api
+            .handle(patch(RateLimiter {
+                bandwidth: Some(bucket(4096)),
+                ops: Some(bucket(10)),
+            }))
+            .unwrap();
+        // Only ops changes: bandwidth stays in the configuration.
+        s.api
+            .handle(patch(RateLimiter {
+                bandwidth: None,
+                ops: Some(bucket(20)),
+            }))
+            .unwrap();
+        assert_eq!(
+            s.api.vm.calls,
+            [
+                "rate_limiter rootfs bandwidth=Some(4096) ops=Some(10)",
+                "rate_limiter rootfs bandwidth=None ops=Some(20)"
+            ]
+        );
+        let rl = s.api.config().drives[0].rate_limiter.clone().unwrap();
+        assert_eq!(rl.bandwidth, Some(bucket(4096)));
+        assert_eq!(rl.ops, Some(bucket(20)));
+
+        // A drive the VM has no device for: an error, the config unchanged.
+        s.api.vm.drives.clear();
+        let e = s
+            .api
+            .handle(patch(RateLimiter {
+                bandwidth: Some(bucket(1)),
+                ops: None,
+            }))
+            .unwrap_err();
+        assert_eq!(e.status, 500);
+        assert_eq!(
+            s.api.config().drives[0].rate_limiter.as_ref().unwrap().bandwidth,
+            Some(bucket(4096))
         );
     }
 

@@ -35,7 +35,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ember_virtio_blk::BlockConfig;
+use ember_virtio_blk::{BlockConfig, BucketSpec, RateLimiterConfig};
 use ember_virtio_net::NetConfig;
 use ember_vsock::VsockConfig;
 use serde::{Deserialize, Serialize};
@@ -160,8 +160,7 @@ enum IoEngineDef {
     Async,
 }
 
-/// Firecracker's token-bucket rate limiter (accepted for schema
-/// compatibility).
+/// One bucket of Firecracker's token-bucket rate limiter.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TokenBucket {
@@ -184,6 +183,27 @@ pub struct RateLimiter {
     /// Operations bucket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ops: Option<TokenBucket>,
+}
+
+impl From<&TokenBucket> for BucketSpec {
+    fn from(b: &TokenBucket) -> Self {
+        BucketSpec {
+            size: b.size,
+            one_time_burst: b.one_time_burst.unwrap_or(0),
+            refill_time_ms: b.refill_time,
+        }
+    }
+}
+
+impl From<&RateLimiter> for RateLimiterConfig {
+    /// The device's limiter: a bucket with size or refill time 0 limits
+    /// nothing, as in Firecracker.
+    fn from(r: &RateLimiter) -> Self {
+        RateLimiterConfig {
+            bandwidth: r.bandwidth.as_ref().map(Into::into),
+            ops: r.ops.as_ref().map(Into::into),
+        }
+    }
 }
 
 /// One entry of `drives`.
@@ -613,6 +633,11 @@ impl From<&Drive> for BlockConfig {
             is_read_only: drive.is_read_only.unwrap_or(false),
             cache_type: drive.cache_type,
             io_engine: drive.io_engine,
+            rate_limiter: drive
+                .rate_limiter
+                .as_ref()
+                .map(Into::into)
+                .unwrap_or_default(),
         }
     }
 }
@@ -702,7 +727,10 @@ mod tests {
         let c = VmConfig::from_json(
             r#"{"boot-source": {"kernel_image_path": "/k"},
                 "drives": [{"drive_id": "d", "path_on_host": "/d.img", "is_root_device": false,
-                            "is_read_only": true, "io_engine": "Async"}],
+                            "is_read_only": true, "io_engine": "Async",
+                            "rate_limiter": {"bandwidth": {"size": 4096, "refill_time": 100,
+                                                           "one_time_burst": 8192},
+                                             "ops": {"size": 0, "refill_time": 100}}}],
                 "network-interfaces": [{"iface_id": "n", "host_dev_name": "tap9",
                                         "guest_mac": "06:00:ac:10:00:02", "mtu": 1400}],
                 "vsock": {"guest_cid": 3, "uds_path": "/v.sock"}}"#,
@@ -717,6 +745,19 @@ mod tests {
                 is_read_only: true,
                 cache_type: CacheType::Unsafe,
                 io_engine: IoEngine::Async,
+                rate_limiter: RateLimiterConfig {
+                    bandwidth: Some(BucketSpec {
+                        size: 4096,
+                        one_time_burst: 8192,
+                        refill_time_ms: 100
+                    }),
+                    // Size 0: the device builds no bucket from it.
+                    ops: Some(BucketSpec {
+                        size: 0,
+                        one_time_burst: 0,
+                        refill_time_ms: 100
+                    }),
+                },
             }
         );
         let net = NetConfig::try_from(&c.network_interfaces[0]).unwrap();

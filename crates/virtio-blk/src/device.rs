@@ -9,6 +9,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::Arc;
 
+use ember_rate_limiter::{BucketUpdate, RateLimiter, RateLimiterConfig, TokenType};
 use ember_virtio::{
     drain_eventfd, needs_interrupt, take_queues, ActivateError, ActiveQueue, InterruptKind,
     VirtioConfig, VirtioDevice, VirtioInterrupt,
@@ -66,6 +67,9 @@ enum Outcome {
     Queued,
     /// The engine is full: give the chain back to the available ring.
     Throttled,
+    /// The rate limiter refused the request: give the chain back; the
+    /// limiter's timer resumes the queue.
+    RateLimited,
 }
 
 /// The backing file and everything a request needs to execute.
@@ -81,6 +85,7 @@ struct Disk {
     free: Vec<usize>,
     in_use: usize,
     max_in_flight: usize,
+    limiter: RateLimiter,
 }
 
 /// Writes the status byte; returns the bytes that adds to the used length.
@@ -252,6 +257,10 @@ impl Disk {
                 return Outcome::Completed { head, used_len };
             }
         };
+        if !self.limiter.is_unlimited() && !admit(&mut self.limiter, &request) {
+            metrics.rate_limiter_throttled_events.inc();
+            return Outcome::RateLimited;
+        }
         let status_addr = request.status_addr;
         let complete = |status: u32, to_guest: u32| {
             if status != VIRTIO_BLK_S_OK {
@@ -366,6 +375,22 @@ impl Disk {
             }
         }
     }
+}
+
+/// Takes the request's tokens, as Firecracker does: one operation for every
+/// request, and its data length in bytes for reads and writes. `false` (and
+/// nothing taken) when it must wait.
+fn admit(limiter: &mut RateLimiter, request: &Request) -> bool {
+    if !limiter.consume(1, TokenType::Ops) {
+        return false;
+    }
+    if matches!(request.request_type, RequestType::In | RequestType::Out)
+        && !limiter.consume(u64::from(request.data_len), TokenType::Bytes)
+    {
+        limiter.manual_replenish(1, TokenType::Ops);
+        return false;
+    }
+    true
 }
 
 /// Completes an engine operation: counts it, writes the status, and returns
@@ -625,6 +650,7 @@ impl Block {
                 free: Vec::new(),
                 in_use: 0,
                 max_in_flight: MAX_IN_FLIGHT,
+                limiter: config.rate_limiter.build().map_err(Error::RateLimiter)?,
             },
             active: None,
             control_evt,
@@ -767,7 +793,42 @@ impl Block {
         if self.throttled {
             return Ok(());
         }
+        if self.disk.limiter.is_blocked() {
+            self.metrics.rate_limiter_throttled_events.inc();
+            return Ok(());
+        }
         self.run(true)
+    }
+
+    /// Handles the rate limiter's timer: the block is over, the queue goes
+    /// on where it stopped. Call it when [`rate_limiter_fd`](Self::rate_limiter_fd)
+    /// is readable.
+    pub fn handle_rate_limiter_event(&mut self) -> Result<(), Error> {
+        self.metrics.rate_limiter_event_count.inc();
+        if self.disk.limiter.event_handler() {
+            return self.process_queue();
+        }
+        Ok(())
+    }
+
+    /// The rate limiter's timerfd, readable when a block ends.
+    pub fn rate_limiter_fd(&self) -> RawFd {
+        self.disk.limiter.as_raw_fd()
+    }
+
+    /// The rate limiter, as it stands.
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.disk.limiter
+    }
+
+    /// Changes the rate limiter of a live device (`PATCH /drives/{id}`).
+    pub fn update_rate_limiter(&mut self, bandwidth: BucketUpdate, ops: BucketUpdate) {
+        self.disk.limiter.update_buckets(bandwidth, ops);
+        let spec = |b: Option<&ember_rate_limiter::TokenBucket>| b.map(|b| b.spec());
+        self.config.rate_limiter = RateLimiterConfig {
+            bandwidth: spec(self.disk.limiter.bandwidth()),
+            ops: spec(self.disk.limiter.ops()),
+        };
     }
 
     /// Reaps finished engine operations into the used ring; returns whether
@@ -881,6 +942,10 @@ impl Block {
                         self.throttled = true;
                         break;
                     }
+                    Outcome::RateLimited => {
+                        active.queue.go_to_previous_position();
+                        break;
+                    }
                 }
             }
             popped_any |= popped > 0;
@@ -888,8 +953,9 @@ impl Block {
             if let Err(e) = self.disk.engine.kick() {
                 error!("virtio-blk: failed to submit requests: {e}");
             }
-            if self.throttled {
-                // Notifications stay off: the completion event resumes.
+            if self.throttled || self.disk.limiter.is_blocked() {
+                // Notifications stay off: the completion event or the rate
+                // limiter's timer resumes.
                 break;
             }
             // Re-enable notifications, then check again for requests that

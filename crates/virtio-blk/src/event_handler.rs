@@ -3,8 +3,8 @@
 //! How the device joins an event-manager event loop, the same way the
 //! network and vsock devices do.
 //!
-//! The io_uring completion EventFd (async engine) is watched for the
-//! device's lifetime. The queue's notify EventFd is watched only while the
+//! The io_uring completion EventFd (async engine) and the rate limiter's
+//! timerfd are watched for the device's lifetime. The queue's notify EventFd is watched only while the
 //! device is active: the transport activates and resets the device from a
 //! vCPU thread, which cannot touch the event loop's registrations, so both
 //! signal the control EventFd, and the event loop then registers (or
@@ -23,6 +23,8 @@ const CONTROL: u32 = 0;
 const QUEUE: u32 = 1;
 /// Event data: io_uring completions.
 const COMPLETION: u32 = 2;
+/// Event data: the rate limiter's timer.
+const RATE_LIMITER: u32 = 3;
 
 impl Block {
     /// Makes the event loop's registrations match the device state: drops
@@ -78,6 +80,7 @@ impl MutEventSubscriber for Block {
             }
             QUEUE => self.handle_queue_event(),
             COMPLETION => self.handle_completion_event(),
+            RATE_LIMITER => self.handle_rate_limiter_event(),
             _ => {
                 self.metrics().event_fails.inc();
                 warn!("virtio-blk: event from unknown source {data}");
@@ -100,6 +103,11 @@ impl MutEventSubscriber for Block {
                 self.metrics().event_fails.inc();
                 error!("virtio-blk: cannot watch io_uring completions: {e}");
             }
+        }
+        let fd = self.rate_limiter_fd();
+        if let Err(e) = ops.add(Events::with_data_raw(fd, RATE_LIMITER, EventSet::IN)) {
+            self.metrics().event_fails.inc();
+            error!("virtio-blk: cannot watch the rate limiter's timer: {e}");
         }
         // Added to the event loop after activation: start watching now.
         if self.active.is_some() {

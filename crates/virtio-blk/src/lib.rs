@@ -56,6 +56,7 @@
 //!     is_read_only: false,
 //!     cache_type: CacheType::Unsafe,
 //!     io_engine: IoEngine::Sync,
+//!     rate_limiter: Default::default(),
 //! };
 //! let block = Arc::new(Mutex::new(Block::new(&config)?));
 //! assert_eq!(block.lock().unwrap().capacity(), 2048);
@@ -89,6 +90,8 @@ mod tests;
 
 use std::io;
 use std::path::PathBuf;
+
+pub use ember_rate_limiter::{BucketSpec, BucketUpdate, RateLimiterConfig};
 
 pub use device::Block;
 pub use metrics::BlockMetrics;
@@ -155,6 +158,8 @@ pub struct BlockConfig {
     pub cache_type: CacheType,
     /// I/O engine.
     pub io_engine: IoEngine,
+    /// Rate limits on the drive's requests (none by default).
+    pub rate_limiter: RateLimiterConfig,
 }
 
 /// Errors building or running a block device.
@@ -196,4 +201,7 @@ pub enum Error {
     /// file) failed.
     #[error("cannot wait for the block requests in flight: {0}")]
     Drain(#[source] io::Error),
+    /// The rate limiter's timer could not be set up.
+    #[error("cannot set up the drive's rate limiter: {0}")]
+    RateLimiter(#[source] ember_rate_limiter::Error),
 }

@@ -30,6 +30,8 @@ metric_group! {
         pub flush_count: Counter,
         /// Queue notifications handled.
         pub queue_event_count: Counter,
+        /// Rate limiter timer events handled.
+        pub rate_limiter_event_count: Counter,
         /// Backing files replaced on a running device
         /// ([`Block::update_backing_file`](crate::Block::update_backing_file)).
         pub update_count: Counter,
@@ -43,6 +45,8 @@ metric_group! {
         pub read_count: Counter,
         /// Successful writes.
         pub write_count: Counter,
+        /// Requests (or queue notifications) held back by the rate limiter.
+        pub rate_limiter_throttled_events: Counter,
         /// Times the io_uring was full and processing paused until completions.
         pub io_engine_throttled_events: Counter,
         /// Successful discards.
@@ -68,7 +72,7 @@ mod tests {
         m.read_count.add(3);
         m.write_bytes.add(4096);
         let t = totals(&m);
-        assert_eq!(t.len(), 19);
+        assert_eq!(t.len(), 21);
         let get = |n: &str| t.iter().find(|(f, _)| *f == n).unwrap().1;
         assert_eq!(get("read_count"), 3);
         assert_eq!(get("write_bytes"), 4096);
@@ -94,12 +98,14 @@ mod tests {
                 "invalid_reqs_count",
                 "flush_count",
                 "queue_event_count",
+                "rate_limiter_event_count",
                 "update_count",
                 "update_fails",
                 "read_bytes",
                 "write_bytes",
                 "read_count",
                 "write_count",
+                "rate_limiter_throttled_events",
                 "io_engine_throttled_events",
                 "discard_count",
                 "write_zeroes_count",

@@ -30,8 +30,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{
-    Block, BlockConfig, CacheType, Error, IoEngine, Request, RequestErrorKind, RequestType,
-    MAX_DESCRIPTORS,
+    Block, BlockConfig, BucketSpec, BucketUpdate, CacheType, Error, IoEngine, RateLimiterConfig,
+    Request, RequestErrorKind, RequestType, MAX_DESCRIPTORS,
 };
 
 const MEM_SIZE: u64 = 0x40_0000;
@@ -55,6 +55,7 @@ struct Opts {
     drive_id: &'static str,
     /// Fill the image with a pattern (and keep it in the page cache).
     fill: bool,
+    rate_limiter: RateLimiterConfig,
 }
 
 impl Opts {
@@ -65,6 +66,7 @@ impl Opts {
             cache_type: CacheType::Unsafe,
             drive_id: "drive-1",
             fill: true,
+            rate_limiter: RateLimiterConfig::default(),
         }
     }
 }
@@ -122,6 +124,7 @@ impl Harness {
             is_read_only: opts.read_only,
             cache_type: opts.cache_type,
             io_engine: opts.engine,
+            rate_limiter: opts.rate_limiter,
         })
         .unwrap();
         let mem = new_memory();
@@ -352,6 +355,9 @@ both_engines!(
     random_chains_never_panic,
     full_engine_throttles_and_resumes,
     backing_file_update_changes_capacity_and_interrupts,
+    bandwidth_limit_holds_requests_until_the_timer,
+    ops_limit_counts_every_request,
+    rate_limiter_updates_apply_live,
 );
 
 fn read_write_round_trip(engine: IoEngine) {
@@ -1006,6 +1012,137 @@ fn full_engine_throttles_and_resumes(engine: IoEngine) {
     assert_eq!(used_flags, 0);
 }
 
+fn bucket(size: u64, refill_time_ms: u64) -> Option<BucketSpec> {
+    Some(BucketSpec {
+        size,
+        one_time_burst: 0,
+        refill_time_ms,
+    })
+}
+
+/// Waits for the rate limiter's timer, hands the event to the device and
+/// completes what it started; returns the used entries.
+fn after_rate_limiter_timer(h: &mut Harness) -> Vec<(u16, u32)> {
+    let mut pfd = libc::pollfd {
+        fd: h.block.rate_limiter_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
+    assert_eq!(ready, 1, "the timer never fired");
+    h.block.handle_rate_limiter_event().unwrap();
+    h.run();
+    h.take_used()
+}
+
+fn bandwidth_limit_holds_requests_until_the_timer(engine: IoEngine) {
+    let mut opts = Opts::new(engine);
+    // 1024 bytes per 100 ms.
+    opts.rate_limiter.bandwidth = bucket(1024, 100);
+    let mut h = Harness::new(opts);
+    let start = Instant::now();
+    for i in 0..4u64 {
+        h.rw(i, VIRTIO_BLK_T_IN, i, DATA + 512 * i, 512);
+    }
+    h.run();
+    let mut used = h.take_used();
+    assert_eq!(used.len(), 2, "the bucket holds two reads");
+    assert!(h.block.rate_limiter().is_blocked());
+    let m = h.block.metrics().clone();
+    assert_eq!(m.rate_limiter_throttled_events.count(), 1);
+    // A kick while blocked processes nothing and does not spin.
+    h.run();
+    assert!(h.take_used().is_empty());
+    assert_eq!(m.rate_limiter_throttled_events.count(), 2);
+    while used.len() < 4 {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        used.extend(after_rate_limiter_timer(&mut h));
+    }
+    // 1024 bytes beyond the bucket take 100 ms of refill.
+    assert!(
+        start.elapsed() >= Duration::from_millis(95),
+        "{:?}",
+        start.elapsed()
+    );
+    // Nothing dropped, nothing reordered.
+    let heads: Vec<u16> = used.iter().map(|u| u.0).collect();
+    assert_eq!(heads, [0, 3, 6, 9]);
+    for i in 0..4u64 {
+        assert_eq!(h.status(STATUS + i), VIRTIO_BLK_S_OK as u8, "read {i}");
+        assert_eq!(h.guest_bytes(DATA + 512 * i, 512), pattern(512 * i, 512));
+    }
+    assert_eq!(m.read_count.count(), 4);
+    assert!(m.rate_limiter_event_count.count() >= 1);
+}
+
+fn ops_limit_counts_every_request(engine: IoEngine) {
+    let mut opts = Opts::new(engine);
+    opts.cache_type = CacheType::Writeback;
+    // Two operations per 100 ms; bytes unlimited.
+    opts.rate_limiter.ops = bucket(2, 100);
+    let mut h = Harness::new(opts);
+    let start = Instant::now();
+    h.bare(0, VIRTIO_BLK_T_FLUSH);
+    h.rw(1, VIRTIO_BLK_T_IN, 0, DATA, 4096);
+    h.bare(2, VIRTIO_BLK_T_FLUSH);
+    h.rw(3, VIRTIO_BLK_T_OUT, 8, DATA, 4096);
+    h.run();
+    let mut used = h.take_used();
+    assert_eq!(used.len(), 2);
+    while used.len() < 4 {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        used.extend(after_rate_limiter_timer(&mut h));
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(95),
+        "{:?}",
+        start.elapsed()
+    );
+    for i in 0..4u64 {
+        assert_eq!(h.status(STATUS + i), VIRTIO_BLK_S_OK as u8, "request {i}");
+    }
+}
+
+fn rate_limiter_updates_apply_live(engine: IoEngine) {
+    let mut opts = Opts::new(engine);
+    // One 512-byte read per 10 s: the second read would wait 10 s.
+    opts.rate_limiter.bandwidth = bucket(512, 10_000);
+    let mut h = Harness::new(opts);
+    for i in 0..3u64 {
+        h.rw(i, VIRTIO_BLK_T_IN, i, DATA + 512 * i, 512);
+    }
+    h.run();
+    assert_eq!(h.take_used().len(), 1);
+    assert!(h.block.rate_limiter().is_blocked());
+    // A new, larger bucket: the device goes on at once, not in 10 s.
+    let start = Instant::now();
+    h.block.update_rate_limiter(
+        BucketUpdate::Update(BucketSpec {
+            size: 4096,
+            one_time_burst: 0,
+            refill_time_ms: 100,
+        }),
+        BucketUpdate::None,
+    );
+    assert_eq!(h.block.config().rate_limiter.bandwidth, bucket(4096, 100));
+    assert_eq!(after_rate_limiter_timer(&mut h).len(), 2);
+    assert!(start.elapsed() < Duration::from_secs(2));
+    for i in 0..3u64 {
+        assert_eq!(h.status(STATUS + i), VIRTIO_BLK_S_OK as u8, "read {i}");
+    }
+    // Removing the bucket removes the limit.
+    h.block
+        .update_rate_limiter(BucketUpdate::Disabled, BucketUpdate::None);
+    assert!(h.block.rate_limiter().is_unlimited());
+    assert_eq!(h.block.config().rate_limiter, RateLimiterConfig::default());
+    for i in 0..8u64 {
+        h.rw(i, VIRTIO_BLK_T_IN, i, DATA + 512 * i, 512);
+    }
+    h.run();
+    assert_eq!(h.take_used().len(), 8);
+}
+
 /// An image of `size` bytes whose every byte is `byte`.
 fn image_of(size: usize, byte: u8) -> NamedTempFile {
     let mut image = NamedTempFile::new().unwrap();
@@ -1169,6 +1306,7 @@ fn config_space_layout() {
         is_read_only: false,
         cache_type: CacheType::Unsafe,
         io_engine: IoEngine::Sync,
+        rate_limiter: Default::default(),
     })
     .unwrap();
     assert_eq!(block.capacity(), 3);
@@ -1227,6 +1365,7 @@ fn missing_backing_file_is_a_clear_error() {
         is_read_only: true,
         cache_type: CacheType::Unsafe,
         io_engine: IoEngine::Sync,
+        rate_limiter: Default::default(),
     })
     .unwrap_err();
     assert!(matches!(err, Error::OpenFile { .. }));
@@ -1240,6 +1379,7 @@ fn missing_backing_file_is_a_clear_error() {
         is_read_only: true,
         cache_type: CacheType::Unsafe,
         io_engine: IoEngine::Sync,
+        rate_limiter: Default::default(),
     })
     .unwrap_err();
     assert!(matches!(err, Error::NotAFile(_)), "{err}");
@@ -1369,6 +1509,7 @@ fn through_the_mmio_transport() {
             is_read_only: false,
             cache_type: CacheType::Writeback,
             io_engine: IoEngine::Async,
+            rate_limiter: Default::default(),
         })
         .unwrap(),
     ));
@@ -1487,6 +1628,7 @@ fn runs_from_an_event_loop_through_activation_and_reset() {
             is_read_only: false,
             cache_type: CacheType::Unsafe,
             io_engine: IoEngine::Sync,
+            rate_limiter: Default::default(),
         })
         .unwrap(),
     ));
