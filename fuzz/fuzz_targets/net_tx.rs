@@ -104,6 +104,8 @@ fn set_up() -> Host {
         host_dev_name: name.clone(),
         guest_mac: None,
         mtu: None,
+        rx_rate_limiter: Default::default(),
+        tx_rate_limiter: Default::default(),
     })
     .expect("net_tx needs root to create a TAP device");
 

@@ -392,7 +392,8 @@ fn root_and_data_drives_get_firecracker_slots() {
 /// The guest's benchmark (sequential 128 KiB reads and writes of
 /// `blk.mib`, then `blk.ops` random 4 KiB reads twice), whose bytes a
 /// limiter must pace.
-const LIMITED_ARGS: &str = "blk.test=bench blk.mib=2 blk.bs=131072 blk.qd=4 blk.ops=16 blk.rbs=4096";
+const LIMITED_ARGS: &str =
+    "blk.test=bench blk.mib=2 blk.bs=131072 blk.qd=4 blk.ops=16 blk.rbs=4096";
 /// Bytes that benchmark moves: 2 MiB read, 2 MiB written, 2 x 16 x 4 KiB.
 const LIMITED_BYTES: u64 = (4 << 20) + 2 * 16 * 4096;
 
@@ -446,6 +447,10 @@ fn an_ops_limited_drive_serves_no_more_requests_than_its_bucket_allows() {
     assert_eq!(bench_bytes(&out), LIMITED_BYTES);
     // GET_ID, 16 + 16 sequential and 2 x 16 random requests: 65, of which
     // 30 go at once and 35 wait for 1.75 s of refill.
-    assert!(out.wall >= Duration::from_millis(1750), "{:?}\n{out}", out.wall);
+    assert!(
+        out.wall >= Duration::from_millis(1750),
+        "{:?}\n{out}",
+        out.wall
+    );
     assert!(out.wall < Duration::from_secs(60), "{:?}\n{out}", out.wall);
 }

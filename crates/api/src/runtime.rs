@@ -526,7 +526,11 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.status, 500);
         assert_eq!(
-            s.api.config().drives[0].rate_limiter.as_ref().unwrap().bandwidth,
+            s.api.config().drives[0]
+                .rate_limiter
+                .as_ref()
+                .unwrap()
+                .bandwidth,
             Some(bucket(4096))
         );
     }

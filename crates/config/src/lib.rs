@@ -606,12 +606,6 @@ pub fn validate_network_interfaces(ifaces: &[NetworkInterface]) -> Result<(), Co
                 )));
             }
         }
-        if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
-            log::warn!(
-                "network interface `{}`: rate limiters are accepted but not applied",
-                n.iface_id
-            );
-        }
     }
     Ok(())
 }
@@ -656,6 +650,16 @@ impl TryFrom<&NetworkInterface> for NetConfig {
                 .map(ember_virtio_net::parse_mac)
                 .transpose()?,
             mtu: iface.mtu,
+            rx_rate_limiter: iface
+                .rx_rate_limiter
+                .as_ref()
+                .map(Into::into)
+                .unwrap_or_default(),
+            tx_rate_limiter: iface
+                .tx_rate_limiter
+                .as_ref()
+                .map(Into::into)
+                .unwrap_or_default(),
         })
     }
 }

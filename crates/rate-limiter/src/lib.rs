@@ -158,7 +158,17 @@ impl TokenBucket {
     /// Credits the tokens refilled since `last_update`. Only the time those
     /// whole tokens account for is consumed, so no fraction of a token is
     /// ever lost to rounding.
+    ///
+    /// A full bucket accrues nothing: time spent full is not credited
+    /// towards the tokens after it (Firecracker credits it, which lets a
+    /// burst right after an idle spell go faster than the rate).
     fn replenish(&mut self, now: Instant) {
+        if self.budget >= self.spec.size {
+            if now > self.last_update {
+                self.last_update = now;
+            }
+            return;
+        }
         let elapsed = now.saturating_duration_since(self.last_update).as_nanos();
         let refill_ns = self.refill_ns();
         if elapsed >= refill_ns {
@@ -177,6 +187,9 @@ impl TokenBucket {
             .budget
             .saturating_add(u64::try_from(tokens).unwrap_or(u64::MAX))
             .min(self.spec.size);
+        if self.budget == self.spec.size {
+            self.last_update = now;
+        }
     }
 
     /// Takes `tokens` at time `now`.
@@ -189,9 +202,7 @@ impl TokenBucket {
             tokens -= self.one_time_burst;
             self.one_time_burst = 0;
         }
-        if tokens > self.budget {
-            self.replenish(now);
-        }
+        self.replenish(now);
         if tokens > self.spec.size {
             let excess = tokens - self.budget;
             let wait = nanos(self.time_for(excess));
@@ -526,6 +537,21 @@ mod tests {
             b.reduce(1001, t0 + 10_000 * MS),
             Reduction::OverConsumption { wait: MS }
         );
+    }
+
+    #[test]
+    fn a_full_bucket_accrues_nothing() {
+        let t0 = Instant::now();
+        // 10 tokens per 100 ms, idle and full for a whole second.
+        let mut b = TokenBucket::new(spec(10, 0, 100), t0).unwrap();
+        let t1 = t0 + 1000 * MS;
+        assert_eq!(b.reduce(10, t1), Reduction::Success);
+        // The next token is 10 ms after the bucket was emptied, not before.
+        assert_eq!(
+            b.reduce(1, t1 + 5 * MS),
+            Reduction::Failure { wait: 5 * MS }
+        );
+        assert_eq!(b.reduce(1, t1 + 10 * MS), Reduction::Success);
     }
 
     #[test]

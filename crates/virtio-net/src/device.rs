@@ -7,6 +7,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
+use ember_rate_limiter::{BucketUpdate, RateLimiter, RateLimiterConfig, TokenType};
 use ember_virtio::{
     drain_eventfd, needs_interrupt, pop_or_enable_notification, take_queues, ActivateError,
     ActiveQueue, InterruptKind, VirtioConfig, VirtioDevice, VirtioInterrupt,
@@ -310,6 +311,24 @@ pub struct Net {
     /// run of `num_buffers` used entries.
     rx_unusable: Vec<u16>,
     tx_buf: Box<[u8]>,
+    rx_limiter: RateLimiter,
+    tx_limiter: RateLimiter,
+}
+
+/// Takes one operation and `len` bytes from `limiter`, as Firecracker does
+/// for each frame; `false` (and nothing taken) when the frame must wait.
+fn admit(limiter: &mut RateLimiter, len: usize) -> bool {
+    if limiter.is_unlimited() && !limiter.is_blocked() {
+        return true;
+    }
+    if !limiter.consume(1, TokenType::Ops) {
+        return false;
+    }
+    if !limiter.consume(len as u64, TokenType::Bytes) {
+        limiter.manual_replenish(1, TokenType::Ops);
+        return false;
+    }
+    true
 }
 
 /// One receive chain gathered for a frame: its head and its buffers,
@@ -350,6 +369,14 @@ impl Net {
             iface_id: config.iface_id.clone(),
             source,
         })?;
+        let limiter = |c: &RateLimiterConfig| {
+            c.build().map_err(|source| Error::RateLimiter {
+                iface_id: config.iface_id.clone(),
+                source,
+            })
+        };
+        let rx_limiter = limiter(&config.rx_rate_limiter)?;
+        let tx_limiter = limiter(&config.tx_rate_limiter)?;
         let tap = Tap::open(&config.host_dev_name)?;
 
         // Firecracker's feature set.
@@ -392,7 +419,66 @@ impl Net {
             rx_chains: Vec::new(),
             rx_unusable: Vec::new(),
             tx_buf: vec![0u8; MAX_BUFFER_SIZE].into_boxed_slice(),
+            rx_limiter,
+            tx_limiter,
         })
+    }
+
+    /// The receive rate limiter's timerfd, readable when a block ends.
+    pub fn rx_rate_limiter_fd(&self) -> RawFd {
+        self.rx_limiter.as_raw_fd()
+    }
+
+    /// The transmit rate limiter's timerfd, readable when a block ends.
+    pub fn tx_rate_limiter_fd(&self) -> RawFd {
+        self.tx_limiter.as_raw_fd()
+    }
+
+    /// The receive rate limiter, as it stands.
+    pub fn rx_rate_limiter(&self) -> &RateLimiter {
+        &self.rx_limiter
+    }
+
+    /// The transmit rate limiter, as it stands.
+    pub fn tx_rate_limiter(&self) -> &RateLimiter {
+        &self.tx_limiter
+    }
+
+    /// Changes the rate limiters of a live device
+    /// (`PATCH /network-interfaces/{id}`).
+    pub fn update_rate_limiters(
+        &mut self,
+        rx_bandwidth: BucketUpdate,
+        rx_ops: BucketUpdate,
+        tx_bandwidth: BucketUpdate,
+        tx_ops: BucketUpdate,
+    ) {
+        self.rx_limiter.update_buckets(rx_bandwidth, rx_ops);
+        self.tx_limiter.update_buckets(tx_bandwidth, tx_ops);
+        let specs = |l: &RateLimiter| RateLimiterConfig {
+            bandwidth: l.bandwidth().map(|b| b.spec()),
+            ops: l.ops().map(|b| b.spec()),
+        };
+        self.config.rx_rate_limiter = specs(&self.rx_limiter);
+        self.config.tx_rate_limiter = specs(&self.tx_limiter);
+    }
+
+    /// Handles the receive rate limiter's timer: receiving goes on where it
+    /// stopped.
+    pub fn handle_rx_rate_limiter_event(&mut self) {
+        self.metrics.rx_event_rate_limiter_count.inc();
+        if self.rx_limiter.event_handler() && self.process_rx() {
+            self.signal(RX_INDEX);
+        }
+    }
+
+    /// Handles the transmit rate limiter's timer: sending goes on where it
+    /// stopped.
+    pub fn handle_tx_rate_limiter_event(&mut self) {
+        self.metrics.tx_rate_limiter_event_count.inc();
+        if self.tx_limiter.event_handler() && self.process_tx() {
+            self.signal(TX_INDEX);
+        }
     }
 
     /// The configuration the device was built from.
@@ -498,6 +584,11 @@ impl Net {
     /// Moves frames from the TAP into receive chains. Returns whether any
     /// chain was used.
     fn process_rx(&mut self) -> bool {
+        if self.active.is_some() && self.rx_limiter.is_blocked() {
+            // Frames wait in the TAP; the limiter's timer resumes.
+            self.metrics.rx_rate_limiter_throttled.inc();
+            return false;
+        }
         if self.virtio.has_acked(VIRTIO_NET_F_MRG_RXBUF) {
             return self.process_rx_mergeable();
         }
@@ -541,9 +632,14 @@ impl Net {
                     continue;
                 }
             };
-            // Read frames until one fits in this chain.
+            // Read frames until one fits in this chain (a frame the rate
+            // limiter held back comes first).
             let frame_len = loop {
-                match self.tap.read_frame(&mut self.rx_buf) {
+                let read = match self.rx_pending.take() {
+                    Some(len) => Ok(len),
+                    None => self.tap.read_frame(&mut self.rx_buf),
+                };
+                match read {
                     Ok(len) if len > capacity || len > self.rx_buf.len() => {
                         metrics.rx_frames_too_big.inc();
                         metrics.rx_fails.inc();
@@ -574,6 +670,13 @@ impl Net {
                 rx.go_to_previous_position();
                 break;
             };
+            if !admit(&mut self.rx_limiter, len) {
+                // The frame waits, read, for the limiter's timer.
+                metrics.rx_rate_limiter_throttled.inc();
+                self.rx_pending = Some(len);
+                rx.go_to_previous_position();
+                break;
+            }
             let frame = &mut self.rx_buf[..len];
             // virtio 1.2 §5.1.6.4.1: without VIRTIO_NET_F_MRG_RXBUF the
             // device MUST set num_buffers to 1. The TAP leaves the field
@@ -701,6 +804,13 @@ impl Net {
                     }
                 }
             };
+            if !admit(&mut self.rx_limiter, len) {
+                // The frame stays pending and its chains go back, for the
+                // limiter's timer.
+                metrics.rx_rate_limiter_throttled.inc();
+                rx.set_next_avail(start);
+                break 'frames;
+            }
             self.rx_pending = None;
             let frame = &mut self.rx_buf[..len];
             // Cannot truncate: at most the queue size, a u16.
@@ -758,6 +868,11 @@ impl Net {
         let Some(active) = self.active.as_mut() else {
             return false;
         };
+        if self.tx_limiter.is_blocked() {
+            // The limiter's timer resumes.
+            self.metrics.tx_rate_limiter_throttled.inc();
+            return false;
+        }
         let metrics = &*self.metrics;
         let (mem, tx) = (&active.mem, &mut active.tx);
         // No notifications while the ring is being drained (virtio 1.2
@@ -779,6 +894,12 @@ impl Net {
             };
             let head = chain.head_index();
             match read_tx_chain(mem, chain, &mut self.tx_buf) {
+                Ok(len) if !admit(&mut self.tx_limiter, len) => {
+                    // The chain goes back; the limiter's timer resumes.
+                    metrics.tx_rate_limiter_throttled.inc();
+                    tx.go_to_previous_position();
+                    break;
+                }
                 Ok(len) => {
                     let frame = &self.tx_buf[..len];
                     if let Some(mac) = self.config.guest_mac {
@@ -814,7 +935,7 @@ impl Net {
             add_used(tx, mem, head, 0, metrics);
             used_any = true;
         }
-        if !used_any {
+        if !used_any && !self.tx_limiter.is_blocked() {
             metrics.no_tx_avail_buffer.inc();
         }
         used_any

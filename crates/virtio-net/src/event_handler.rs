@@ -2,7 +2,8 @@
 
 //! How the device joins an event-manager event loop.
 //!
-//! Before activation the device watches only its control EventFd. The
+//! Before activation the device watches only its control EventFd and its
+//! rate limiters' timers. The
 //! transport activates and resets the device from a vCPU thread, which
 //! cannot touch the event loop's registrations; both signal the control
 //! EventFd instead, and the event loop then registers (or unregisters) the
@@ -25,6 +26,10 @@ const RX_QUEUE: u32 = 1;
 const TX_QUEUE: u32 = 2;
 /// Event data: the TAP is readable.
 const TAP: u32 = 3;
+/// Event data: the receive rate limiter's timer.
+const RX_RATE_LIMITER: u32 = 4;
+/// Event data: the transmit rate limiter's timer.
+const TX_RATE_LIMITER: u32 = 5;
 
 impl Net {
     /// Makes the event loop's registrations match the device state: drops
@@ -91,6 +96,8 @@ impl MutEventSubscriber for Net {
             RX_QUEUE => self.handle_rx_queue_event(),
             TX_QUEUE => self.handle_tx_queue_event(),
             TAP => self.handle_tap_event(),
+            RX_RATE_LIMITER => self.handle_rx_rate_limiter_event(),
+            TX_RATE_LIMITER => self.handle_tx_rate_limiter_event(),
             _ => {
                 self.metrics().event_fails.inc();
                 warn!("virtio-net: event from unknown source {data}");
@@ -103,6 +110,16 @@ impl MutEventSubscriber for Net {
         if let Err(e) = ops.add(Events::with_data(&self.control_evt, CONTROL, EventSet::IN)) {
             self.metrics().event_fails.inc();
             error!("virtio-net: cannot register the control EventFd: {e}");
+        }
+        // The rate limiters' timers, for the device's lifetime.
+        for (fd, data) in [
+            (self.rx_rate_limiter_fd(), RX_RATE_LIMITER),
+            (self.tx_rate_limiter_fd(), TX_RATE_LIMITER),
+        ] {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
+                self.metrics().event_fails.inc();
+                error!("virtio-net: cannot watch a rate limiter's timer: {e}");
+            }
         }
         // Added to the event loop after activation: start watching now.
         if self.active.is_some() {

@@ -63,6 +63,8 @@
 //!     host_dev_name: "tap0".to_string(),
 //!     guest_mac: Some(parse_mac("06:00:ac:10:00:02")?),
 //!     mtu: None,
+//!     rx_rate_limiter: Default::default(),
+//!     tx_rate_limiter: Default::default(),
 //! };
 //! let net = Arc::new(Mutex::new(Net::new(config)?));
 //!
@@ -93,6 +95,7 @@ mod tests;
 use std::io;
 
 pub use device::{tap_offload_flags, Net};
+pub use ember_rate_limiter::{BucketSpec, BucketUpdate, RateLimiterConfig};
 pub use metrics::NetMetrics;
 pub use state::{NetState, NetStateError};
 
@@ -135,6 +138,10 @@ pub struct NetConfig {
     /// MTU offered to the guest with VIRTIO_NET_F_MTU, in
     /// `[MIN_MTU, 65535]`.
     pub mtu: Option<u16>,
+    /// Rate limits on the frames the guest receives (none by default).
+    pub rx_rate_limiter: RateLimiterConfig,
+    /// Rate limits on the frames the guest sends (none by default).
+    pub tx_rate_limiter: RateLimiterConfig,
 }
 
 /// Errors building a network device.
@@ -148,6 +155,15 @@ pub enum Error {
     /// The configured MTU is below [`MIN_MTU`].
     #[error("MTU {0} of the network interface is out of range [{MIN_MTU}, 65535]")]
     InvalidMtu(u16),
+    /// A rate limiter's timer could not be set up.
+    #[error("network interface {iface_id}: cannot set up the rate limiter: {source}")]
+    RateLimiter {
+        /// The interface.
+        iface_id: String,
+        /// Cause.
+        #[source]
+        source: ember_rate_limiter::Error,
+    },
     /// The TAP device name does not fit in IFNAMSIZ.
     #[error(
         "TAP device name {name:?} is {len} bytes long, the limit is {MAX_TAP_NAME_LEN} (IFNAMSIZ - 1)"

@@ -30,6 +30,10 @@ metric_group! {
         pub event_fails: Counter,
         /// Receive queue notifications handled.
         pub rx_queue_event_count: Counter,
+        /// Receive rate limiter timer events handled.
+        pub rx_event_rate_limiter_count: Counter,
+        /// Frames (or receive events) held back by the receive rate limiter.
+        pub rx_rate_limiter_throttled: Counter,
         /// TAP readiness events handled.
         pub rx_tap_event_count: Counter,
         /// Bytes delivered to the guest, virtio-net headers included.
@@ -66,6 +70,11 @@ metric_group! {
         pub tx_packets_count: Counter,
         /// Transmit queue notifications handled.
         pub tx_queue_event_count: Counter,
+        /// Transmit rate limiter timer events handled.
+        pub tx_rate_limiter_event_count: Counter,
+        /// Frames (or transmit events) held back by the transmit rate
+        /// limiter.
+        pub tx_rate_limiter_throttled: Counter,
         /// Frames sent whose source MAC is not the configured guest MAC (they are
         /// still sent).
         pub tx_spoofed_mac_count: Counter,
@@ -94,6 +103,8 @@ mod tests {
                 "no_tx_avail_buffer",
                 "event_fails",
                 "rx_queue_event_count",
+                "rx_event_rate_limiter_count",
+                "rx_rate_limiter_throttled",
                 "rx_tap_event_count",
                 "rx_bytes_count",
                 "rx_packets_count",
@@ -108,6 +119,8 @@ mod tests {
                 "tx_count",
                 "tx_packets_count",
                 "tx_queue_event_count",
+                "tx_rate_limiter_event_count",
+                "tx_rate_limiter_throttled",
                 "tx_spoofed_mac_count",
             ]
         );

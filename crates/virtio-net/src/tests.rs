@@ -39,8 +39,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{
-    parse_mac, tap_offload_flags, Error, Net, NetConfig, CONFIG_SPACE_SIZE, MAX_BUFFER_SIZE,
-    QUEUE_SIZE, VNET_HDR_LEN,
+    parse_mac, tap_offload_flags, BucketSpec, BucketUpdate, Error, Net, NetConfig,
+    RateLimiterConfig, CONFIG_SPACE_SIZE, MAX_BUFFER_SIZE, QUEUE_SIZE, VNET_HDR_LEN,
 };
 
 const GUEST_MAC: [u8; 6] = [0x06, 0x00, 0xac, 0x10, 0x00, 0x02];
@@ -98,6 +98,8 @@ fn config(name: &str, guest_mac: Option<[u8; 6]>, mtu: Option<u16>) -> NetConfig
         host_dev_name: name.to_string(),
         guest_mac,
         mtu,
+        rx_rate_limiter: Default::default(),
+        tx_rate_limiter: Default::default(),
     }
 }
 
@@ -1855,4 +1857,161 @@ fn hostile_states_are_refused() {
     let guest = Guest::new(SMALL_QUEUE);
     activate(&mut net, &guest, BASE_FEATURES);
     assert!(matches!(net.restore(&good), Err(NetStateError::InUse)));
+}
+
+// ---------------------------------------------------------------------------
+// Rate limiters.
+
+fn limited_net(rx: RateLimiterConfig, tx: RateLimiterConfig) -> Net {
+    isolate_network();
+    let mut c = config(&tap_name(), Some(GUEST_MAC), None);
+    c.rx_rate_limiter = rx;
+    c.tx_rate_limiter = tx;
+    Net::new(c).expect("create the network device")
+}
+
+fn bucket(size: u64, refill_time_ms: u64) -> Option<BucketSpec> {
+    Some(BucketSpec {
+        size,
+        one_time_burst: 0,
+        refill_time_ms,
+    })
+}
+
+#[test]
+fn transmit_ops_limit_holds_frames_until_the_timer() {
+    // Two frames per 100 ms.
+    let tx = RateLimiterConfig {
+        bandwidth: None,
+        ops: bucket(2, 100),
+    };
+    let mut net = limited_net(RateLimiterConfig::default(), tx);
+    bring_up(net.tap_name(), true);
+    let host = PacketSocket::new(if_index(net.tap_name()));
+    let mut guest = Guest::new(SMALL_QUEUE);
+    let act = activate(&mut net, &guest, BASE_FEATURES);
+    let frames: Vec<Vec<u8>> = (0..5u8)
+        .map(|i| eth_frame(HOST_MAC, GUEST_MAC, TEST_ETHERTYPE, &pattern(200, i)))
+        .collect();
+    let start = Instant::now();
+    for frame in &frames {
+        guest.send(frame);
+    }
+    act.kick(Q::Tx);
+    net.handle_tx_queue_event();
+    let mut used = guest.take_used(Q::Tx);
+    assert_eq!(used.len(), 2);
+    assert!(net.tx_rate_limiter().is_blocked());
+    // A kick while blocked sends nothing.
+    net.handle_tx_queue_event();
+    assert!(guest.take_used(Q::Tx).is_empty());
+    while used.len() < frames.len() {
+        assert!(start.elapsed() < TIMEOUT);
+        assert!(wait_readable(net.tx_rate_limiter_fd(), TIMEOUT));
+        net.handle_tx_rate_limiter_event();
+        used.extend(guest.take_used(Q::Tx));
+    }
+    // Three frames beyond the bucket: 150 ms of refill.
+    assert!(start.elapsed() >= Duration::from_millis(145));
+    for frame in &frames {
+        assert_eq!(
+            host.recv(TEST_ETHERTYPE, TIMEOUT).as_deref(),
+            Some(&frame[..]),
+            "every frame, once, in order"
+        );
+    }
+    let m = net.metrics();
+    assert_eq!(m.tx_packets_count.count(), 5);
+    assert!(m.tx_rate_limiter_throttled.count() >= 2);
+    assert!(m.tx_rate_limiter_event_count.count() >= 1);
+}
+
+fn receive_is_paced_by_the_bandwidth_limit(features: u64) {
+    const FRAMES: usize = 10;
+    // 10 KiB per 100 ms, the first 10 KiB at once.
+    let rx = RateLimiterConfig {
+        bandwidth: bucket(10 * 1024, 100),
+        ops: None,
+    };
+    let net = Arc::new(Mutex::new(limited_net(rx, RateLimiterConfig::default())));
+    let name = net.lock().unwrap().tap_name().to_string();
+    bring_up(&name, true);
+    let host = PacketSocket::new(if_index(&name));
+    let mut guest = Guest::new(SMALL_QUEUE);
+    let mut event_manager = EventManager::<Arc<Mutex<Net>>>::new().unwrap();
+    event_manager.add_subscriber(net.clone());
+    let act = activate(&mut net.lock().unwrap(), &guest, features);
+    event_manager.run_with_timeout(100).unwrap();
+    let mut posted = std::collections::VecDeque::new();
+    for _ in 0..SMALL_QUEUE {
+        posted.push_back(guest.post_rx(&[2048]));
+    }
+    act.kick(Q::Rx);
+    event_manager.run_with_timeout(50).unwrap();
+
+    let frames: Vec<Vec<u8>> = (0..FRAMES)
+        .map(|i| {
+            let mut payload = (i as u32).to_be_bytes().to_vec();
+            payload.extend(pattern(1400, i as u8));
+            eth_frame(GUEST_MAC, HOST_MAC, TEST_ETHERTYPE, &payload)
+        })
+        .collect();
+    let start = Instant::now();
+    for frame in &frames {
+        host.send(frame);
+    }
+    let mut received = Vec::new();
+    while received.len() < FRAMES {
+        assert!(start.elapsed() < TIMEOUT, "received {}", received.len());
+        event_manager.run_with_timeout(50).unwrap();
+        for (id, len) in guest.take_used(Q::Rx) {
+            let buffer: RxBuffer = posted.pop_front().expect("a posted buffer");
+            assert_eq!(id, u32::from(buffer.head));
+            let data = buffer.contents(&guest, len as usize);
+            received.push(data[VNET_HDR_LEN..].to_vec());
+        }
+    }
+    let elapsed = start.elapsed();
+    assert_eq!(received, frames, "every frame, once, in order");
+    // About 14.3 KiB in all, 10 KiB at once: at least 40 ms of refill.
+    let total: usize = frames.iter().map(|f| f.len() + VNET_HDR_LEN).sum();
+    let floor = Duration::from_micros(((total - 10 * 1024) as u64 * 100_000) / (10 * 1024));
+    assert!(elapsed >= floor, "{elapsed:?} < {floor:?}");
+    let m = net.lock().unwrap().metrics().clone();
+    assert!(m.rx_rate_limiter_throttled.count() >= 1);
+    assert!(m.rx_event_rate_limiter_count.count() >= 1);
+    assert_eq!(m.rx_fails.count(), 0);
+}
+
+#[test]
+fn receive_bandwidth_limit_paces_frames_in_order() {
+    receive_is_paced_by_the_bandwidth_limit(BASE_FEATURES);
+}
+
+#[test]
+fn receive_bandwidth_limit_paces_merged_frames_in_order() {
+    receive_is_paced_by_the_bandwidth_limit(BASE_FEATURES | MRG_RXBUF | EVENT_IDX);
+}
+
+#[test]
+fn rate_limiter_updates_reach_a_live_device() {
+    let mut net = limited_net(RateLimiterConfig::default(), RateLimiterConfig::default());
+    net.update_rate_limiters(
+        BucketUpdate::Update(bucket(1000, 100).unwrap()),
+        BucketUpdate::None,
+        BucketUpdate::None,
+        BucketUpdate::Update(bucket(5, 100).unwrap()),
+    );
+    assert_eq!(net.config().rx_rate_limiter.bandwidth, bucket(1000, 100));
+    assert_eq!(net.config().tx_rate_limiter.ops, bucket(5, 100));
+    assert!(!net.rx_rate_limiter().is_unlimited());
+    net.update_rate_limiters(
+        BucketUpdate::Disabled,
+        BucketUpdate::None,
+        BucketUpdate::None,
+        BucketUpdate::Disabled,
+    );
+    assert!(net.rx_rate_limiter().is_unlimited());
+    assert!(net.tx_rate_limiter().is_unlimited());
+    assert_eq!(net.config().rx_rate_limiter, RateLimiterConfig::default());
 }
