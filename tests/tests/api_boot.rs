@@ -88,6 +88,51 @@ fn a_full_start_through_the_api_runs_the_guest() {
 }
 
 #[test]
+fn put_serial_sends_the_console_to_a_file_instead_of_stdout() {
+    let vm = ApiVm::spawn(&["--id", "api-serial"]).unwrap();
+    // Outlives the VM's own directory, which goes with it.
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console.log");
+    let mut api = vm.client().unwrap();
+
+    ok(
+        &mut api,
+        "PUT",
+        "/boot-source",
+        &json!({"kernel_image_path": guest_path("hello"), "boot_args": "console=ttyS0"}),
+    );
+    ok(
+        &mut api,
+        "PUT",
+        "/serial",
+        &json!({"serial_out_path": console}),
+    );
+    // Not a configuration section in Firecracker's GET /vm/config.
+    let c = get(&mut api, "/vm/config");
+    assert!(c.get("serial").is_none(), "{c}");
+    let r = api
+        .put(
+            "/serial",
+            &json!({"serial_out_path": console, "rate_limiter": {"size": 1, "refill_time": 1}}),
+        )
+        .unwrap();
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.fault_message().contains("rate_limiter"), "{r:?}");
+    ok(
+        &mut api,
+        "PUT",
+        "/actions",
+        &json!({"action_type": "InstanceStart"}),
+    );
+
+    let out = vm.wait(EXIT_TIMEOUT).unwrap();
+    assert!(out.status.success(), "{:?}\n{}", out.status, out.stderr);
+    let text = fs::read_to_string(&console).unwrap();
+    assert_eq!(text.lines().filter(|l| *l == GREETING).count(), 1, "{text}");
+    assert!(!out.stdout.contains(GREETING), "{}", out.stdout);
+}
+
+#[test]
 fn every_pre_boot_endpoint_answers_and_is_reflected() {
     let vm = ApiVm::spawn(&["--id", "api-boot-2"]).unwrap();
     let mut api = vm.client().unwrap();

@@ -394,7 +394,11 @@ fn run() -> ExitCode {
         log::warn!("the socket-removing process is gone: {e}");
     }
 
-    let raw_terminal = terminal::RawTerminal::enable(libc::STDIN_FILENO);
+    // The terminal is the console's only when the console is not a file.
+    let raw_terminal = match vm.config().serial_output() {
+        Some(_) => None,
+        None => terminal::RawTerminal::enable(libc::STDIN_FILENO),
+    };
     let result = vm.run_with(vm::RunContext {
         api: api.as_ref(),
         metrics: Some(metrics),

@@ -345,6 +345,10 @@ impl ActionHandler for PreBootResources {
                 c.vsock = Some(v);
                 Ok(())
             }),
+            VmmAction::PutSerial(serial) => self.update("Serial config error", |c| {
+                c.serial = Some(serial);
+                Ok(())
+            }),
             VmmAction::PutLogger(l) => self.update("Logger error", |c| {
                 c.logger = Some(l);
                 Ok(())
@@ -405,7 +409,7 @@ mod tests {
 
     use super::*;
     use crate::action::MachineConfigUpdate;
-    use ember_config::{BootSource, Logger, MachineConfig, Metrics, Vsock};
+    use ember_config::{BootSource, Logger, MachineConfig, Metrics, Serial, TokenBucket, Vsock};
 
     fn kernel() -> tempfile::NamedTempFile {
         tempfile::NamedTempFile::new().unwrap()
@@ -518,6 +522,7 @@ mod tests {
                     ..Default::default()
                 }),
                 VmmAction::PutLogger(Logger::default()),
+                VmmAction::PutSerial(Serial::default()),
             ] {
                 let e = check_allowed(&a, post).unwrap_err();
                 assert_eq!(e.status, 400);
@@ -812,6 +817,39 @@ mod tests {
             e.message,
             "Metrics error: Reinitialization of metrics not allowed."
         );
+    }
+
+    #[test]
+    fn serial_output_is_recorded_and_a_rate_limiter_refused() {
+        let mut r = PreBootResources::new("vm");
+        let serial = Serial {
+            serial_out_path: Some(PathBuf::from("/tmp/console.log")),
+            rate_limiter: None,
+        };
+        r.handle(VmmAction::PutSerial(serial.clone())).unwrap();
+        assert_eq!(r.config().serial.as_ref(), Some(&serial));
+        assert_eq!(
+            r.config().serial_output(),
+            Some(std::path::Path::new("/tmp/console.log"))
+        );
+        let limited = Serial {
+            rate_limiter: Some(TokenBucket {
+                size: 100,
+                one_time_burst: None,
+                refill_time: 10,
+            }),
+            ..serial.clone()
+        };
+        let e = err(r.handle(VmmAction::PutSerial(limited)));
+        assert_eq!(e.status, 400);
+        assert_eq!(
+            e.message,
+            "Serial config error: serial: rate_limiter is not supported yet by Ember"
+        );
+        assert_eq!(r.config().serial.as_ref(), Some(&serial));
+        // Not a section of GET /vm/config, as in Firecracker.
+        let text = serde_json::to_string(r.config()).unwrap();
+        assert!(!text.contains("console.log"), "{text}");
     }
 
     #[test]

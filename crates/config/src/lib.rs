@@ -346,6 +346,24 @@ pub struct Metrics {
     pub properties: Option<std::collections::BTreeMap<String, String>>,
 }
 
+/// The serial console's host side: Firecracker's `SerialConfig`, the body
+/// of `PUT /serial`.
+///
+/// Not a section of the configuration file and not part of
+/// `GET /vm/config`, as in Firecracker.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Serial {
+    /// File or named pipe that receives the guest's console output instead
+    /// of stdout; the console then reads no input.
+    #[serde(default)]
+    pub serial_out_path: Option<PathBuf>,
+    /// Token bucket for the console output (not supported yet: refused by
+    /// validation).
+    #[serde(default)]
+    pub rate_limiter: Option<TokenBucket>,
+}
+
 /// The whole configuration file: Firecracker's `VmmConfig`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -405,6 +423,10 @@ pub struct VmConfig {
     /// `pmem` (not supported).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pmem: Option<serde_json::Value>,
+    /// Where the serial console goes (`PUT /serial`); not read from the
+    /// file nor written back, as Firecracker skips it.
+    #[serde(skip)]
+    pub serial: Option<Serial>,
 }
 
 impl VmConfig {
@@ -445,6 +467,12 @@ impl VmConfig {
             .unwrap_or(DEFAULT_BOOT_ARGS)
     }
 
+    /// The file or named pipe the serial console writes to (`PUT /serial`),
+    /// if not stdout.
+    pub fn serial_output(&self) -> Option<&Path> {
+        self.serial.as_ref()?.serial_out_path.as_deref()
+    }
+
     /// Checks values and rejects what Ember does not implement.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.machine_config.validate()?;
@@ -474,6 +502,22 @@ impl VmConfig {
         ];
         if let Some((name, _)) = unsupported.iter().find(|(_, present)| *present) {
             return Err(ConfigError::NotSupported(name));
+        }
+        if let Some(serial) = &self.serial {
+            if serial.rate_limiter.is_some() {
+                return Err(ConfigError::Invalid(
+                    "serial: rate_limiter is not supported yet by Ember".into(),
+                ));
+            }
+            if serial
+                .serial_out_path
+                .as_ref()
+                .is_some_and(|p| p.as_os_str().is_empty())
+            {
+                return Err(ConfigError::Invalid(
+                    "serial: serial_out_path is empty".into(),
+                ));
+            }
         }
         if let Some(boot) = &self.boot_source {
             if boot.kernel_image_path.as_os_str().is_empty() {

@@ -225,6 +225,10 @@ pub struct PutApiRequests {
     pub vsock_count: Counter,
     /// `PUT /vsock` that failed.
     pub vsock_fails: Counter,
+    /// `PUT /serial`.
+    pub serial_count: Counter,
+    /// `PUT /serial` that failed.
+    pub serial_fails: Counter,
 }
 
 /// `patch_api_requests`: PATCH requests received and failed, per endpoint.
@@ -278,6 +282,8 @@ impl ApiRequestMetrics {
             ("network_fails", &p.network_fails),
             ("vsock_count", &p.vsock_count),
             ("vsock_fails", &p.vsock_fails),
+            ("serial_count", &p.serial_count),
+            ("serial_fails", &p.serial_fails),
         ] {
             out.counter(name, c.count());
         }
