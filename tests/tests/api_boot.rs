@@ -225,6 +225,30 @@ fn every_pre_boot_endpoint_answers_and_is_reflected() {
     assert_eq!(c["vsock"]["guest_cid"], 3);
     assert_eq!(c["logger"]["level"], "Debug", "{c}");
     assert_eq!(c["metrics"]["metrics_path"], json!(metrics));
+    // Every section Firecracker answers, absent ones null or empty, and
+    // every field of a drive.
+    for absent in [
+        "balloon",
+        "cpu-config",
+        "mmds-config",
+        "entropy",
+        "memory-hotplug",
+    ] {
+        assert!(c[absent].is_null(), "{absent}: {c}");
+    }
+    assert_eq!(c["pmem"], json!([]), "{c}");
+    assert_eq!(c["network-interfaces"], json!([]), "{c}");
+    assert_eq!(c["boot-source"]["initrd_path"], Value::Null, "{c}");
+    for (field, value) in [
+        ("partuuid", Value::Null),
+        ("rate_limiter", Value::Null),
+        ("socket", Value::Null),
+        ("io_engine", json!("Sync")),
+        ("cache_type", json!("Unsafe")),
+        ("is_root_device", json!(false)),
+    ] {
+        assert_eq!(c["drives"][0][field], value, "{field}: {c}");
+    }
 
     // The logger took effect at once: later requests are logged to the
     // file, with the level shown.

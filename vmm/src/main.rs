@@ -285,6 +285,10 @@ fn run() -> ExitCode {
         return fail(exit_code::BAD_CONFIGURATION, e);
     }
     log::info!("Running Ember v{}", env!("CARGO_PKG_VERSION"));
+    // Firecracker ignores them without a word; a typo deserves one.
+    for key in config.iter().flat_map(|c| &c.unknown_keys) {
+        log::warn!("config file: unknown top-level key `{key}` ignored");
+    }
 
     // A trapped system call is logged, counted and ends the process with 148;
     // installed whatever the filters, as Firecracker does.
