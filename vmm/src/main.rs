@@ -15,7 +15,7 @@ use ember::socket_reaper::SocketReaper;
 use ember::{terminal, vm};
 use ember_api::{
     start_api_server_with, ApiError, ApiServerHandle, PrebootApiController, PrebootOutcome,
-    Responder, ServerOptions, VmmAction,
+    Responder, ServerOptions, VmmAction, FIRECRACKER_API_VERSION,
 };
 use ember_config::{self as config, LogLevel, VmConfig};
 use ember_devices::boot_timer;
@@ -38,14 +38,64 @@ mod exit_code {
 /// Longest `--id` Firecracker accepts.
 const MAX_ID_LEN: usize = 64;
 
+/// The name the binary answers to: its own, or Firecracker's when it is
+/// run as `firecracker` (a symbolic link, a copy, Firecracker's release name
+/// `firecracker-v1.17.0-x86_64`), so that tools which read `--version` or
+/// the start log line accept it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Personality {
+    Ember,
+    Firecracker,
+}
+
+impl Personality {
+    /// From `argv[0]`: Firecracker when its file name starts with
+    /// `firecracker`.
+    fn from_argv0(argv0: Option<&std::ffi::OsStr>) -> Self {
+        let name = argv0
+            .map(std::path::Path::new)
+            .and_then(std::path::Path::file_name)
+            .and_then(std::ffi::OsStr::to_str)
+            .unwrap_or("");
+        if name.starts_with("firecracker") {
+            Personality::Firecracker
+        } else {
+            Personality::Ember
+        }
+    }
+
+    /// `--version`'s output: Firecracker's exact words (the version line
+    /// and an empty line) under its name.
+    fn version_text(self) -> String {
+        match self {
+            Personality::Firecracker => format!("Firecracker v{FIRECRACKER_API_VERSION}\n\n"),
+            Personality::Ember => format!(
+                "Ember v{} (Firecracker v{FIRECRACKER_API_VERSION} API)\n",
+                env!("CARGO_PKG_VERSION")
+            ),
+        }
+    }
+
+    /// The first log line.
+    fn start_line(self) -> String {
+        match self {
+            Personality::Firecracker => format!("Running Firecracker v{FIRECRACKER_API_VERSION}"),
+            Personality::Ember => format!("Running Ember v{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
 /// Command-line flags, Firecracker's names.
 #[derive(Parser, Debug)]
 #[command(
     name = "ember",
-    version,
+    disable_version_flag = true,
     about = "Ember: a Firecracker-compatible microVM monitor"
 )]
 struct Cli {
+    /// Print the version and exit.
+    #[arg(long)]
+    version: bool,
     /// Path of the API Unix socket.
     #[arg(long, default_value = "/run/firecracker.socket")]
     api_sock: PathBuf,
@@ -217,6 +267,7 @@ fn run() -> ExitCode {
     let start = Instant::now();
     let start_cpu_us = boot_timer::process_cpu_us();
 
+    let personality = Personality::from_argv0(std::env::args_os().next().as_deref());
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -230,6 +281,10 @@ fn run() -> ExitCode {
             return fail(exit_code::ARG_PARSING, first.trim_start_matches("error: "));
         }
     };
+    if cli.version {
+        print!("{}", personality.version_text());
+        return ExitCode::SUCCESS;
+    }
     if !valid_id(&cli.id) {
         return fail(
             exit_code::ARG_PARSING,
@@ -284,7 +339,7 @@ fn run() -> ExitCode {
     if let Err(e) = logger::init(&opts) {
         return fail(exit_code::BAD_CONFIGURATION, e);
     }
-    log::info!("Running Ember v{}", env!("CARGO_PKG_VERSION"));
+    log::info!("{}", personality.start_line());
     // Firecracker ignores them without a word; a typo deserves one.
     for key in config.iter().flat_map(|c| &c.unknown_keys) {
         log::warn!("config file: unknown top-level key `{key}` ignored");
@@ -563,6 +618,37 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["ember", "--level", "loud"]).is_err());
         assert!(Cli::try_parse_from(["ember", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn the_name_picks_the_personality() {
+        use std::ffi::OsStr;
+        for (argv0, expected) in [
+            ("firecracker", Personality::Firecracker),
+            ("/usr/bin/firecracker", Personality::Firecracker),
+            ("./firecracker-v1.17.0-x86_64", Personality::Firecracker),
+            ("ember", Personality::Ember),
+            ("/opt/firecracker/bin/ember", Personality::Ember),
+        ] {
+            assert_eq!(
+                Personality::from_argv0(Some(OsStr::new(argv0))),
+                expected,
+                "{argv0}"
+            );
+        }
+        assert_eq!(Personality::from_argv0(None), Personality::Ember);
+        assert_eq!(
+            Personality::Firecracker.version_text(),
+            "Firecracker v1.17.0\n\n"
+        );
+        assert_eq!(
+            Personality::Firecracker.start_line(),
+            "Running Firecracker v1.17.0"
+        );
+        assert!(Personality::Ember.version_text().starts_with("Ember v"));
+        assert!(Personality::Ember
+            .start_line()
+            .starts_with("Running Ember v"));
     }
 
     #[test]

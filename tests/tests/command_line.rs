@@ -1,0 +1,86 @@
+//! The command line as Firecracker's tools use it: the version and start
+//! line under each name the binary answers to, and every Firecracker flag
+//! either served or refused by name.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use ember_tests::{default_config, ember_binary, guest_path, Launch};
+
+const GREETING: &str = "Hello from the Ember test guest";
+
+/// `ember` under another name: a symbolic link in a fresh directory.
+fn linked_as(dir: &Path, name: &str) -> PathBuf {
+    let link = dir.join(name);
+    std::os::unix::fs::symlink(ember_binary(), &link).unwrap();
+    link
+}
+
+fn run(binary: &Path, args: &[&str]) -> Output {
+    Command::new(binary).args(args).output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn version_under_the_name_firecracker_is_firecrackers() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["firecracker", "firecracker-v1.17.0-x86_64"] {
+        let out = run(&linked_as(dir.path(), name), &["--version"]);
+        assert!(out.status.success(), "{out:?}");
+        // Firecracker's main.rs: println!("Firecracker v{}\n", ...).
+        assert_eq!(text(&out.stdout), "Firecracker v1.17.0\n\n", "{name}");
+        assert!(out.stderr.is_empty(), "{out:?}");
+    }
+}
+
+#[test]
+fn version_under_its_own_name_is_embers() {
+    let out = run(&ember_binary(), &["--version"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with(&format!("Ember v{}", env!("CARGO_PKG_VERSION"))),
+        "{stdout}"
+    );
+    assert!(!stdout.starts_with("Firecracker"), "{stdout}");
+}
+
+/// Boots the hello guest with `binary`, logging at Info to a file; returns
+/// the log.
+fn start_log(binary: &Path) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("vmm.log");
+    fs::write(&log, "").unwrap();
+    let out = Launch::new(&default_config(&guest_path("hello")))
+        .binary(binary)
+        .arg("--level")
+        .arg("Info")
+        .arg("--log-path")
+        .arg(&log)
+        .run()
+        .unwrap();
+    assert!(out.status.success(), "{out}");
+    assert!(out.stdout.contains(GREETING), "{out}");
+    fs::read_to_string(&log).unwrap()
+}
+
+#[test]
+fn the_start_line_names_firecracker_under_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = start_log(&linked_as(dir.path(), "firecracker"));
+    assert!(log.contains("Running Firecracker v1.17.0\n"), "{log}");
+    assert!(!log.contains("Running Ember"), "{log}");
+}
+
+#[test]
+fn the_start_line_names_ember_under_its_own_name() {
+    let log = start_log(&ember_binary());
+    assert!(
+        log.contains(&format!("Running Ember v{}\n", env!("CARGO_PKG_VERSION"))),
+        "{log}"
+    );
+}
