@@ -84,3 +84,98 @@ fn the_start_line_names_ember_under_its_own_name() {
         "{log}"
     );
 }
+
+/// Runs the binary with `args` and checks it refused them as Firecracker
+/// refuses a bad command line: status 153, one stderr line naming `needles`,
+/// nothing started.
+fn assert_refused(args: &[&str], needles: &[&str]) {
+    let out = run(&ember_binary(), args);
+    assert_eq!(out.status.code(), Some(153), "{args:?}: {out:?}");
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    assert!(!stderr.contains("unexpected argument"), "{stderr}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+}
+
+#[test]
+fn metadata_is_refused_naming_mmds() {
+    assert_refused(
+        &["--no-api", "--metadata", "/srv/metadata.json"],
+        &["--metadata", "/srv/metadata.json", "MMDS", "not supported"],
+    );
+}
+
+#[test]
+fn enable_pci_is_refused_naming_virtio_mmio() {
+    assert_refused(&["--enable-pci"], &["--enable-pci", "PCI", "virtio-mmio"]);
+}
+
+#[test]
+fn no_seccomp_with_a_filter_file_is_an_argument_error() {
+    assert_refused(
+        &["--no-seccomp", "--seccomp-filter", "/srv/filter.bpf"],
+        &["--no-seccomp", "--seccomp-filter"],
+    );
+}
+
+#[test]
+fn every_firecracker_flag_is_known() {
+    // Firecracker's own flags (its main.rs), each with a value where it
+    // takes one; `--version` makes the binary stop once the line is parsed.
+    // `--snapshot-version` and `--describe-snapshot` go with snapshots and
+    // are not covered here.
+    let flags: &[&[&str]] = &[
+        &["--api-sock", "/tmp/unused.sock"],
+        &["--id", "vm-1"],
+        &["--seccomp-filter", "/srv/filter.bpf"],
+        &["--no-seccomp"],
+        &["--start-time-us", "1"],
+        &["--start-time-cpu-us", "1"],
+        &["--parent-cpu-time-us", "1"],
+        &["--config-file", "/srv/vm.json"],
+        &["--metadata", "/srv/metadata.json"],
+        &["--no-api"],
+        &["--log-path", "/srv/vmm.log"],
+        &["--level", "Info"],
+        &["--module", "ember"],
+        &["--show-level"],
+        &["--show-log-origin"],
+        &["--metrics-path", "/srv/metrics"],
+        &["--boot-timer"],
+        &["--http-api-max-payload-size", "102400"],
+        &["--mmds-size-limit", "102400"],
+        &["--enable-pci"],
+        &["--help"],
+    ];
+    for flag in flags {
+        let mut args = vec!["--version"];
+        args.extend_from_slice(flag);
+        let out = run(&ember_binary(), &args);
+        assert!(out.status.success(), "{flag:?}: {out:?}");
+    }
+}
+
+#[test]
+fn mmds_size_limit_is_accepted_and_said_to_bound_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("vmm.log");
+    fs::write(&log, "").unwrap();
+    let out = Launch::new(&default_config(&guest_path("hello")))
+        .arg("--mmds-size-limit")
+        .arg("4096")
+        .arg("--level")
+        .arg("Info")
+        .arg("--log-path")
+        .arg(&log)
+        .run()
+        .unwrap();
+    assert!(out.status.success(), "{out}");
+    let log = fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("--mmds-size-limit 4096: Ember has no MMDS data store to bound"),
+        "{log}"
+    );
+}

@@ -147,9 +147,40 @@ struct Cli {
     /// Largest API request body in bytes.
     #[arg(long, default_value_t = 51_200)]
     http_api_max_payload_size: usize,
-    /// Largest MMDS data store in bytes.
+    /// Largest MMDS data store in bytes (Ember has no MMDS: nothing to
+    /// bound).
     #[arg(long)]
     mmds_size_limit: Option<usize>,
+    /// JSON file of MMDS metadata: refused, Ember has no MMDS yet.
+    #[arg(long, value_name = "FILE")]
+    metadata: Option<PathBuf>,
+    /// Virtio devices on PCI: refused, Ember's virtio transport is
+    /// virtio-mmio.
+    #[arg(long)]
+    enable_pci: bool,
+}
+
+impl Cli {
+    /// Firecracker flags Ember knows but cannot honour, and flag
+    /// combinations Firecracker's parser refuses: the one-line reason.
+    fn refusal(&self) -> Option<String> {
+        if let Some(path) = &self.metadata {
+            return Some(format!(
+                "--metadata {}: MMDS (the microVM metadata service) is not supported by Ember",
+                path.display()
+            ));
+        }
+        if self.enable_pci {
+            return Some(
+                "--enable-pci: PCI is not supported by Ember, whose virtio devices use virtio-mmio"
+                    .into(),
+            );
+        }
+        if self.no_seccomp && self.seccomp_filter.is_some() {
+            return Some("--no-seccomp cannot be used together with --seccomp-filter".into());
+        }
+        None
+    }
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
@@ -285,6 +316,9 @@ fn run() -> ExitCode {
         print!("{}", personality.version_text());
         return ExitCode::SUCCESS;
     }
+    if let Some(reason) = cli.refusal() {
+        return fail(exit_code::ARG_PARSING, reason);
+    }
     if !valid_id(&cli.id) {
         return fail(
             exit_code::ARG_PARSING,
@@ -340,6 +374,9 @@ fn run() -> ExitCode {
         return fail(exit_code::BAD_CONFIGURATION, e);
     }
     log::info!("{}", personality.start_line());
+    if let Some(limit) = cli.mmds_size_limit {
+        log::info!("--mmds-size-limit {limit}: Ember has no MMDS data store to bound");
+    }
     // Firecracker ignores them without a word; a typo deserves one.
     for key in config.iter().flat_map(|c| &c.unknown_keys) {
         log::warn!("config file: unknown top-level key `{key}` ignored");
@@ -649,6 +686,34 @@ mod tests {
         assert!(Personality::Ember
             .start_line()
             .starts_with("Running Ember v"));
+    }
+
+    #[test]
+    fn firecracker_flags_ember_cannot_honour_are_refused_by_name() {
+        let refusal = |args: &[&str]| {
+            let mut argv = vec!["ember"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).unwrap().refusal()
+        };
+        let r = refusal(&["--metadata", "/m.json"]).unwrap();
+        assert!(
+            r.contains("--metadata /m.json") && r.contains("MMDS"),
+            "{r}"
+        );
+        let r = refusal(&["--enable-pci"]).unwrap();
+        assert!(
+            r.contains("--enable-pci") && r.contains("virtio-mmio"),
+            "{r}"
+        );
+        let r = refusal(&["--no-seccomp", "--seccomp-filter", "/f"]).unwrap();
+        assert!(
+            r.contains("--no-seccomp") && r.contains("--seccomp-filter"),
+            "{r}"
+        );
+        assert_eq!(
+            refusal(&["--mmds-size-limit", "1024", "--no-seccomp"]),
+            None
+        );
     }
 
     #[test]
