@@ -43,12 +43,14 @@ use ember_virtio_net::NetConfig;
 use ember_vsock::VsockConfig;
 use serde::{Deserialize, Serialize};
 
-/// Boot arguments used when the configuration gives none.
+/// Boot arguments used when the configuration gives none: the command line
+/// a Firecracker guest gets then, Firecracker's `DEFAULT_KERNEL_CMDLINE`
+/// followed by the `pci=off` its builder adds when PCI is not enabled.
 ///
-/// Firecracker's defaults, plus a serial console: a microVM has no other
-/// place to show its console, and `8250.nr_uarts=0` would hide the UART.
-pub const DEFAULT_BOOT_ARGS: &str =
-    "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd";
+/// As in Firecracker, it gives the guest no console: `8250.nr_uarts=0`
+/// leaves the UART unused. Give `boot_args` with `console=ttyS0` to see one.
+pub const DEFAULT_BOOT_ARGS: &str = "reboot=k panic=1 nomodule 8250.nr_uarts=0 i8042.noaux \
+                                     i8042.nomux i8042.dumbkbd swiotlb=noforce pci=off";
 
 /// Largest vCPU count Firecracker accepts (its API schema's maximum), the
 /// limit the vCPU crate enforces.
@@ -847,10 +849,14 @@ mod tests {
     }
 
     #[test]
-    fn default_boot_args_carry_what_the_guest_expects() {
-        for word in ["console=ttyS0", "reboot=k", "panic=1", "pci=off"] {
-            assert!(DEFAULT_BOOT_ARGS.split(' ').any(|w| w == word), "{word}");
-        }
+    fn default_boot_args_are_what_a_firecracker_guest_gets() {
+        // Firecracker's DEFAULT_KERNEL_CMDLINE (vmm_config/boot_source.rs),
+        // then the `pci=off` of its builder.
+        assert_eq!(
+            DEFAULT_BOOT_ARGS,
+            "reboot=k panic=1 nomodule 8250.nr_uarts=0 i8042.noaux i8042.nomux i8042.dumbkbd \
+             swiotlb=noforce pci=off"
+        );
     }
 
     #[test]
