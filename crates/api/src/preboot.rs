@@ -386,6 +386,14 @@ pub fn patch_drive(config: &VmConfig, update: &DriveUpdate) -> Result<Drive, Api
             update.drive_id
         )));
     };
+    // Firecracker takes a PATCH with neither field for a vhost-user drive's
+    // configuration update, which a virtio-blk drive refuses; Ember has only
+    // virtio-blk drives.
+    if update.path_on_host.is_none() && update.rate_limiter.is_none() {
+        return Err(ApiError::bad_request(
+            "Drive config error: Unable to patch the block device: the request changes nothing: give path_on_host or rate_limiter. Please verify the request arguments.",
+        ));
+    }
     let mut drive = drive.clone();
     if let Some(path) = &update.path_on_host {
         let writable = !drive.is_read_only.unwrap_or(false);
@@ -911,5 +919,23 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.message.contains("`nope`"), "{}", e.message);
+        // A PATCH that names only the drive is an error, as in Firecracker.
+        let e = patch_drive(
+            &c,
+            &DriveUpdate {
+                drive_id: "rootfs".into(),
+                path_on_host: None,
+                rate_limiter: None,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(
+            e.message
+                .starts_with("Drive config error: Unable to patch the block device: ")
+                && e.message.contains("path_on_host or rate_limiter"),
+            "{}",
+            e.message
+        );
     }
 }
