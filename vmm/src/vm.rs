@@ -17,6 +17,7 @@ use ember_api::{
 use ember_boot::{KernelEntry, VirtioMmioDeviceInfo};
 use ember_config::{drives_in_attach_order, VmConfig};
 use ember_devices::{Devices, I8042};
+use ember_legacy_devices::token_bucket::TokenBucket;
 use ember_logger::metrics::Metrics;
 use ember_vcpu::{ExitReason, Vcpu, VcpuConfig, VcpuHandle, VmControl};
 use ember_virtio_blk::Block;
@@ -161,6 +162,14 @@ pub fn open_serial_output(path: &Path) -> Result<File, VmError> {
         })
 }
 
+/// The token bucket of `PUT /serial`'s `rate_limiter`, full from now on;
+/// `None` without one, or with a zero size or refill time (no limit, as in
+/// Firecracker).
+fn serial_output_limit(config: &VmConfig) -> Option<TokenBucket> {
+    let b = config.serial.as_ref()?.rate_limiter.as_ref()?;
+    TokenBucket::new(b.size, b.one_time_burst.unwrap_or(0), b.refill_time)
+}
+
 fn open(what: &'static str, path: &Path) -> Result<File, VmError> {
     File::open(path).map_err(|source| VmError::OpenFile {
         what,
@@ -215,6 +224,12 @@ impl Vm {
             None => Box::new(std::io::stdout()),
         };
         devices.attach_serial(&vm_fd, serial_out)?;
+        if let (Some(limit), Some((serial, _))) = (serial_output_limit(config), devices.serial()) {
+            serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_output_limit(Some(limit));
+        }
         devices.attach_i8042(&vm_fd, control.clone())?;
         // virtio-mmio slots in Firecracker's order: drives (root first),
         // network interfaces, vsock.

@@ -828,7 +828,7 @@ mod tests {
     }
 
     #[test]
-    fn serial_output_is_recorded_and_a_rate_limiter_refused() {
+    fn serial_output_and_its_rate_limiter_are_recorded() {
         let mut r = PreBootResources::new("vm");
         let serial = Serial {
             serial_out_path: Some(PathBuf::from("/tmp/console.log")),
@@ -848,13 +848,19 @@ mod tests {
             }),
             ..serial.clone()
         };
-        let e = err(r.handle(VmmAction::PutSerial(limited)));
+        r.handle(VmmAction::PutSerial(limited.clone())).unwrap();
+        assert_eq!(r.config().serial.as_ref(), Some(&limited));
+        let empty = Serial {
+            serial_out_path: Some(PathBuf::new()),
+            rate_limiter: None,
+        };
+        let e = err(r.handle(VmmAction::PutSerial(empty)));
         assert_eq!(e.status, 400);
         assert_eq!(
             e.message,
-            "Serial config error: serial: rate_limiter is not supported yet by Ember"
+            "Serial config error: serial: serial_out_path is empty"
         );
-        assert_eq!(r.config().serial.as_ref(), Some(&serial));
+        assert_eq!(r.config().serial.as_ref(), Some(&limited));
         // Not a section of GET /vm/config, as in Firecracker.
         let text = serde_json::to_string(r.config()).unwrap();
         assert!(!text.contains("console.log"), "{text}");

@@ -371,8 +371,8 @@ pub struct Serial {
     /// of stdout; the console then reads no input.
     #[serde(default)]
     pub serial_out_path: Option<PathBuf>,
-    /// Token bucket for the console output (not supported yet: refused by
-    /// validation).
+    /// Token bucket for the console output, in bytes: output over it is
+    /// dropped and counted (`uart.rate_limiter_dropped_bytes`).
     #[serde(default)]
     pub rate_limiter: Option<TokenBucket>,
 }
@@ -569,11 +569,6 @@ impl VmConfig {
             return Err(ConfigError::NotSupported(name));
         }
         if let Some(serial) = &self.serial {
-            if serial.rate_limiter.is_some() {
-                return Err(ConfigError::Invalid(
-                    "serial: rate_limiter is not supported yet by Ember".into(),
-                ));
-            }
             if serial
                 .serial_out_path
                 .as_ref()

@@ -52,6 +52,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub mod i8042;
 pub mod serial;
+pub mod token_bucket;
 
 /// A [`Trigger`] that signals an eventfd by adding 1 to its counter.
 ///

@@ -15,6 +15,7 @@ use vm_superio::serial::{Error as UartError, SerialEvents, SerialState};
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::token_bucket::TokenBucket;
 use crate::EventFdTrigger;
 
 /// Port-I/O base of COM1 (IBM PC/AT assignment, used by Linux's
@@ -72,10 +73,12 @@ pub struct SerialMetrics {
     missed_write_count: AtomicU64,
     invalid_access_count: AtomicU64,
     error_count: AtomicU64,
+    rate_limiter_dropped_bytes: AtomicU64,
 }
 
 impl SerialMetrics {
-    /// Bytes the guest wrote to the transmitter that reached the output.
+    /// Bytes the guest wrote to the transmitter that the output took or the
+    /// output limit dropped (as Firecracker counts `write_count`).
     pub fn bytes_written(&self) -> u64 {
         self.bytes_written.load(Ordering::Relaxed)
     }
@@ -94,6 +97,12 @@ impl SerialMetrics {
     /// output failed.
     pub fn missed_write_count(&self) -> u64 {
         self.missed_write_count.load(Ordering::Relaxed)
+    }
+
+    /// Output bytes dropped because they exceeded the output limit
+    /// ([`SerialDevice::set_output_limit`]).
+    pub fn rate_limiter_dropped_bytes(&self) -> u64 {
+        self.rate_limiter_dropped_bytes.load(Ordering::Relaxed)
     }
 
     /// Accesses that were not one byte wide or fell outside the 8 registers.
@@ -267,6 +276,36 @@ impl SerialEvents for UartEvents {
     }
 }
 
+/// The UART's output: the host sink behind an optional token bucket.
+///
+/// Bytes over the limit are dropped and counted, and reported written, so
+/// the guest sees a transmitter that never stalls (Firecracker's
+/// `SerialOut`).
+struct Output<W: Write> {
+    out: W,
+    limit: Option<TokenBucket>,
+    metrics: Arc<SerialMetrics>,
+}
+
+impl<W: Write> Write for Output<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(limit) = &mut self.limit {
+            let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
+            if !limit.reduce(len) {
+                self.metrics
+                    .rate_limiter_dropped_bytes
+                    .fetch_add(len, Ordering::Relaxed);
+                return Ok(buf.len());
+            }
+        }
+        self.out.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
 /// A 16550A UART: `vm_superio::Serial<EventFdTrigger, _, W>` as a
 /// [`BusDevice`](ember_bus::BusDevice).
 ///
@@ -274,7 +313,7 @@ impl SerialEvents for UartEvents {
 /// vm-superio), so it shows up on the host promptly. Host input is fed with
 /// [`enqueue_input`](Self::enqueue_input).
 pub struct SerialDevice<W: Write + Send> {
-    serial: Serial<EventFdTrigger, UartEvents, W>,
+    serial: Serial<EventFdTrigger, UartEvents, Output<W>>,
     metrics: Arc<SerialMetrics>,
     input_ready: Option<EventFd>,
     /// Copy of LCR, to tell receiver-buffer reads from divisor-latch reads.
@@ -289,6 +328,11 @@ impl<W: Write + Send> SerialDevice<W> {
         let events = UartEvents {
             metrics: metrics.clone(),
             drained: AtomicBool::new(false),
+        };
+        let out = Output {
+            out,
+            limit: None,
+            metrics: metrics.clone(),
         };
         SerialDevice {
             serial: Serial::with_events(interrupt, events, out),
@@ -315,6 +359,11 @@ impl<W: Write + Send> SerialDevice<W> {
         let events = UartEvents {
             metrics: metrics.clone(),
             drained: AtomicBool::new(false),
+        };
+        let out = Output {
+            out,
+            limit: None,
+            metrics: metrics.clone(),
         };
         let serial = Serial::from_state(&SerialState::from(state), interrupt, events, out)
             .map_err(|e| match e {
@@ -379,12 +428,20 @@ impl<W: Write + Send> SerialDevice<W> {
 
     /// The guest output sink.
     pub fn writer(&self) -> &W {
-        self.serial.writer()
+        &self.serial.writer().out
     }
 
     /// The guest output sink, mutably.
     pub fn writer_mut(&mut self) -> &mut W {
-        self.serial.writer_mut()
+        &mut self.serial.writer_mut().out
+    }
+
+    /// Limits the guest's output to what `limit` lets through (`None`: no
+    /// limit). Bytes over it are dropped and counted in
+    /// [`SerialMetrics::rate_limiter_dropped_bytes`]; the guest still sees
+    /// them sent.
+    pub fn set_output_limit(&mut self, limit: Option<TokenBucket>) {
+        self.serial.writer_mut().limit = limit;
     }
 
     /// The register `offset` addresses, if it is one of the eight.
@@ -552,6 +609,33 @@ mod tests {
         assert_eq!(dev.metrics().bytes_written(), 6);
         assert_eq!(dev.metrics().missed_write_count(), 0);
         assert_eq!(dev.writer().0.lock().unwrap().len(), 6);
+    }
+
+    #[test]
+    fn output_over_the_limit_is_dropped_and_counted() {
+        let out = SharedBuf::default();
+        let (mut dev, irq) = serial(out.clone());
+        // 4 bytes, then one every 1000 s: none more during the test.
+        dev.set_output_limit(TokenBucket::new(4, 0, 1_000_000));
+        for byte in b"hello" {
+            outb(&mut dev, 0, *byte);
+        }
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hell");
+        assert_eq!(dev.metrics().rate_limiter_dropped_bytes(), 1);
+        // Not lost as far as the guest can tell: the transmitter stays
+        // ready and interrupts for a dropped byte as for a sent one.
+        outb(&mut dev, IER, 0x02);
+        inb(&mut dev, IIR);
+        let _ = count(&irq);
+        outb(&mut dev, 0, b'\n');
+        assert_eq!(count(&irq), 1);
+        assert_ne!(inb(&mut dev, LSR) & LSR_THR_EMPTY, 0);
+        assert_eq!(dev.metrics().rate_limiter_dropped_bytes(), 2);
+        assert_eq!(dev.metrics().missed_write_count(), 0);
+        assert_eq!(dev.metrics().bytes_written(), 6);
+        dev.set_output_limit(None);
+        outb(&mut dev, 0, b'!');
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hell!");
     }
 
     #[test]

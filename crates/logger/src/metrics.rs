@@ -372,6 +372,10 @@ impl MetricGroup for SerialMetrics {
         out.counter("missed_write_count", self.missed_write_count());
         out.counter("read_count", self.bytes_read());
         out.counter("write_count", self.bytes_written());
+        out.counter(
+            "rate_limiter_dropped_bytes",
+            self.rate_limiter_dropped_bytes(),
+        );
         // Ember's own: accesses that were not one byte wide or out of range.
         out.counter("invalid_access_count", self.invalid_access_count());
     }
