@@ -74,6 +74,38 @@ fn the_start_line_names_firecracker_under_its_name() {
     let log = start_log(&linked_as(dir.path(), "firecracker"));
     assert!(log.contains("Running Firecracker v1.17.0\n"), "{log}");
     assert!(!log.contains("Running Ember"), "{log}");
+    // The last line, which Firecracker's test framework reads the exit
+    // status from.
+    assert!(
+        log.trim_end()
+            .ends_with("Firecracker exiting successfully. exit_code=0"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_failure_is_logged_with_its_exit_status_under_either_name() {
+    let dir = tempfile::tempdir().unwrap();
+    for (binary, name) in [
+        (linked_as(dir.path(), "firecracker"), "Firecracker"),
+        (ember_binary(), "Ember"),
+    ] {
+        let log = dir.path().join(format!("{name}.log"));
+        fs::write(&log, "").unwrap();
+        let out = Launch::new(&default_config(Path::new("/nonexistent/vmlinux")))
+            .binary(&binary)
+            .arg("--log-path")
+            .arg(&log)
+            .run()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(152), "{out}");
+        let log = fs::read_to_string(&log).unwrap();
+        assert!(
+            log.trim_end()
+                .ends_with(&format!("{name} exiting with error. exit_code=152")),
+            "{log}"
+        );
+    }
 }
 
 #[test]
@@ -81,6 +113,11 @@ fn the_start_line_names_ember_under_its_own_name() {
     let log = start_log(&ember_binary());
     assert!(
         log.contains(&format!("Running Ember v{}\n", env!("CARGO_PKG_VERSION"))),
+        "{log}"
+    );
+    assert!(
+        log.trim_end()
+            .ends_with("Ember exiting successfully. exit_code=0"),
         "{log}"
     );
 }

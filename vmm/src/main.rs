@@ -76,6 +76,14 @@ impl Personality {
         }
     }
 
+    /// The product name log lines use.
+    fn name(self) -> &'static str {
+        match self {
+            Personality::Firecracker => "Firecracker",
+            Personality::Ember => "Ember",
+        }
+    }
+
     /// The first log line.
     fn start_line(self) -> String {
         match self {
@@ -183,7 +191,7 @@ impl Cli {
     }
 }
 
-fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+fn fail(code: u8, message: impl std::fmt::Display) -> u8 {
     // The one line a user reads when the VMM stops on an error.
     eprintln!("ember: error: {message}");
     // The log gets the same line, unless it is stderr itself.
@@ -191,7 +199,7 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
         log::error!("{message}");
         log::logger().flush();
     }
-    ExitCode::from(code)
+    code
 }
 
 /// The metrics the SIGSYS handler flushes before the process ends.
@@ -283,29 +291,43 @@ mod stop_signal {
 }
 
 fn main() -> ExitCode {
+    let personality = Personality::from_argv0(std::env::args_os().next().as_deref());
     // Everything `run` holds (the API socket, the terminal mode) is
     // released when it returns, before a stop signal ends the process.
-    let code = run();
+    let code = run(personality);
     if let Some(signum) = stop_signal::received() {
         log::info!("stopped by {}", stop_signal::name(signum));
         log::logger().flush();
         stop_signal::reraise(signum);
     }
-    code
+    log_exit(personality, code);
+    ExitCode::from(code)
 }
 
-fn run() -> ExitCode {
+/// The last log line, with Firecracker's words, which its tools parse for
+/// the exit status. An error's goes only to a log file: on stderr, `fail`
+/// has already said why in one line.
+fn log_exit(personality: Personality, code: u8) {
+    let name = personality.name();
+    if code == exit_code::OK {
+        log::info!("{name} exiting successfully. exit_code=0");
+    } else if logger::logs_to_file() {
+        log::error!("{name} exiting with error. exit_code={code}");
+    }
+    log::logger().flush();
+}
+
+fn run(personality: Personality) -> u8 {
     let start = Instant::now();
     let start_cpu_us = boot_timer::process_cpu_us();
 
-    let personality = Personality::from_argv0(std::env::args_os().next().as_deref());
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
                 let _ = e.print();
-                return ExitCode::SUCCESS;
+                return exit_code::OK;
             }
             let msg = e.to_string();
             let first = msg.lines().next().unwrap_or("invalid arguments");
@@ -314,7 +336,7 @@ fn run() -> ExitCode {
     };
     if cli.version {
         print!("{}", personality.version_text());
-        return ExitCode::SUCCESS;
+        return exit_code::OK;
     }
     if let Some(reason) = cli.refusal() {
         return fail(exit_code::ARG_PARSING, reason);
@@ -471,7 +493,7 @@ fn run() -> ExitCode {
         },
         (None, Some(api)) => match serve_until_start(api, stop, &cli.id, &metrics, &run_opts) {
             PreBoot::Start(vm, responder) => (*vm, Some(responder)),
-            PreBoot::Stopped => return ExitCode::from(exit_code::OK),
+            PreBoot::Stopped => return exit_code::OK,
             PreBoot::ApiGone => {
                 return fail(
                     exit_code::GENERIC_ERROR,
@@ -506,11 +528,11 @@ fn run() -> ExitCode {
     drop(raw_terminal);
     match result {
         // Stopped by SIGTERM or SIGINT: main ends the process by the signal.
-        Ok(_) if stop_signal::received().is_some() => ExitCode::from(exit_code::OK),
+        Ok(_) if stop_signal::received().is_some() => exit_code::OK,
         Ok(reason) if reason.is_success() => {
             log::info!("{reason}");
             log::logger().flush();
-            ExitCode::from(exit_code::OK)
+            exit_code::OK
         }
         Ok(reason) => fail(exit_code::GENERIC_ERROR, reason),
         Err(e) => fail(exit_code::GENERIC_ERROR, e),
