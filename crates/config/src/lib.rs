@@ -223,6 +223,16 @@ pub struct Drive {
     pub socket: Option<PathBuf>,
 }
 
+fn lower_case<S: serde::Serializer>(
+    value: &Option<String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(text) => serializer.serialize_some(&text.to_ascii_lowercase()),
+        None => serializer.serialize_none(),
+    }
+}
+
 fn read_only_or_false<S: serde::Serializer>(
     value: &Option<bool>,
     serializer: S,
@@ -238,8 +248,9 @@ pub struct NetworkInterface {
     pub iface_id: String,
     /// Host TAP device name.
     pub host_dev_name: String,
-    /// Guest MAC address, `xx:xx:xx:xx:xx:xx`.
-    #[serde(default)]
+    /// Guest MAC address, `xx:xx:xx:xx:xx:xx`; written back in lower case,
+    /// as Firecracker writes it.
+    #[serde(default, serialize_with = "lower_case")]
     pub guest_mac: Option<String>,
     /// MTU advertised with VIRTIO_NET_F_MTU.
     #[serde(default)]
@@ -918,7 +929,8 @@ mod tests {
             r#"{"boot-source": {"kernel_image_path": "/k"},
                 "drives": [{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true}],
                 "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0",
-                    "tx_rate_limiter": {"bandwidth": {"size": 1000000, "refill_time": 100}}}]}"#,
+                    "tx_rate_limiter": {"bandwidth": {"size": 1000000, "refill_time": 100}}},
+                    {"iface_id": "eth1", "host_dev_name": "tap1", "guest_mac": "06:00:AC:10:00:02"}]}"#,
         )
         .unwrap();
         let v = c.to_api_json();
@@ -958,6 +970,7 @@ mod tests {
                 "tx_rate_limiter": {"bandwidth": {"size": 1000000, "one_time_burst": null,
                     "refill_time": 100}, "ops": null}})
         );
+        assert_eq!(v["network-interfaces"][1]["guest_mac"], "06:00:ac:10:00:02");
         assert_eq!(
             v["machine-config"],
             serde_json::json!({"vcpu_count": 1, "mem_size_mib": 128, "smt": false,
