@@ -106,8 +106,8 @@ impl fmt::Display for Output {
 }
 
 /// Ember's default VM config for `kernel`, in Firecracker's JSON format:
-/// one vCPU, 128 MiB, no `boot_args` (ember then uses its Firecracker-like
-/// default command line).
+/// one vCPU, 128 MiB, no `boot_args` (ember then uses Firecracker's default
+/// command line).
 pub fn default_config(kernel: &Path) -> Value {
     json!({
         "boot-source": {

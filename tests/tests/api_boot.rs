@@ -88,6 +88,83 @@ fn a_full_start_through_the_api_runs_the_guest() {
 }
 
 #[test]
+fn put_serial_sends_the_console_to_a_file_instead_of_stdout() {
+    let vm = ApiVm::spawn(&["--id", "api-serial"]).unwrap();
+    // Outlives the VM's own directory, which goes with it.
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console.log");
+    let mut api = vm.client().unwrap();
+
+    ok(
+        &mut api,
+        "PUT",
+        "/boot-source",
+        &json!({"kernel_image_path": guest_path("hello"), "boot_args": "console=ttyS0"}),
+    );
+    ok(
+        &mut api,
+        "PUT",
+        "/serial",
+        &json!({"serial_out_path": console}),
+    );
+    // Not a configuration section in Firecracker's GET /vm/config.
+    let c = get(&mut api, "/vm/config");
+    assert!(c.get("serial").is_none(), "{c}");
+    ok(
+        &mut api,
+        "PUT",
+        "/actions",
+        &json!({"action_type": "InstanceStart"}),
+    );
+
+    let out = vm.wait(EXIT_TIMEOUT).unwrap();
+    assert!(out.status.success(), "{:?}\n{}", out.status, out.stderr);
+    let text = fs::read_to_string(&console).unwrap();
+    assert_eq!(text.lines().filter(|l| *l == GREETING).count(), 1, "{text}");
+    assert!(!out.stdout.contains(GREETING), "{}", out.stdout);
+}
+
+#[test]
+fn the_serial_rate_limiter_drops_and_counts_what_exceeds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console.log");
+    let metrics = dir.path().join("metrics.json");
+    let metrics_arg = metrics.to_str().unwrap().to_string();
+    let vm = ApiVm::spawn(&["--id", "api-serial-rl", "--metrics-path", &metrics_arg]).unwrap();
+    let mut api = vm.client().unwrap();
+    ok(
+        &mut api,
+        "PUT",
+        "/boot-source",
+        &json!({"kernel_image_path": guest_path("hello"), "boot_args": "console=ttyS0"}),
+    );
+    // 10 bytes of burst, then 1 byte per 1000 s: nothing more in the test.
+    ok(
+        &mut api,
+        "PUT",
+        "/serial",
+        &json!({"serial_out_path": console,
+                "rate_limiter": {"size": 1, "one_time_burst": 9, "refill_time": 1_000_000}}),
+    );
+    ok(
+        &mut api,
+        "PUT",
+        "/actions",
+        &json!({"action_type": "InstanceStart"}),
+    );
+    let out = vm.wait(EXIT_TIMEOUT).unwrap();
+    assert!(out.status.success(), "{:?}\n{}", out.status, out.stderr);
+    assert_eq!(fs::read_to_string(&console).unwrap(), &GREETING[..10]);
+    let lines = fs::read_to_string(&metrics).unwrap();
+    let dropped: u64 = lines
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|m| m["uart"]["rate_limiter_dropped_bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(dropped, GREETING.len() as u64 + 1 - 10, "{lines}");
+}
+
+#[test]
 fn every_pre_boot_endpoint_answers_and_is_reflected() {
     let vm = ApiVm::spawn(&["--id", "api-boot-2"]).unwrap();
     let mut api = vm.client().unwrap();
@@ -180,6 +257,30 @@ fn every_pre_boot_endpoint_answers_and_is_reflected() {
     assert_eq!(c["vsock"]["guest_cid"], 3);
     assert_eq!(c["logger"]["level"], "Debug", "{c}");
     assert_eq!(c["metrics"]["metrics_path"], json!(metrics));
+    // Every section Firecracker answers, absent ones null or empty, and
+    // every field of a drive.
+    for absent in [
+        "balloon",
+        "cpu-config",
+        "mmds-config",
+        "entropy",
+        "memory-hotplug",
+    ] {
+        assert!(c[absent].is_null(), "{absent}: {c}");
+    }
+    assert_eq!(c["pmem"], json!([]), "{c}");
+    assert_eq!(c["network-interfaces"], json!([]), "{c}");
+    assert_eq!(c["boot-source"]["initrd_path"], Value::Null, "{c}");
+    for (field, value) in [
+        ("partuuid", Value::Null),
+        ("rate_limiter", Value::Null),
+        ("socket", Value::Null),
+        ("io_engine", json!("Sync")),
+        ("cache_type", json!("Unsafe")),
+        ("is_root_device", json!(false)),
+    ] {
+        assert_eq!(c["drives"][0][field], value, "{field}: {c}");
+    }
 
     // The logger took effect at once: later requests are logged to the
     // file, with the level shown.

@@ -245,6 +245,16 @@ fn a_drive_backing_file_is_replaced_while_the_guest_runs() {
         r.fault_message().contains(missing.to_str().unwrap()),
         "{r:?}"
     );
+    // A PATCH that changes nothing is refused, as Firecracker refuses it.
+    let r = api
+        .patch("/drives/scratch", &json!({"drive_id": "scratch"}))
+        .unwrap();
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(
+        r.fault_message()
+            .starts_with("Drive config error: Unable to patch the block device: "),
+        "{r:?}"
+    );
     let config = api.get("/vm/config").unwrap().json();
     assert_eq!(config["drives"][0]["path_on_host"], json!(second));
     // Before boot only: a new drive.

@@ -32,9 +32,59 @@ fn unknown_field_is_rejected_by_name() {
 }
 
 #[test]
-fn unknown_section_is_rejected_by_name() {
-    let out = run_guest(&guest_path("hello"), &json!({"boot-sauce": {}})).unwrap();
-    assert_refused(&out, &["boot-sauce"]);
+fn unknown_section_is_ignored_with_a_warning_naming_it() {
+    // Firecracker ignores a top-level key it does not know; Ember says so.
+    let out = run_guest(
+        &guest_path("hello"),
+        &json!({"boot-sauce": {}, "serial": {"serial_out_path": "/nonexistent"}}),
+    )
+    .unwrap();
+    assert!(out.status.success(), "{out}");
+    assert!(
+        out.stdout.contains("Hello from the Ember test guest"),
+        "{out}"
+    );
+    for key in ["boot-sauce", "serial"] {
+        let warnings: Vec<&str> = out
+            .stderr_lines()
+            .into_iter()
+            .filter(|l| l.contains(&format!("unknown top-level key `{key}` ignored")))
+            .collect();
+        assert_eq!(warnings.len(), 1, "{out}");
+    }
+}
+
+#[test]
+fn every_firecracker_section_is_accepted_empty() {
+    let config = json!({
+        "boot-source": {"kernel_image_path": guest_path("hello"), "initrd_path": null, "boot_args": null},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "smt": false},
+        "drives": [], "network-interfaces": [], "vsock": null, "logger": null, "metrics": null,
+        "balloon": null, "cpu-config": null, "mmds-config": null, "entropy": null,
+        "pmem": [], "memory-hotplug": null,
+    });
+    let out = Launch::from_text(config.to_string()).run().unwrap();
+    assert!(out.status.success(), "{out}");
+    assert!(
+        out.stdout.contains("Hello from the Ember test guest"),
+        "{out}"
+    );
+    assert!(!out.stderr.contains("unknown"), "{out}");
+}
+
+#[test]
+fn a_section_for_a_device_ember_lacks_is_refused_by_name() {
+    for (section, body) in [
+        ("balloon", json!({"amount_mib": 1, "deflate_on_oom": false})),
+        (
+            "pmem",
+            json!([{"id": "p0", "path_on_host": "/p", "root_device": false}]),
+        ),
+        ("entropy", json!({})),
+    ] {
+        let out = run_guest(&guest_path("hello"), &json!({ section: body })).unwrap();
+        assert_refused(&out, &[&format!("`{section}`"), "not supported"]);
+    }
 }
 
 #[test]

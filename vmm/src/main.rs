@@ -15,7 +15,7 @@ use ember::socket_reaper::SocketReaper;
 use ember::{terminal, vm};
 use ember_api::{
     start_api_server_with, ApiError, ApiServerHandle, PrebootApiController, PrebootOutcome,
-    Responder, ServerOptions, VmmAction,
+    Responder, ServerOptions, VmmAction, FIRECRACKER_API_VERSION,
 };
 use ember_config::{self as config, LogLevel, VmConfig};
 use ember_devices::boot_timer;
@@ -38,14 +38,72 @@ mod exit_code {
 /// Longest `--id` Firecracker accepts.
 const MAX_ID_LEN: usize = 64;
 
+/// The name the binary answers to: its own, or Firecracker's when it is
+/// run as `firecracker` (a symbolic link, a copy, Firecracker's release name
+/// `firecracker-v1.17.0-x86_64`), so that tools which read `--version` or
+/// the start log line accept it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Personality {
+    Ember,
+    Firecracker,
+}
+
+impl Personality {
+    /// From `argv[0]`: Firecracker when its file name starts with
+    /// `firecracker`.
+    fn from_argv0(argv0: Option<&std::ffi::OsStr>) -> Self {
+        let name = argv0
+            .map(std::path::Path::new)
+            .and_then(std::path::Path::file_name)
+            .and_then(std::ffi::OsStr::to_str)
+            .unwrap_or("");
+        if name.starts_with("firecracker") {
+            Personality::Firecracker
+        } else {
+            Personality::Ember
+        }
+    }
+
+    /// `--version`'s output: Firecracker's exact words (the version line
+    /// and an empty line) under its name.
+    fn version_text(self) -> String {
+        match self {
+            Personality::Firecracker => format!("Firecracker v{FIRECRACKER_API_VERSION}\n\n"),
+            Personality::Ember => format!(
+                "Ember v{} (Firecracker v{FIRECRACKER_API_VERSION} API)\n",
+                env!("CARGO_PKG_VERSION")
+            ),
+        }
+    }
+
+    /// The product name log lines use.
+    fn name(self) -> &'static str {
+        match self {
+            Personality::Firecracker => "Firecracker",
+            Personality::Ember => "Ember",
+        }
+    }
+
+    /// The first log line.
+    fn start_line(self) -> String {
+        match self {
+            Personality::Firecracker => format!("Running Firecracker v{FIRECRACKER_API_VERSION}"),
+            Personality::Ember => format!("Running Ember v{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
 /// Command-line flags, Firecracker's names.
 #[derive(Parser, Debug)]
 #[command(
     name = "ember",
-    version,
+    disable_version_flag = true,
     about = "Ember: a Firecracker-compatible microVM monitor"
 )]
 struct Cli {
+    /// Print the version and exit.
+    #[arg(long)]
+    version: bool,
     /// Path of the API Unix socket.
     #[arg(long, default_value = "/run/firecracker.socket")]
     api_sock: PathBuf,
@@ -97,12 +155,43 @@ struct Cli {
     /// Largest API request body in bytes.
     #[arg(long, default_value_t = 51_200)]
     http_api_max_payload_size: usize,
-    /// Largest MMDS data store in bytes.
+    /// Largest MMDS data store in bytes (Ember has no MMDS: nothing to
+    /// bound).
     #[arg(long)]
     mmds_size_limit: Option<usize>,
+    /// JSON file of MMDS metadata: refused, Ember has no MMDS yet.
+    #[arg(long, value_name = "FILE")]
+    metadata: Option<PathBuf>,
+    /// Virtio devices on PCI: refused, Ember's virtio transport is
+    /// virtio-mmio.
+    #[arg(long)]
+    enable_pci: bool,
 }
 
-fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+impl Cli {
+    /// Firecracker flags Ember knows but cannot honour, and flag
+    /// combinations Firecracker's parser refuses: the one-line reason.
+    fn refusal(&self) -> Option<String> {
+        if let Some(path) = &self.metadata {
+            return Some(format!(
+                "--metadata {}: MMDS (the microVM metadata service) is not supported by Ember",
+                path.display()
+            ));
+        }
+        if self.enable_pci {
+            return Some(
+                "--enable-pci: PCI is not supported by Ember, whose virtio devices use virtio-mmio"
+                    .into(),
+            );
+        }
+        if self.no_seccomp && self.seccomp_filter.is_some() {
+            return Some("--no-seccomp cannot be used together with --seccomp-filter".into());
+        }
+        None
+    }
+}
+
+fn fail(code: u8, message: impl std::fmt::Display) -> u8 {
     // The one line a user reads when the VMM stops on an error.
     eprintln!("ember: error: {message}");
     // The log gets the same line, unless it is stderr itself.
@@ -110,7 +199,7 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
         log::error!("{message}");
         log::logger().flush();
     }
-    ExitCode::from(code)
+    code
 }
 
 /// The metrics the SIGSYS handler flushes before the process ends.
@@ -202,18 +291,33 @@ mod stop_signal {
 }
 
 fn main() -> ExitCode {
+    let personality = Personality::from_argv0(std::env::args_os().next().as_deref());
     // Everything `run` holds (the API socket, the terminal mode) is
     // released when it returns, before a stop signal ends the process.
-    let code = run();
+    let code = run(personality);
     if let Some(signum) = stop_signal::received() {
         log::info!("stopped by {}", stop_signal::name(signum));
         log::logger().flush();
         stop_signal::reraise(signum);
     }
-    code
+    log_exit(personality, code);
+    ExitCode::from(code)
 }
 
-fn run() -> ExitCode {
+/// The last log line, with Firecracker's words, which its tools parse for
+/// the exit status. An error's goes only to a log file: on stderr, `fail`
+/// has already said why in one line.
+fn log_exit(personality: Personality, code: u8) {
+    let name = personality.name();
+    if code == exit_code::OK {
+        log::info!("{name} exiting successfully. exit_code=0");
+    } else if logger::logs_to_file() {
+        log::error!("{name} exiting with error. exit_code={code}");
+    }
+    log::logger().flush();
+}
+
+fn run(personality: Personality) -> u8 {
     let start = Instant::now();
     let start_cpu_us = boot_timer::process_cpu_us();
 
@@ -223,13 +327,20 @@ fn run() -> ExitCode {
             use clap::error::ErrorKind;
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
                 let _ = e.print();
-                return ExitCode::SUCCESS;
+                return exit_code::OK;
             }
             let msg = e.to_string();
             let first = msg.lines().next().unwrap_or("invalid arguments");
             return fail(exit_code::ARG_PARSING, first.trim_start_matches("error: "));
         }
     };
+    if cli.version {
+        print!("{}", personality.version_text());
+        return exit_code::OK;
+    }
+    if let Some(reason) = cli.refusal() {
+        return fail(exit_code::ARG_PARSING, reason);
+    }
     if !valid_id(&cli.id) {
         return fail(
             exit_code::ARG_PARSING,
@@ -284,7 +395,14 @@ fn run() -> ExitCode {
     if let Err(e) = logger::init(&opts) {
         return fail(exit_code::BAD_CONFIGURATION, e);
     }
-    log::info!("Running Ember v{}", env!("CARGO_PKG_VERSION"));
+    log::info!("{}", personality.start_line());
+    if let Some(limit) = cli.mmds_size_limit {
+        log::info!("--mmds-size-limit {limit}: Ember has no MMDS data store to bound");
+    }
+    // Firecracker ignores them without a word; a typo deserves one.
+    for key in config.iter().flat_map(|c| &c.unknown_keys) {
+        log::warn!("config file: unknown top-level key `{key}` ignored");
+    }
 
     // A trapped system call is logged, counted and ends the process with 148;
     // installed whatever the filters, as Firecracker does.
@@ -375,7 +493,7 @@ fn run() -> ExitCode {
         },
         (None, Some(api)) => match serve_until_start(api, stop, &cli.id, &metrics, &run_opts) {
             PreBoot::Start(vm, responder) => (*vm, Some(responder)),
-            PreBoot::Stopped => return ExitCode::from(exit_code::OK),
+            PreBoot::Stopped => return exit_code::OK,
             PreBoot::ApiGone => {
                 return fail(
                     exit_code::GENERIC_ERROR,
@@ -394,7 +512,11 @@ fn run() -> ExitCode {
         log::warn!("the socket-removing process is gone: {e}");
     }
 
-    let raw_terminal = terminal::RawTerminal::enable(libc::STDIN_FILENO);
+    // The terminal is the console's only when the console is not a file.
+    let raw_terminal = match vm.config().serial_output() {
+        Some(_) => None,
+        None => terminal::RawTerminal::enable(libc::STDIN_FILENO),
+    };
     let result = vm.run_with(vm::RunContext {
         api: api.as_ref(),
         metrics: Some(metrics),
@@ -406,11 +528,11 @@ fn run() -> ExitCode {
     drop(raw_terminal);
     match result {
         // Stopped by SIGTERM or SIGINT: main ends the process by the signal.
-        Ok(_) if stop_signal::received().is_some() => ExitCode::from(exit_code::OK),
+        Ok(_) if stop_signal::received().is_some() => exit_code::OK,
         Ok(reason) if reason.is_success() => {
             log::info!("{reason}");
             log::logger().flush();
-            ExitCode::from(exit_code::OK)
+            exit_code::OK
         }
         Ok(reason) => fail(exit_code::GENERIC_ERROR, reason),
         Err(e) => fail(exit_code::GENERIC_ERROR, e),
@@ -555,6 +677,65 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["ember", "--level", "loud"]).is_err());
         assert!(Cli::try_parse_from(["ember", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn the_name_picks_the_personality() {
+        use std::ffi::OsStr;
+        for (argv0, expected) in [
+            ("firecracker", Personality::Firecracker),
+            ("/usr/bin/firecracker", Personality::Firecracker),
+            ("./firecracker-v1.17.0-x86_64", Personality::Firecracker),
+            ("ember", Personality::Ember),
+            ("/opt/firecracker/bin/ember", Personality::Ember),
+        ] {
+            assert_eq!(
+                Personality::from_argv0(Some(OsStr::new(argv0))),
+                expected,
+                "{argv0}"
+            );
+        }
+        assert_eq!(Personality::from_argv0(None), Personality::Ember);
+        assert_eq!(
+            Personality::Firecracker.version_text(),
+            "Firecracker v1.17.0\n\n"
+        );
+        assert_eq!(
+            Personality::Firecracker.start_line(),
+            "Running Firecracker v1.17.0"
+        );
+        assert!(Personality::Ember.version_text().starts_with("Ember v"));
+        assert!(Personality::Ember
+            .start_line()
+            .starts_with("Running Ember v"));
+    }
+
+    #[test]
+    fn firecracker_flags_ember_cannot_honour_are_refused_by_name() {
+        let refusal = |args: &[&str]| {
+            let mut argv = vec!["ember"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).unwrap().refusal()
+        };
+        let r = refusal(&["--metadata", "/m.json"]).unwrap();
+        assert!(
+            r.contains("--metadata /m.json") && r.contains("MMDS"),
+            "{r}"
+        );
+        let r = refusal(&["--enable-pci"]).unwrap();
+        assert!(
+            r.contains("--enable-pci") && r.contains("virtio-mmio"),
+            "{r}"
+        );
+        let r = refusal(&["--no-seccomp", "--seccomp-filter", "/f"]).unwrap();
+        assert!(
+            r.contains("--no-seccomp") && r.contains("--seccomp-filter"),
+            "{r}"
+        );
+        assert_eq!(
+            refusal(&["--mmds-size-limit", "1024", "--no-seccomp"]),
+            None
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ use ember_boot::{KernelEntry, VirtioMmioDeviceInfo};
 use ember_config::{drives_in_attach_order, VmConfig};
 use ember_devices::{Devices, I8042};
 use ember_logger::metrics::Metrics;
+use ember_rate_limiter::TokenBucket;
 use ember_vcpu::{ExitReason, Vcpu, VcpuConfig, VcpuHandle, VmControl};
 use ember_virtio_blk::{Block, BucketSpec, BucketUpdate};
 use kvm_ioctls::{Kvm, VmFd};
@@ -54,7 +55,7 @@ pub enum VmError {
     /// A file named by the configuration could not be opened.
     #[error("cannot open {what} {path}: {source}")]
     OpenFile {
-        /// "kernel image", "initrd".
+        /// "kernel image", "initrd", "serial output".
         what: &'static str,
         /// The path from the configuration.
         path: PathBuf,
@@ -136,6 +137,39 @@ pub struct Vm {
     config: VmConfig,
 }
 
+/// Opens the file or named pipe of `PUT /serial` as Firecracker does:
+/// created when missing, read-write (so a named pipe opens without a reader
+/// and never raises SIGPIPE), non-blocking. Ember also appends (an existing
+/// file keeps its content) and refuses a symbolic link.
+///
+/// Non-blocking matters: a pipe nobody reads fills up, then each byte the
+/// guest writes fails with `EAGAIN` and is dropped and counted in
+/// `uart.missed_write_count`, instead of stalling the vCPU or piling up in
+/// memory.
+pub fn open_serial_output(path: &Path) -> Result<File, VmError> {
+    use std::os::unix::fs::OpenOptionsExt;
+
+    std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|source| VmError::OpenFile {
+            what: "serial output",
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// The token bucket of `PUT /serial`'s `rate_limiter`, full from now on;
+/// `None` without one, or with a zero size or refill time (no limit, as in
+/// Firecracker).
+fn serial_output_limit(config: &VmConfig) -> Option<TokenBucket> {
+    let b = config.serial.as_ref()?.rate_limiter.as_ref()?;
+    TokenBucket::new(BucketSpec::from(b), std::time::Instant::now())
+}
+
 fn open(what: &'static str, path: &Path) -> Result<File, VmError> {
     File::open(path).map_err(|source| VmError::OpenFile {
         what,
@@ -185,7 +219,17 @@ impl Vm {
 
         let control = VmControl::new()?;
         let mut devices = Devices::new(mem.clone());
-        devices.attach_serial(&vm_fd, Box::new(std::io::stdout()))?;
+        let serial_out: Box<dyn Write + Send> = match config.serial_output() {
+            Some(path) => Box::new(open_serial_output(path)?),
+            None => Box::new(std::io::stdout()),
+        };
+        devices.attach_serial(&vm_fd, serial_out)?;
+        if let (Some(limit), Some((serial, _))) = (serial_output_limit(config), devices.serial()) {
+            serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_output_limit(Some(limit));
+        }
         devices.attach_i8042(&vm_fd, control.clone())?;
         // virtio-mmio slots in Firecracker's order: drives (root first),
         // network interfaces, vsock.
@@ -350,9 +394,11 @@ impl Vm {
         });
         let loop_result = event_loop::run(LoopContext {
             control: &self.control,
+            // A console written to a file reads no input, as in Firecracker.
             serial: self
                 .devices
                 .serial()
+                .filter(|_| self.config.serial_output().is_none())
                 .map(|(serial, ready)| (serial.clone(), ready.as_raw_fd())),
             stdin: std::io::stdin().as_raw_fd(),
             devices: self.devices.take_subscribers(),
@@ -480,4 +526,63 @@ fn load_kernel(
     )
     .map_err(VmError::Boot)?;
     Ok(entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CString;
+    use std::io::{ErrorKind, Write};
+    use std::os::unix::ffi::OsStrExt;
+
+    use super::*;
+
+    #[test]
+    fn serial_output_is_created_then_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        open_serial_output(&path)
+            .unwrap()
+            .write_all(b"first\n")
+            .unwrap();
+        open_serial_output(&path)
+            .unwrap()
+            .write_all(b"second\n")
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "first\nsecond\n");
+    }
+
+    #[test]
+    fn serial_output_refuses_a_symbolic_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = open_serial_output(&link).unwrap_err().to_string();
+        assert!(e.contains("serial output") && e.contains("link"), "{e}");
+        assert!(!target.exists());
+    }
+
+    #[test]
+    fn a_pipe_nobody_reads_never_blocks_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("console.fifo");
+        let c_path = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // Opens with no reader on the other end.
+        let mut out = open_serial_output(&fifo).unwrap();
+        let chunk = [b'x'; 4096];
+        let mut written = 0usize;
+        let error = loop {
+            match out.write(&chunk) {
+                Ok(n) => written += n,
+                Err(e) => break e,
+            }
+            assert!(written <= 16 << 20, "the pipe took {written} bytes");
+        };
+        // The pipe's buffer is full: the write fails at once instead of
+        // waiting, so the UART drops and counts the byte.
+        assert_eq!(error.kind(), ErrorKind::WouldBlock);
+        assert!(written > 0);
+    }
 }

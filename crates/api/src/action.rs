@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use ember_config::{
     BootSource, Drive, HugePages, Logger, MachineConfig, Metrics, NetworkInterface, RateLimiter,
-    VmConfig, Vsock,
+    Serial, VmConfig, Vsock,
 };
 
 /// The `app_name` of `GET /`.
@@ -54,6 +54,8 @@ pub enum VmmAction {
     PutLogger(Logger),
     /// `PUT /metrics`.
     PutMetrics(Metrics),
+    /// `PUT /serial`: where the guest's console output goes.
+    PutSerial(Serial),
     /// `PUT /actions` `InstanceStart`.
     InstanceStart,
     /// `PUT /actions` `SendCtrlAltDel`.

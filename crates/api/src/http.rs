@@ -442,7 +442,7 @@ pub fn response_to_http(response: &VmmResponse) -> HttpResponse {
             "firecracker_version": v,
             "ember_version": EMBER_VERSION,
         })),
-        Ok(VmmData::VmConfig(c)) => json(c),
+        Ok(VmmData::VmConfig(c)) => json(&c.to_api_json()),
         Ok(VmmData::MachineConfig(m)) => json(m),
         Err(e) => error_to_http(e),
     }

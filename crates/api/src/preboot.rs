@@ -345,6 +345,10 @@ impl ActionHandler for PreBootResources {
                 c.vsock = Some(v);
                 Ok(())
             }),
+            VmmAction::PutSerial(serial) => self.update("Serial config error", |c| {
+                c.serial = Some(serial);
+                Ok(())
+            }),
             VmmAction::PutLogger(l) => self.update("Logger error", |c| {
                 c.logger = Some(l);
                 Ok(())
@@ -382,6 +386,14 @@ pub fn patch_drive(config: &VmConfig, update: &DriveUpdate) -> Result<Drive, Api
             update.drive_id
         )));
     };
+    // Firecracker takes a PATCH with neither field for a vhost-user drive's
+    // configuration update, which a virtio-blk drive refuses; Ember has only
+    // virtio-blk drives.
+    if update.path_on_host.is_none() && update.rate_limiter.is_none() {
+        return Err(ApiError::bad_request(
+            "Drive config error: Unable to patch the block device: the request changes nothing: give path_on_host or rate_limiter. Please verify the request arguments.",
+        ));
+    }
     let mut drive = drive.clone();
     if let Some(path) = &update.path_on_host {
         let writable = !drive.is_read_only.unwrap_or(false);
@@ -414,7 +426,7 @@ mod tests {
 
     use super::*;
     use crate::action::MachineConfigUpdate;
-    use ember_config::{BootSource, Logger, MachineConfig, Metrics, Vsock};
+    use ember_config::{BootSource, Logger, MachineConfig, Metrics, Serial, TokenBucket, Vsock};
 
     fn kernel() -> tempfile::NamedTempFile {
         tempfile::NamedTempFile::new().unwrap()
@@ -527,6 +539,7 @@ mod tests {
                     ..Default::default()
                 }),
                 VmmAction::PutLogger(Logger::default()),
+                VmmAction::PutSerial(Serial::default()),
             ] {
                 let e = check_allowed(&a, post).unwrap_err();
                 assert_eq!(e.status, 400);
@@ -824,6 +837,45 @@ mod tests {
     }
 
     #[test]
+    fn serial_output_and_its_rate_limiter_are_recorded() {
+        let mut r = PreBootResources::new("vm");
+        let serial = Serial {
+            serial_out_path: Some(PathBuf::from("/tmp/console.log")),
+            rate_limiter: None,
+        };
+        r.handle(VmmAction::PutSerial(serial.clone())).unwrap();
+        assert_eq!(r.config().serial.as_ref(), Some(&serial));
+        assert_eq!(
+            r.config().serial_output(),
+            Some(std::path::Path::new("/tmp/console.log"))
+        );
+        let limited = Serial {
+            rate_limiter: Some(TokenBucket {
+                size: 100,
+                one_time_burst: None,
+                refill_time: 10,
+            }),
+            ..serial.clone()
+        };
+        r.handle(VmmAction::PutSerial(limited.clone())).unwrap();
+        assert_eq!(r.config().serial.as_ref(), Some(&limited));
+        let empty = Serial {
+            serial_out_path: Some(PathBuf::new()),
+            rate_limiter: None,
+        };
+        let e = err(r.handle(VmmAction::PutSerial(empty)));
+        assert_eq!(e.status, 400);
+        assert_eq!(
+            e.message,
+            "Serial config error: serial: serial_out_path is empty"
+        );
+        assert_eq!(r.config().serial.as_ref(), Some(&limited));
+        // Not a section of GET /vm/config, as in Firecracker.
+        let text = serde_json::to_string(r.config()).unwrap();
+        assert!(!text.contains("console.log"), "{text}");
+    }
+
+    #[test]
     fn logger_is_recorded_and_runtime_actions_refused() {
         let mut r = PreBootResources::new("vm");
         let l = Logger {
@@ -882,5 +934,23 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.message.contains("`nope`"), "{}", e.message);
+        // A PATCH that names only the drive is an error, as in Firecracker.
+        let e = patch_drive(
+            &c,
+            &DriveUpdate {
+                drive_id: "rootfs".into(),
+                path_on_host: None,
+                rate_limiter: None,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(
+            e.message
+                .starts_with("Drive config error: Unable to patch the block device: ")
+                && e.message.contains("path_on_host or rate_limiter"),
+            "{}",
+            e.message
+        );
     }
 }

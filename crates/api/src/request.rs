@@ -6,7 +6,9 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::action::{ApiError, DriveUpdate, MachineConfigUpdate, VmmAction};
-use ember_config::{BootSource, Drive, Logger, MachineConfig, Metrics, NetworkInterface, Vsock};
+use ember_config::{
+    BootSource, Drive, Logger, MachineConfig, Metrics, NetworkInterface, Serial, Vsock,
+};
 use ember_logger::metrics::{ApiRequestMetrics, Counter};
 
 /// Firecracker's default for `--http-api-max-payload-size`, in bytes.
@@ -43,6 +45,7 @@ pub const ROUTES: &[Route] = &[
     route("GET", "/vm/config"),
     route("PUT", "/logger"),
     route("PUT", "/metrics"),
+    route("PUT", "/serial"),
 ];
 
 /// Firecracker endpoints Ember does not implement: they answer 400 with a
@@ -59,7 +62,6 @@ pub const NOT_IMPLEMENTED: &[&str] = &[
     "/mmds",
     "/mmds/config",
     "/pmem/{id}",
-    "/serial",
     "/snapshot/create",
     "/snapshot/load",
 ];
@@ -81,6 +83,7 @@ enum Resource<'a> {
     VmConfig,
     Logger,
     Metrics,
+    Serial,
     /// A Firecracker endpoint Ember does not implement.
     NotImplemented,
 }
@@ -96,7 +99,8 @@ impl Resource<'_> {
             | Resource::Vsock
             | Resource::Actions
             | Resource::Logger
-            | Resource::Metrics => &["PUT"],
+            | Resource::Metrics
+            | Resource::Serial => &["PUT"],
             Resource::Vm => &["PATCH"],
             Resource::NotImplemented => &[],
         }
@@ -150,7 +154,8 @@ fn resolve(path: &str) -> Option<Resource<'_>> {
         ("vm", Some("config"), None) => Resource::VmConfig,
         ("logger", None, None) => Resource::Logger,
         ("metrics", None, None) => Resource::Metrics,
-        ("balloon" | "cpu-config" | "entropy" | "mmds" | "serial", None, None)
+        ("serial", None, None) => Resource::Serial,
+        ("balloon" | "cpu-config" | "entropy" | "mmds", None, None)
         | ("balloon", Some("statistics"), None)
         | ("balloon", Some("hinting"), Some("start" | "status" | "stop"))
         | ("hotplug", Some("memory"), None)
@@ -314,6 +319,7 @@ pub fn parse_request(
         },
         ("PUT", Resource::Logger) => VmmAction::PutLogger(from_body::<Logger>(body)?),
         ("PUT", Resource::Metrics) => VmmAction::PutMetrics(from_body::<Metrics>(body)?),
+        ("PUT", Resource::Serial) => VmmAction::PutSerial(from_body::<Serial>(body)?),
         // `methods()` and this match list the same pairs.
         _ => return Err(ApiError::new(405, invalid_path(method, path))),
     };
@@ -348,6 +354,7 @@ pub(crate) fn request_counters<'m>(
         ("PUT", Resource::Metrics) => (&p.metrics_count, Some(&p.metrics_fails)),
         ("PUT", Resource::NetworkInterfaces(_)) => (&p.network_count, Some(&p.network_fails)),
         ("PUT", Resource::Vsock) => (&p.vsock_count, Some(&p.vsock_fails)),
+        ("PUT", Resource::Serial) => (&p.serial_count, Some(&p.serial_fails)),
         ("PATCH", Resource::Drives(_)) => (&pa.drive_count, Some(&pa.drive_fails)),
         ("PATCH", Resource::MachineConfig) => (&pa.machine_cfg_count, Some(&pa.machine_cfg_fails)),
         _ => return None,
@@ -371,6 +378,24 @@ mod tests {
 
     fn err(method: &str, path: &str, body: &str) -> ApiError {
         parse_request(method, path, body.as_bytes(), MAX).expect_err(body)
+    }
+
+    #[test]
+    fn put_serial() {
+        assert_eq!(
+            ok("PUT", "/serial", r#"{"serial_out_path": "/tmp/console"}"#),
+            VmmAction::PutSerial(ember_config::Serial {
+                serial_out_path: Some(PathBuf::from("/tmp/console")),
+                rate_limiter: None,
+            })
+        );
+        assert_eq!(
+            ok("PUT", "/serial", "{}"),
+            VmmAction::PutSerial(ember_config::Serial::default())
+        );
+        let e = err("PUT", "/serial", r#"{"serial_out": "/tmp/console"}"#);
+        assert!(e.message.contains("unknown field `serial_out`"), "{e:?}");
+        assert_eq!(err("GET", "/serial", "").status, 405);
     }
 
     #[test]

@@ -223,6 +223,7 @@ impl<V: RuntimeVm> ActionHandler for RuntimeApiController<V> {
             | VmmAction::PutVsock(_)
             | VmmAction::PutLogger(_)
             | VmmAction::PutMetrics(_)
+            | VmmAction::PutSerial(_)
             | VmmAction::InstanceStart => Err(ApiError::not_supported_post_boot()),
         }
     }

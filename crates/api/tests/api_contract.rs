@@ -119,7 +119,8 @@ fn parse(method: &str, path: &str, body: &Value) -> Result<VmmAction, ember_api:
 }
 
 /// A small JSON Schema check (Swagger 2.0 subset: type, enum, required,
-/// properties, additionalProperties, items, minimum, maximum).
+/// properties, additionalProperties, items, minimum, maximum), where an
+/// optional property may be null, as Firecracker answers absent ones.
 fn check(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
     let schema = resolve(doc, schema);
     if let Some(options) = schema.get("enum").and_then(Value::as_array) {
@@ -174,7 +175,18 @@ fn check(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), Str
             }
             let props = schema.get("properties").and_then(Value::as_object);
             let extra = schema.get("additionalProperties");
+            let required: Vec<&str> = schema
+                .get("required")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
             for (k, v) in obj {
+                // Firecracker writes an absent optional field as null.
+                if v.is_null() && !required.contains(&k.as_str()) {
+                    continue;
+                }
                 match (props.and_then(|p| p.get(k)), extra) {
                     (Some(p), _) => check(doc, p, v, &format!("{at}.{k}"))?,
                     (None, Some(e)) if e.is_object() => check(doc, e, v, &format!("{at}.{k}"))?,

@@ -9,8 +9,10 @@
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use ember_metrics::{metric_group, Counter};
+use ember_rate_limiter::{Reduction, TokenBucket};
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::{Error as UartError, SerialEvents, SerialState};
 use vm_superio::Serial;
@@ -82,6 +84,8 @@ metric_group! {
         read_count: Counter,
         /// Bytes the guest wrote to the transmitter that reached the output.
         write_count: Counter,
+        /// Output bytes dropped because they exceeded the output limit.
+        rate_limiter_dropped_bytes: Counter,
         /// Accesses that were not one byte wide or fell outside the 8
         /// registers.
         invalid_access_count: Counter,
@@ -89,7 +93,8 @@ metric_group! {
 }
 
 impl SerialMetrics {
-    /// Bytes the guest wrote to the transmitter that reached the output.
+    /// Bytes the guest wrote to the transmitter that the output took or the
+    /// output limit dropped (as Firecracker counts `write_count`).
     pub fn bytes_written(&self) -> u64 {
         self.write_count.count()
     }
@@ -108,6 +113,12 @@ impl SerialMetrics {
     /// output failed.
     pub fn missed_write_count(&self) -> u64 {
         self.missed_write_count.count()
+    }
+
+    /// Output bytes dropped because they exceeded the output limit
+    /// ([`SerialDevice::set_output_limit`]).
+    pub fn rate_limiter_dropped_bytes(&self) -> u64 {
+        self.rate_limiter_dropped_bytes.count()
     }
 
     /// Accesses that were not one byte wide or fell outside the 8 registers.
@@ -283,6 +294,36 @@ impl SerialEvents for UartEvents {
     }
 }
 
+/// The UART's output: the host sink behind an optional token bucket.
+///
+/// Bytes over the limit are dropped and counted, and reported written, so
+/// the guest sees a transmitter that never stalls (Firecracker's
+/// `SerialOut`).
+struct Output<W: Write> {
+    out: W,
+    limit: Option<TokenBucket>,
+    metrics: Arc<SerialMetrics>,
+}
+
+impl<W: Write> Write for Output<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(limit) = &mut self.limit {
+            let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
+            // A write larger than the whole bucket empties it and is
+            // dropped, as Firecracker's console does.
+            if limit.reduce(len, Instant::now()) != Reduction::Success {
+                self.metrics.rate_limiter_dropped_bytes.add(len);
+                return Ok(buf.len());
+            }
+        }
+        self.out.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
 /// A 16550A UART: `vm_superio::Serial<EventFdTrigger, _, W>` as a
 /// [`BusDevice`](ember_bus::BusDevice).
 ///
@@ -290,7 +331,7 @@ impl SerialEvents for UartEvents {
 /// vm-superio), so it shows up on the host promptly. Host input is fed with
 /// [`enqueue_input`](Self::enqueue_input).
 pub struct SerialDevice<W: Write + Send> {
-    serial: Serial<EventFdTrigger, UartEvents, W>,
+    serial: Serial<EventFdTrigger, UartEvents, Output<W>>,
     metrics: Arc<SerialMetrics>,
     input_ready: Option<EventFd>,
     /// Copy of LCR, to tell receiver-buffer reads from divisor-latch reads.
@@ -305,6 +346,11 @@ impl<W: Write + Send> SerialDevice<W> {
         let events = UartEvents {
             metrics: metrics.clone(),
             drained: AtomicBool::new(false),
+        };
+        let out = Output {
+            out,
+            limit: None,
+            metrics: metrics.clone(),
         };
         SerialDevice {
             serial: Serial::with_events(interrupt, events, out),
@@ -331,6 +377,11 @@ impl<W: Write + Send> SerialDevice<W> {
         let events = UartEvents {
             metrics: metrics.clone(),
             drained: AtomicBool::new(false),
+        };
+        let out = Output {
+            out,
+            limit: None,
+            metrics: metrics.clone(),
         };
         let serial = Serial::from_state(&SerialState::from(state), interrupt, events, out)
             .map_err(|e| match e {
@@ -395,12 +446,20 @@ impl<W: Write + Send> SerialDevice<W> {
 
     /// The guest output sink.
     pub fn writer(&self) -> &W {
-        self.serial.writer()
+        &self.serial.writer().out
     }
 
     /// The guest output sink, mutably.
     pub fn writer_mut(&mut self) -> &mut W {
-        self.serial.writer_mut()
+        &mut self.serial.writer_mut().out
+    }
+
+    /// Limits the guest's output to what `limit` lets through (`None`: no
+    /// limit). Bytes over it are dropped and counted in
+    /// [`SerialMetrics::rate_limiter_dropped_bytes`]; the guest still sees
+    /// them sent.
+    pub fn set_output_limit(&mut self, limit: Option<TokenBucket>) {
+        self.serial.writer_mut().limit = limit;
     }
 
     /// The register `offset` addresses, if it is one of the eight.
@@ -568,6 +627,41 @@ mod tests {
         assert_eq!(dev.metrics().bytes_written(), 6);
         assert_eq!(dev.metrics().missed_write_count(), 0);
         assert_eq!(dev.writer().0.lock().unwrap().len(), 6);
+    }
+
+    #[test]
+    fn output_over_the_limit_is_dropped_and_counted() {
+        use ember_rate_limiter::BucketSpec;
+        let out = SharedBuf::default();
+        let (mut dev, irq) = serial(out.clone());
+        // 4 bytes, then one every 1000 s: none more during the test.
+        dev.set_output_limit(TokenBucket::new(
+            BucketSpec {
+                size: 4,
+                one_time_burst: 0,
+                refill_time_ms: 1_000_000,
+            },
+            Instant::now(),
+        ));
+        for byte in b"hello" {
+            outb(&mut dev, 0, *byte);
+        }
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hell");
+        assert_eq!(dev.metrics().rate_limiter_dropped_bytes(), 1);
+        // Not lost as far as the guest can tell: the transmitter stays
+        // ready and interrupts for a dropped byte as for a sent one.
+        outb(&mut dev, IER, 0x02);
+        inb(&mut dev, IIR);
+        let _ = count(&irq);
+        outb(&mut dev, 0, b'\n');
+        assert_eq!(count(&irq), 1);
+        assert_ne!(inb(&mut dev, LSR) & LSR_THR_EMPTY, 0);
+        assert_eq!(dev.metrics().rate_limiter_dropped_bytes(), 2);
+        assert_eq!(dev.metrics().missed_write_count(), 0);
+        assert_eq!(dev.metrics().bytes_written(), 6);
+        dev.set_output_limit(None);
+        outb(&mut dev, 0, b'!');
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hell!");
     }
 
     #[test]

@@ -185,6 +185,10 @@ metric_group! {
         pub vsock_count: Counter,
         /// `PUT /vsock` that failed.
         pub vsock_fails: Counter,
+        /// `PUT /serial`.
+        pub serial_count: Counter,
+        /// `PUT /serial` that failed.
+        pub serial_fails: Counter,
     }
 }
 
