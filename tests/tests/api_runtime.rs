@@ -274,3 +274,44 @@ fn a_drive_backing_file_is_replaced_while_the_guest_runs() {
     )
     .unwrap();
 }
+
+#[test]
+fn rate_limiters_change_on_a_running_vm() {
+    let (mut vm, mut api) = start("counter", "console=ttyS0", |vm, api| {
+        let path = vm.dir().join("disk.img");
+        fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        ok(api.put(
+            "/drives/scratch",
+            &json!({"drive_id": "scratch", "path_on_host": path, "is_root_device": false,
+                    "rate_limiter": {"bandwidth": {"size": 4096, "refill_time": 100}}}),
+        ));
+    });
+    vm.wait_for_output(|o| o.contains("count 2\n"), TIMEOUT)
+        .unwrap();
+    // Only ops: the bandwidth bucket stays.
+    ok(api.patch(
+        "/drives/scratch",
+        &json!({"drive_id": "scratch", "rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}}),
+    ));
+    let config = api.get("/vm/config").unwrap().json();
+    let rl = &config["drives"][0]["rate_limiter"];
+    assert_eq!(rl["bandwidth"]["size"], 4096, "{config}");
+    assert_eq!(rl["ops"]["size"], 100, "{config}");
+
+    // An interface the VM does not have: refused by name.
+    let r = api
+        .patch(
+            "/network-interfaces/eth0",
+            &json!({"iface_id": "eth0", "rx_rate_limiter": {"ops": {"size": 1, "refill_time": 1}}}),
+        )
+        .unwrap();
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.fault_message().contains("`eth0`"), "{r:?}");
+    // The guest ran on throughout.
+    let before = *counts(&vm.stdout()).last().unwrap();
+    vm.wait_for_output(
+        |o| counts(o).last().is_some_and(|n| *n > before + 2),
+        TIMEOUT,
+    )
+    .unwrap();
+}

@@ -21,6 +21,7 @@ use ember_logger::metrics::Metrics;
 use ember_rate_limiter::TokenBucket;
 use ember_vcpu::{ExitReason, Vcpu, VcpuConfig, VcpuHandle, VmControl};
 use ember_virtio_blk::{Block, BucketSpec, BucketUpdate};
+use ember_virtio_net::Net;
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -383,6 +384,12 @@ impl Vm {
                     .iter()
                     .map(|d| (d.id.clone(), d.block.clone()))
                     .collect(),
+                nets: self
+                    .devices
+                    .nets()
+                    .iter()
+                    .map(|n| (n.id.clone(), n.net.clone()))
+                    .collect(),
             };
             let controller = RuntimeApiController::new(
                 ctx.instance_id.clone(),
@@ -425,6 +432,7 @@ struct RunningVm {
     control: Arc<VmControl>,
     i8042: Option<I8042>,
     drives: Vec<(String, Arc<Mutex<Block>>)>,
+    nets: Vec<(String, Arc<Mutex<Net>>)>,
 }
 
 impl RuntimeVm for RunningVm {
@@ -463,6 +471,27 @@ impl RuntimeVm for RunningVm {
             .map_err(|e| VmActionError::Failed(e.into()))
     }
 
+    fn update_net_rate_limiters(
+        &mut self,
+        id: &str,
+        rx: Option<&ember_config::RateLimiter>,
+        tx: Option<&ember_config::RateLimiter>,
+    ) -> Result<(), VmActionError> {
+        let (_, net) = self
+            .nets
+            .iter()
+            .find(|(n, _)| n == id)
+            .ok_or_else(|| VmActionError::NoSuchNetworkInterface(id.to_string()))?;
+        let updates = |r: Option<&ember_config::RateLimiter>| match r {
+            Some(r) => (bucket_update(&r.bandwidth), bucket_update(&r.ops)),
+            None => (BucketUpdate::None, BucketUpdate::None),
+        };
+        let (rx_bandwidth, rx_ops) = updates(rx);
+        let (tx_bandwidth, tx_ops) = updates(tx);
+        lock(net).update_rate_limiters(rx_bandwidth, rx_ops, tx_bandwidth, tx_ops);
+        Ok(())
+    }
+
     fn update_drive_rate_limiter(
         &mut self,
         id: &str,
@@ -473,12 +502,15 @@ impl RuntimeVm for RunningVm {
             .iter()
             .find(|(d, _)| d == id)
             .ok_or_else(|| VmActionError::NoSuchDrive(id.to_string()))?;
-        let bucket = |b: &Option<ember_config::TokenBucket>| {
-            BucketUpdate::from_spec(b.as_ref().map(BucketSpec::from))
-        };
-        lock(block).update_rate_limiter(bucket(&update.bandwidth), bucket(&update.ops));
+        lock(block)
+            .update_rate_limiter(bucket_update(&update.bandwidth), bucket_update(&update.ops));
         Ok(())
     }
+}
+
+/// Firecracker's reading of one bucket of a PATCH body.
+fn bucket_update(bucket: &Option<ember_config::TokenBucket>) -> BucketUpdate {
+    BucketUpdate::from_spec(bucket.as_ref().map(BucketSpec::from))
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

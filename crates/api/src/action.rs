@@ -48,6 +48,9 @@ pub enum VmmAction {
     PatchDrive(DriveUpdate),
     /// `PUT /network-interfaces/{iface_id}`.
     PutNetworkInterface(NetworkInterface),
+    /// `PATCH /network-interfaces/{iface_id}`: changes the rate limiters of
+    /// a running VM's network interface.
+    PatchNetworkInterface(NetworkInterfaceUpdate),
     /// `PUT /vsock`.
     PutVsock(Vsock),
     /// `PUT /logger`.
@@ -143,6 +146,21 @@ pub struct DriveUpdate {
     /// New rate limiter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiter>,
+}
+
+/// `PATCH /network-interfaces/{iface_id}`: Firecracker's
+/// `PartialNetworkInterface`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterfaceUpdate {
+    /// The interface to change.
+    pub iface_id: String,
+    /// New receive rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// New transmit rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
 }
 
 /// `state` of `GET /`, Firecracker's strings.

@@ -113,7 +113,7 @@ pub fn check_allowed(action: &VmmAction, state: InstanceState) -> Result<(), Api
     use VmmAction::*;
     let runtime_only = matches!(
         action,
-        PatchDrive(_) | SendCtrlAltDel | FlushMetrics | Pause | Resume
+        PatchDrive(_) | PatchNetworkInterface(_) | SendCtrlAltDel | FlushMetrics | Pause | Resume
     );
     match state {
         _ if action.is_get() => Ok(()),
@@ -367,6 +367,7 @@ impl ActionHandler for PreBootResources {
             )),
             // Refused by `check_allowed` above.
             VmmAction::PatchDrive(_)
+            | VmmAction::PatchNetworkInterface(_)
             | VmmAction::SendCtrlAltDel
             | VmmAction::FlushMetrics
             | VmmAction::Pause

@@ -5,7 +5,9 @@
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use super::action::{ApiError, DriveUpdate, MachineConfigUpdate, VmmAction};
+use super::action::{
+    ApiError, DriveUpdate, MachineConfigUpdate, NetworkInterfaceUpdate, VmmAction,
+};
 use ember_config::{
     BootSource, Drive, Logger, MachineConfig, Metrics, NetworkInterface, Serial, Vsock,
 };
@@ -39,6 +41,7 @@ pub const ROUTES: &[Route] = &[
     route("PUT", "/drives/{drive_id}"),
     route("PATCH", "/drives/{drive_id}"),
     route("PUT", "/network-interfaces/{iface_id}"),
+    route("PATCH", "/network-interfaces/{iface_id}"),
     route("PUT", "/vsock"),
     route("PUT", "/actions"),
     route("PATCH", "/vm"),
@@ -93,9 +96,8 @@ impl Resource<'_> {
         match self {
             Resource::Root | Resource::Version | Resource::VmConfig => &["GET"],
             Resource::MachineConfig => &["GET", "PUT", "PATCH"],
-            Resource::Drives(_) => &["PUT", "PATCH"],
+            Resource::Drives(_) | Resource::NetworkInterfaces(_) => &["PUT", "PATCH"],
             Resource::BootSource
-            | Resource::NetworkInterfaces(_)
             | Resource::Vsock
             | Resource::Actions
             | Resource::Logger
@@ -108,11 +110,7 @@ impl Resource<'_> {
 
     /// Methods Firecracker serves on this path and Ember does not.
     fn unimplemented_methods(self) -> &'static [&'static str] {
-        match self {
-            // Rate limiter updates of a running VM.
-            Resource::NetworkInterfaces(_) => &["PATCH"],
-            _ => &[],
-        }
+        &[]
     }
 }
 
@@ -307,6 +305,14 @@ pub fn parse_request(
             }
             VmmAction::PutNetworkInterface(iface)
         }
+        ("PATCH", Resource::NetworkInterfaces(id)) => {
+            let id = checked_id(id)?;
+            let update = from_body::<NetworkInterfaceUpdate>(body)?;
+            if update.iface_id != id {
+                return Err(id_mismatch());
+            }
+            VmmAction::PatchNetworkInterface(update)
+        }
         ("PUT", Resource::Vsock) => VmmAction::PutVsock(from_body::<Vsock>(body)?),
         ("PUT", Resource::Actions) => match from_body::<ActionBody>(body)?.action_type {
             ActionType::InstanceStart => VmmAction::InstanceStart,
@@ -356,6 +362,7 @@ pub(crate) fn request_counters<'m>(
         ("PUT", Resource::Vsock) => (&p.vsock_count, Some(&p.vsock_fails)),
         ("PUT", Resource::Serial) => (&p.serial_count, Some(&p.serial_fails)),
         ("PATCH", Resource::Drives(_)) => (&pa.drive_count, Some(&pa.drive_fails)),
+        ("PATCH", Resource::NetworkInterfaces(_)) => (&pa.network_count, Some(&pa.network_fails)),
         ("PATCH", Resource::MachineConfig) => (&pa.machine_cfg_count, Some(&pa.machine_cfg_fails)),
         _ => return None,
     };
@@ -580,6 +587,37 @@ mod tests {
     }
 
     #[test]
+    fn patch_network_interface() {
+        let a = ok(
+            "PATCH",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "rx_rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#,
+        );
+        let VmmAction::PatchNetworkInterface(u) = a else {
+            panic!("{a:?}")
+        };
+        assert_eq!(u.iface_id, "eth0");
+        assert_eq!(u.rx_rate_limiter.unwrap().bandwidth.unwrap().size, 1000);
+        assert!(u.tx_rate_limiter.is_none());
+        let e = err(
+            "PATCH",
+            "/network-interfaces/eth1",
+            r#"{"iface_id": "eth0"}"#,
+        );
+        assert_eq!(
+            e.message,
+            "The id from the path does not match the id from the body!"
+        );
+        // Only the rate limiters can change.
+        let e = err(
+            "PATCH",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "host_dev_name": "tap9"}"#,
+        );
+        assert_eq!(e.status, 400);
+    }
+
+    #[test]
     fn vsock_logger_metrics() {
         assert_eq!(
             ok(
@@ -734,7 +772,6 @@ mod tests {
             ("PUT", "/mmds"),
             ("PATCH", "/balloon/hinting/start"),
             ("PUT", "/pmem/p0"),
-            ("PATCH", "/network-interfaces/eth0"),
         ] {
             let e = err(m, p, "{}");
             assert_eq!(e.status, 400, "{m} {p}");

@@ -13,8 +13,8 @@ use ember_config::{RateLimiter, VmConfig};
 use ember_logger::metrics::Metrics;
 
 use crate::action::{
-    ApiError, DriveUpdate, InstanceInfo, InstanceState, VmmAction, VmmData, VmmResponse,
-    FIRECRACKER_API_VERSION,
+    ApiError, DriveUpdate, InstanceInfo, InstanceState, NetworkInterfaceUpdate, VmmAction, VmmData,
+    VmmResponse, FIRECRACKER_API_VERSION,
 };
 use crate::preboot::{check_allowed, patch_drive, ActionHandler};
 
@@ -24,6 +24,10 @@ pub enum VmActionError {
     /// The configuration names a drive the VM has no device for.
     #[error("drive `{0}` is configured but has no device")]
     NoSuchDrive(String),
+    /// The configuration names a network interface the VM has no device
+    /// for.
+    #[error("network interface `{0}` is configured but has no device")]
+    NoSuchNetworkInterface(String),
     /// The vCPUs or a device failed; the message is theirs.
     #[error(transparent)]
     Failed(Box<dyn Error + Send + Sync>),
@@ -41,6 +45,15 @@ pub trait RuntimeVm {
     fn send_ctrl_alt_del(&mut self) -> Result<(), VmActionError>;
     /// Backs the block device `drive_id` with the file at `path`.
     fn replace_drive_file(&mut self, drive_id: &str, path: &Path) -> Result<(), VmActionError>;
+    /// Changes the rate limiters of the network interface `iface_id`: each
+    /// bucket `rx` or `tx` gives replaces the device's (size or refill time
+    /// 0 removes it), each they leave out stays.
+    fn update_net_rate_limiters(
+        &mut self,
+        iface_id: &str,
+        rx: Option<&RateLimiter>,
+        tx: Option<&RateLimiter>,
+    ) -> Result<(), VmActionError>;
     /// Changes the rate limiter of the block device `drive_id`: each bucket
     /// `update` gives replaces the device's (size or refill time 0 removes
     /// it), each it leaves out stays.
@@ -145,7 +158,7 @@ impl<V: RuntimeVm> RuntimeApiController<V> {
         if let Some(path) = &update.path_on_host {
             match self.vm.replace_drive_file(&update.drive_id, path) {
                 Ok(()) => {}
-                Err(e @ VmActionError::NoSuchDrive(_)) => {
+                Err(e @ (VmActionError::NoSuchDrive(_) | VmActionError::NoSuchNetworkInterface(_))) => {
                     return Err(ApiError::internal(e.to_string()))
                 }
                 Err(VmActionError::Failed(e)) => {
@@ -163,7 +176,7 @@ impl<V: RuntimeVm> RuntimeApiController<V> {
         if let Some(rl) = &update.rate_limiter {
             match self.vm.update_drive_rate_limiter(&update.drive_id, rl) {
                 Ok(()) => {}
-                Err(e @ VmActionError::NoSuchDrive(_)) => {
+                Err(e @ (VmActionError::NoSuchDrive(_) | VmActionError::NoSuchNetworkInterface(_))) => {
                     return Err(ApiError::internal(e.to_string()))
                 }
                 Err(VmActionError::Failed(e)) => {
@@ -179,8 +192,72 @@ impl<V: RuntimeVm> RuntimeApiController<V> {
     }
 }
 
+/// `base` with the buckets `update` gives (Firecracker's per-bucket
+/// update: an absent bucket stays as it was).
+fn merge_rate_limiter(
+    base: Option<RateLimiter>,
+    update: Option<&RateLimiter>,
+) -> Option<RateLimiter> {
+    let Some(update) = update else {
+        return base;
+    };
+    let mut merged = base.unwrap_or_default();
+    if update.bandwidth.is_some() {
+        merged.bandwidth = update.bandwidth.clone();
+    }
+    if update.ops.is_some() {
+        merged.ops = update.ops.clone();
+    }
+    Some(merged)
+}
+
 fn elapsed_us(start: Instant) -> u64 {
     u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+impl<V: RuntimeVm> RuntimeApiController<V> {
+    fn patch_network_interface(&mut self, update: &NetworkInterfaceUpdate) -> VmmResponse {
+        let Some(index) = self
+            .config
+            .network_interfaces
+            .iter()
+            .position(|n| n.iface_id == update.iface_id)
+        else {
+            return Err(ApiError::bad_request(format!(
+                "Network interface config error: no network interface has the id `{}`.",
+                update.iface_id
+            )));
+        };
+        if update.rx_rate_limiter.is_none() && update.tx_rate_limiter.is_none() {
+            return Ok(VmmData::Empty);
+        }
+        self.vm
+            .update_net_rate_limiters(
+                &update.iface_id,
+                update.rx_rate_limiter.as_ref(),
+                update.tx_rate_limiter.as_ref(),
+            )
+            .map_err(|e| match e {
+                VmActionError::Failed(e) => {
+                    ApiError::bad_request(format!("Network interface config error: {e}"))
+                }
+                other => ApiError::internal(other.to_string()),
+            })?;
+        let iface = &mut self.config.network_interfaces[index];
+        iface.rx_rate_limiter = merge_rate_limiter(
+            iface.rx_rate_limiter.take(),
+            update.rx_rate_limiter.as_ref(),
+        );
+        iface.tx_rate_limiter = merge_rate_limiter(
+            iface.tx_rate_limiter.take(),
+            update.tx_rate_limiter.as_ref(),
+        );
+        log::info!(
+            "network interface `{}`: rate limiters updated",
+            update.iface_id
+        );
+        Ok(VmmData::Empty)
+    }
 }
 
 impl<V: RuntimeVm> ActionHandler for RuntimeApiController<V> {
@@ -214,6 +291,7 @@ impl<V: RuntimeVm> ActionHandler for RuntimeApiController<V> {
                 Ok(VmmData::Empty)
             }
             VmmAction::PatchDrive(update) => self.patch_drive(&update),
+            VmmAction::PatchNetworkInterface(update) => self.patch_network_interface(&update),
             // Configuration calls: `check_allowed` refused them above.
             VmmAction::PutBootSource(_)
             | VmmAction::PutMachineConfig(_)
@@ -234,6 +312,8 @@ mod tests {
     use std::path::PathBuf;
 
     use ember_config::{BootSource, Drive, Logger, TokenBucket};
+
+    use crate::NetworkInterfaceUpdate;
 
     use super::*;
     use crate::MachineConfigUpdate;
@@ -281,6 +361,21 @@ mod tests {
             std::fs::File::open(path)
                 .map(drop)
                 .map_err(|e| VmActionError::Failed(format!("{}: {e}", path.display()).into()))
+        }
+
+        fn update_net_rate_limiters(
+            &mut self,
+            id: &str,
+            rx: Option<&RateLimiter>,
+            tx: Option<&RateLimiter>,
+        ) -> Result<(), VmActionError> {
+            let size = |r: Option<&RateLimiter>| r.map(|r| r.bandwidth.as_ref().map(|b| b.size));
+            self.calls
+                .push(format!("net {id} rx={:?} tx={:?}", size(rx), size(tx)));
+            if id != "eth0" {
+                return Err(VmActionError::NoSuchNetworkInterface(id.to_string()));
+            }
+            Ok(())
         }
 
         fn update_drive_rate_limiter(
@@ -332,6 +427,10 @@ mod tests {
                 rate_limiter: None,
                 socket: None,
             }],
+            network_interfaces: vec![
+                serde_json::from_str(r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#).unwrap(),
+                serde_json::from_str(r#"{"iface_id": "gone", "host_dev_name": "tap1"}"#).unwrap(),
+            ],
             ..VmConfig::default()
         };
         let metrics = Arc::new(Metrics::new());
@@ -534,6 +633,59 @@ mod tests {
                 .bandwidth,
             Some(bucket(4096))
         );
+    }
+
+    #[test]
+    fn patch_network_interface_updates_its_rate_limiters() {
+        let mut s = setup();
+        let bucket = |size| TokenBucket {
+            size,
+            one_time_burst: None,
+            refill_time: 100,
+        };
+        let limiter = |size| RateLimiter {
+            bandwidth: Some(bucket(size)),
+            ops: None,
+        };
+        let patch = |id: &str, rx: Option<RateLimiter>, tx: Option<RateLimiter>| {
+            VmmAction::PatchNetworkInterface(NetworkInterfaceUpdate {
+                iface_id: id.into(),
+                rx_rate_limiter: rx,
+                tx_rate_limiter: tx,
+            })
+        };
+        s.api
+            .handle(patch("eth0", Some(limiter(1000)), None))
+            .unwrap();
+        s.api
+            .handle(patch("eth0", None, Some(limiter(2000))))
+            .unwrap();
+        assert_eq!(
+            s.api.vm.calls,
+            [
+                "net eth0 rx=Some(Some(1000)) tx=None",
+                "net eth0 rx=None tx=Some(Some(2000))"
+            ]
+        );
+        let iface = &s.api.config().network_interfaces[0];
+        assert_eq!(iface.rx_rate_limiter, Some(limiter(1000)));
+        assert_eq!(iface.tx_rate_limiter, Some(limiter(2000)));
+
+        // An interface that is not configured: 400, nothing asked of the VM.
+        let e = s
+            .api
+            .handle(patch("eth9", Some(limiter(1)), None))
+            .unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("`eth9`"), "{}", e.message);
+        assert_eq!(s.api.vm.calls.len(), 2);
+        // Configured but without a device: an internal error, config kept.
+        let e = s
+            .api
+            .handle(patch("gone", Some(limiter(1)), None))
+            .unwrap_err();
+        assert_eq!(e.status, 500);
+        assert_eq!(s.api.config().network_interfaces[1].rx_rate_limiter, None);
     }
 
     #[test]

@@ -235,7 +235,7 @@ pub struct Drive {
     /// I/O engine.
     #[serde(default, with = "IoEngineDef")]
     pub io_engine: IoEngine,
-    /// Rate limiter (accepted, not applied).
+    /// Rate limiter.
     #[serde(default)]
     pub rate_limiter: Option<RateLimiter>,
     /// vhost-user socket (not supported).

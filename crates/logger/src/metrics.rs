@@ -200,6 +200,10 @@ metric_group! {
         pub drive_count: Counter,
         /// `PATCH /drives/{id}` that failed.
         pub drive_fails: Counter,
+        /// `PATCH /network-interfaces/{id}`.
+        pub network_count: Counter,
+        /// `PATCH /network-interfaces/{id}` that failed.
+        pub network_fails: Counter,
         /// `PATCH /machine-config`.
         pub machine_cfg_count: Counter,
         /// `PATCH /machine-config` that failed.
