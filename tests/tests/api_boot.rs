@@ -3,7 +3,7 @@
 //! `--config-file` together with the API.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ember_tests::api::{ApiVm, Client};
@@ -404,4 +404,96 @@ fn sigterm_while_running_stops_the_vm_and_writes_the_last_metrics() {
     let lines = fs::read_to_string(&metrics).unwrap();
     let last: Value = serde_json::from_str(lines.lines().last().unwrap()).unwrap();
     assert!(last["uart"]["write_count"].as_u64().unwrap() > 0, "{last}");
+}
+
+fn signal(vm: &ApiVm, signum: libc::c_int) {
+    let pid = libc::pid_t::try_from(vm.pid()).unwrap();
+    // SAFETY: kill(2) has no memory effects; the pid is our unreaped child.
+    assert_eq!(unsafe { libc::kill(pid, signum) }, 0);
+}
+
+/// A VMM with a metrics file, booted with the counter guest.
+fn running_with_metrics(dir: &Path) -> (ApiVm, Client, PathBuf) {
+    let metrics = dir.join("metrics.json");
+    let mut vm = ApiVm::spawn::<&str>(&[]).unwrap();
+    let mut api = vm.client().unwrap();
+    ok(
+        &mut api,
+        "PUT",
+        "/metrics",
+        &json!({"metrics_path": metrics}),
+    );
+    ok(
+        &mut api,
+        "PUT",
+        "/boot-source",
+        &json!({"kernel_image_path": guest_path("counter")}),
+    );
+    ok(
+        &mut api,
+        "PUT",
+        "/actions",
+        &json!({"action_type": "InstanceStart"}),
+    );
+    vm.wait_for_output(|o| o.contains("count 5\n"), EXIT_TIMEOUT)
+        .unwrap();
+    (vm, api, metrics)
+}
+
+fn last_metrics(path: &Path) -> Value {
+    let lines = fs::read_to_string(path).unwrap();
+    serde_json::from_str(lines.lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn fatal_signals_end_with_firecrackers_exit_codes_and_metrics() {
+    for (signum, code, metric) in [
+        (libc::SIGHUP, 156, "sighup"),
+        (libc::SIGBUS, 149, "sigbus"),
+        (libc::SIGXCPU, 154, "sigxcpu"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (vm, _api, metrics) = running_with_metrics(dir.path());
+        let socket = vm.socket().to_path_buf();
+        signal(&vm, signum);
+        let out = vm.wait(EXIT_TIMEOUT).unwrap();
+        assert_eq!(out.status.code(), Some(code), "{metric}: {out:?}");
+        assert!(
+            out.stderr.contains(&format!(
+                "Shutting down VM after intercepting signal {signum}, code 0."
+            )),
+            "{out:?}"
+        );
+        let last = last_metrics(&metrics);
+        assert_eq!(last["signals"][metric], 1, "{last}");
+        assert_eq!(last["signals"]["sigsegv"], 0, "{last}");
+        assert!(last["uart"]["write_count"].as_u64().unwrap() > 0, "{last}");
+        let deadline = std::time::Instant::now() + EXIT_TIMEOUT;
+        while socket.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(!socket.exists(), "{} left behind", socket.display());
+    }
+}
+
+#[test]
+fn sigpipe_is_counted_and_the_vmm_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut vm, mut api, metrics) = running_with_metrics(dir.path());
+    // One at a time: two pending SIGPIPEs would be delivered as one.
+    signal(&vm, libc::SIGPIPE);
+    let r = api.get("/").unwrap();
+    assert_eq!(r.status, 200);
+    ok(
+        &mut api,
+        "PUT",
+        "/actions",
+        &json!({"action_type": "FlushMetrics"}),
+    );
+    let last = last_metrics(&metrics);
+    assert_eq!(last["signals"]["sigpipe"], 1, "{last}");
+    assert_eq!(last["signals"]["sighup"], 0, "{last}");
+    let before = vm.stdout().matches("count ").count();
+    vm.wait_for_output(|o| o.matches("count ").count() > before + 2, EXIT_TIMEOUT)
+        .unwrap();
 }

@@ -205,9 +205,10 @@ fn fail(code: u8, message: impl std::fmt::Display) -> u8 {
 /// The metrics the SIGSYS handler flushes before the process ends.
 static METRICS: OnceLock<Arc<Metrics>> = OnceLock::new();
 
-/// The SIGSYS handler's last words: a metrics line with `seccomp.num_faults`, as
-/// Firecracker writes on its way out.
-fn flush_metrics_on_sigsys() {
+/// The fatal signal handlers' last words: a metrics line (with
+/// `seccomp.num_faults` or the `signals` mark), as Firecracker writes on its
+/// way out.
+fn flush_metrics_on_fatal_signal() {
     if let Some(metrics) = METRICS.get() {
         if let Err(e) = metrics.flush() {
             log::error!("Failed to write metrics while stopping: {e}");
@@ -406,8 +407,16 @@ fn run(personality: Personality) -> u8 {
 
     // A trapped system call is logged, counted and ends the process with 148;
     // installed whatever the filters, as Firecracker does.
-    if let Err(e) = ember::seccomp::install_sigsys_handler(Some(flush_metrics_on_sigsys)) {
+    if let Err(e) = ember::seccomp::install_sigsys_handler(Some(flush_metrics_on_fatal_signal)) {
         return fail(exit_code::GENERIC_ERROR, e);
+    }
+    // SIGBUS, SIGSEGV, SIGXFSZ, SIGXCPU, SIGHUP, SIGILL: logged, metrics
+    // written, Firecracker's exit code; SIGPIPE logged and counted.
+    if let Err(e) = ember::signals::install(flush_metrics_on_fatal_signal) {
+        return fail(
+            exit_code::GENERIC_ERROR,
+            format!("cannot install the signal handlers: {e}"),
+        );
     }
 
     // Loaded before anything else runs, so a bad filter file stops the VMM
@@ -443,6 +452,7 @@ fn run(personality: Personality) -> u8 {
             out.counter("num_faults", ember::seccomp::fault_count())
         }),
     );
+    metrics.register("signals", Arc::new(ember::signals::report));
     let _ = METRICS.set(metrics.clone());
     // Firecracker: the command line's --metrics-path, else the file's
     // `metrics` section; the API's PUT /metrics only when neither is given.
