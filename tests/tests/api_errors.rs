@@ -71,6 +71,25 @@ fn bad_requests_get_firecracker_errors_before_and_after_boot() {
         .unwrap(),
         missing.to_str().unwrap(),
     );
+    // Refused when sent, not at InstanceStart: a TAP name no device can
+    // have, a vsock socket in a directory that is not there.
+    expect_400(
+        api.put(
+            "/network-interfaces/eth0",
+            &json!({"iface_id": "eth0", "host_dev_name": "a-name-far-too-long-for-a-tap"}),
+        )
+        .unwrap(),
+        "a-name-far-too-long-for-a-tap",
+    );
+    let nowhere = vm.dir().join("no-such-dir").join("v.sock");
+    expect_400(
+        api.put("/vsock", &json!({"guest_cid": 3, "uds_path": nowhere}))
+            .unwrap(),
+        "does not exist",
+    );
+    let r = api.get("/vm/config").unwrap().json();
+    assert_eq!(r["network-interfaces"], json!([]), "{r}");
+    assert_eq!(r["vsock"], json!(null), "{r}");
     expect_400(
         api.put("/actions", &json!({"action_type": "FlushMetrics"}))
             .unwrap(),

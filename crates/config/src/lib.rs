@@ -587,6 +587,20 @@ impl VmConfig {
             if v.uds_path.as_os_str().is_empty() {
                 return Err(ConfigError::Invalid("vsock.uds_path is empty".into()));
             }
+            // The socket is bound at boot; a directory that is not there
+            // is refused now, as Firecracker refuses it when it binds at
+            // `PUT /vsock`.
+            let dir = match v.uds_path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            if !dir.is_dir() {
+                return Err(ConfigError::Invalid(format!(
+                    "vsock.uds_path {}: the directory {} does not exist",
+                    v.uds_path.display(),
+                    dir.display()
+                )));
+            }
         }
         let unsupported: [(&'static str, bool); 6] = [
             ("balloon", self.balloon.is_some()),
@@ -693,6 +707,9 @@ pub fn validate_network_interfaces(ifaces: &[NetworkInterface]) -> Result<(), Co
                 "network-interfaces[{i}].iface_id is empty"
             )));
         }
+        ember_virtio_net::check_tap_name(&n.host_dev_name).map_err(|e| {
+            ConfigError::Invalid(format!("network interface `{}`: {e}", n.iface_id))
+        })?;
         if ifaces[..i].iter().any(|o| o.iface_id == n.iface_id) {
             return Err(ConfigError::Invalid(format!(
                 "network-interfaces[{i}]: iface_id `{}` is used twice",
@@ -830,6 +847,41 @@ mod tests {
     use super::*;
 
     const MINIMAL: &str = r#"{"boot-source": {"kernel_image_path": "/k"}}"#;
+
+    #[test]
+    fn tap_names_and_vsock_directories_are_checked() {
+        let with = |extra: &str| {
+            VmConfig::from_json(&format!(
+                r#"{{"boot-source": {{"kernel_image_path": "/k"}}, {extra}}}"#
+            ))
+        };
+        let e = with(
+            r#""network-interfaces": [{"iface_id": "n", "host_dev_name": "sixteen-bytes-xx"}]"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("network interface `n`") && e.contains("sixteen-bytes-xx"),
+            "{e}"
+        );
+        let e = with(r#""network-interfaces": [{"iface_id": "n", "host_dev_name": "a/b"}]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a/b"), "{e}");
+        with(r#""network-interfaces": [{"iface_id": "n", "host_dev_name": "fifteen-bytes-x"}]"#)
+            .unwrap();
+
+        let e = with(r#""vsock": {"guest_cid": 3, "uds_path": "/no/such/dir/v.sock"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("the directory /no/such/dir does not exist"),
+            "{e}"
+        );
+        with(r#""vsock": {"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#).unwrap();
+        // A bare name is relative to the working directory, which exists.
+        with(r#""vsock": {"guest_cid": 3, "uds_path": "v.sock"}"#).unwrap();
+    }
 
     #[test]
     fn minimal_config_gets_firecracker_defaults() {

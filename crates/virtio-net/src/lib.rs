@@ -98,6 +98,7 @@ pub use device::{tap_offload_flags, Net};
 pub use ember_rate_limiter::{BucketSpec, BucketUpdate, RateLimiterConfig};
 pub use metrics::NetMetrics;
 pub use state::{NetState, NetStateError};
+pub use tap::check_name as check_tap_name;
 
 /// Index of the receive queue (virtio 1.2 §5.1.2: receiveq1).
 pub const RX_INDEX: u16 = 0;

@@ -18,8 +18,9 @@ pub(crate) struct Tap {
     name: String,
 }
 
-/// Checks that `name` fits in `ifreq.ifr_name` with its NUL.
-pub(crate) fn check_name(name: &str) -> Result<(), Error> {
+/// Checks that `name` can name a TAP device: it fits in `ifreq.ifr_name`
+/// with its NUL and holds no character the kernel refuses.
+pub fn check_name(name: &str) -> Result<(), Error> {
     if name.len() > MAX_TAP_NAME_LEN {
         return Err(Error::TapNameTooLong {
             name: name.to_string(),
