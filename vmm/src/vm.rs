@@ -163,6 +163,55 @@ pub fn open_serial_output(path: &Path) -> Result<File, VmError> {
         })
 }
 
+/// The guest console on stdout, written so that the vCPU never waits for a
+/// reader: a pipe nobody reads fills up, then each byte fails with `EAGAIN`
+/// and is dropped and counted in `uart.missed_write_count`.
+///
+/// A pipe or terminal is reopened through `/proc/self/fd/1` as a
+/// non-blocking description of its own, so the parent's (shared) stdout
+/// stays blocking; Firecracker sets `O_NONBLOCK` on the shared one, which a
+/// socket, or a pipe when `/proc` is missing (a jail), still gets here. A
+/// regular file never blocks and keeps its shared offset: it is written as
+/// it is.
+pub fn console_stdout() -> Box<dyn Write + Send> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+
+    let stdout = std::io::stdout();
+    let kind = std::fs::metadata("/proc/self/fd/1")
+        .or_else(|_| {
+            use std::os::fd::AsFd;
+            stdout
+                .as_fd()
+                .try_clone_to_owned()
+                .map(File::from)?
+                .metadata()
+        })
+        .map(|m| m.file_type());
+    match kind {
+        Ok(t) if t.is_file() => return Box::new(stdout),
+        Ok(t) if t.is_fifo() || t.is_char_device() => {
+            if let Ok(f) = std::fs::OpenOptions::new()
+                .write(true)
+                // O_NOCTTY: a terminal opened again must not become the
+                // controlling one.
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+                .open("/proc/self/fd/1")
+            {
+                return Box::new(f);
+            }
+        }
+        _ => {}
+    }
+    // SAFETY: F_GETFL/F_SETFL on the process's stdout descriptor.
+    unsafe {
+        let flags = libc::fcntl(libc::STDOUT_FILENO, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(libc::STDOUT_FILENO, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+    }
+    Box::new(stdout)
+}
+
 /// The token bucket of `PUT /serial`'s `rate_limiter`, full from now on;
 /// `None` without one, or with a zero size or refill time (no limit, as in
 /// Firecracker).
@@ -222,7 +271,7 @@ impl Vm {
         let mut devices = Devices::new(mem.clone());
         let serial_out: Box<dyn Write + Send> = match config.serial_output() {
             Some(path) => Box::new(open_serial_output(path)?),
-            None => Box::new(std::io::stdout()),
+            None => console_stdout(),
         };
         devices.attach_serial(&vm_fd, serial_out)?;
         if let (Some(limit), Some((serial, _))) = (serial_output_limit(config), devices.serial()) {
