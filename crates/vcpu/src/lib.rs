@@ -58,7 +58,7 @@ use std::sync::OnceLock;
 pub use control::{ExitReason, RunState, VmControl};
 pub use cpuid::CpuidError;
 pub use metrics::{Counter, VcpuMetrics};
-pub use state::{CpuidEntry, MsrEntry, StateError, VcpuState};
+pub use state::{msr_indices, CpuidEntry, MsrEntry, StateError, VcpuState};
 pub use vcpu::{ThreadHook, Vcpu, VcpuHandle};
 use vmm_sys_util::errno;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -176,6 +176,18 @@ pub enum Error {
         parked: usize,
         /// vCPUs running.
         total: usize,
+    },
+    /// A vCPU state was asked of a VM that is not paused.
+    #[error("the vCPUs are not paused")]
+    NotPaused,
+    /// A parked vCPU could not read its state.
+    #[error("vCPU {index}: cannot save its state: {source}")]
+    SaveState {
+        /// The vCPU.
+        index: u8,
+        /// Cause.
+        #[source]
+        source: StateError,
     },
 }
 
