@@ -9,8 +9,10 @@ use ember_vsock::VsockState;
 use super::*;
 
 fn vcpu(rip: u64) -> VcpuState {
-    let mut regs = kvm_bindings::kvm_regs::default();
-    regs.rip = rip;
+    let regs = kvm_bindings::kvm_regs {
+        rip,
+        ..Default::default()
+    };
     VcpuState {
         cpuid: vec![CpuidEntry {
             function: 0,
