@@ -6,6 +6,7 @@
 
 pub mod event_loop;
 pub mod seccomp;
+pub mod snapshot;
 pub mod socket_reaper;
 pub mod terminal;
 pub mod vm;

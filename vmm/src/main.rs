@@ -100,6 +100,39 @@ struct Cli {
     /// Largest MMDS data store in bytes.
     #[arg(long)]
     mmds_size_limit: Option<usize>,
+    /// Print the snapshot format version this build writes, and exit.
+    #[arg(long)]
+    snapshot_version: bool,
+    /// Print the format version of the snapshot state file FILE, and exit.
+    #[arg(long, value_name = "FILE")]
+    describe_snapshot: Option<PathBuf>,
+}
+
+/// `--snapshot-version` and `--describe-snapshot`: what Firecracker
+/// prints (`v<major>.<minor>.<patch>`), then the process ends.
+fn snapshot_flags(cli: &Cli) -> Option<ExitCode> {
+    if cli.snapshot_version {
+        println!("v{}", ember_snapshot::SNAPSHOT_VERSION);
+        return Some(ExitCode::SUCCESS);
+    }
+    let path = cli.describe_snapshot.as_ref()?;
+    let version = std::fs::File::open(path)
+        .and_then(|f| {
+            use std::io::Read;
+            let mut header = Vec::new();
+            f.take(ember_snapshot::HEADER_LEN as u64)
+                .read_to_end(&mut header)
+                .map(|_| header)
+        })
+        .map_err(|e| format!("cannot read snapshot file {}: {e}", path.display()))
+        .and_then(|h| ember_snapshot::format_version(&h).map_err(|e| e.to_string()));
+    Some(match version {
+        Ok(v) => {
+            println!("v{v}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(exit_code::GENERIC_ERROR, e),
+    })
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
@@ -230,6 +263,9 @@ fn run() -> ExitCode {
             return fail(exit_code::ARG_PARSING, first.trim_start_matches("error: "));
         }
     };
+    if let Some(code) = snapshot_flags(&cli) {
+        return code;
+    }
     if !valid_id(&cli.id) {
         return fail(
             exit_code::ARG_PARSING,
@@ -518,6 +554,20 @@ fn serve_until_start(
                 Ok(vm) => return PreBoot::Start(Box::new(vm), responder),
                 Err(e) => Err(ApiError::bad_request(format!("Start microvm error: {e}"))),
             },
+            PrebootOutcome::Load(params) => {
+                let start = Instant::now();
+                match vm::Vm::restore(&params, run_opts) {
+                    Ok(vm) => {
+                        let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        metrics.latencies().vmm_load_snapshot.set(us);
+                        log::info!("'load snapshot' VMM action took {us} us.");
+                        return PreBoot::Start(Box::new(vm), responder);
+                    }
+                    Err(e) => Err(ApiError::bad_request(format!(
+                        "Load snapshot error: Failed to restore from snapshot: {e}"
+                    ))),
+                }
+            }
         };
         responder.respond(response);
     }

@@ -13,8 +13,8 @@ use ember_config::VmConfig;
 use ember_logger::metrics::Metrics;
 
 use crate::action::{
-    ApiError, DriveUpdate, InstanceInfo, InstanceState, VmmAction, VmmData, VmmResponse,
-    FIRECRACKER_API_VERSION,
+    ApiError, DriveUpdate, InstanceInfo, InstanceState, SnapshotCreateParams, SnapshotType,
+    VmmAction, VmmData, VmmResponse, FIRECRACKER_API_VERSION,
 };
 use crate::preboot::{check_allowed, patch_drive, ActionHandler};
 
@@ -41,6 +41,15 @@ pub trait RuntimeVm {
     fn send_ctrl_alt_del(&mut self) -> Result<(), VmActionError>;
     /// Backs the block device `drive_id` with the file at `path`.
     fn replace_drive_file(&mut self, drive_id: &str, path: &Path) -> Result<(), VmActionError>;
+    /// Writes a full snapshot of the paused VM, which runs with `config`:
+    /// its state to `params.snapshot_path`, its memory to
+    /// `params.mem_file_path`. Only called on a paused VM, with a Full
+    /// snapshot type.
+    fn create_snapshot(
+        &mut self,
+        config: &VmConfig,
+        params: &SnapshotCreateParams,
+    ) -> Result<(), VmActionError>;
 }
 
 /// Answers API requests once the VM runs.
@@ -67,6 +76,12 @@ impl<V: RuntimeVm> RuntimeApiController<V> {
             metrics,
             state: InstanceState::Running,
         }
+    }
+
+    /// The controller of a VM restored from a snapshot and left paused.
+    pub fn paused(mut self) -> Self {
+        self.state = InstanceState::Paused;
+        self
     }
 
     /// `Running` or `Paused`.
@@ -117,6 +132,30 @@ impl<V: RuntimeVm> RuntimeApiController<V> {
             m.latencies().vmm_resume_vm.set(us);
         }
         log::info!("microVM resumed ({us} us)");
+        Ok(VmmData::Empty)
+    }
+
+    fn create_snapshot(&mut self, params: &SnapshotCreateParams) -> VmmResponse {
+        const P: &str = "Create snapshot error";
+        if self.state != InstanceState::Paused {
+            return Err(ApiError::bad_request(format!(
+                "{P}: Cannot save the microVM state: Operation not allowed: save/restore unavailable while running"
+            )));
+        }
+        if params.snapshot_type == SnapshotType::Diff {
+            return Err(ApiError::bad_request(format!(
+                "{P}: Diff snapshots are not supported by Ember: create a Full snapshot"
+            )));
+        }
+        let start = Instant::now();
+        self.vm
+            .create_snapshot(&self.config, params)
+            .map_err(|e| ApiError::bad_request(format!("{P}: {e}")))?;
+        let us = elapsed_us(start);
+        if let Some(m) = &self.metrics {
+            m.latencies().vmm_full_create_snapshot.set(us);
+        }
+        log::info!("'create full snapshot' VMM action took {us} us.");
         Ok(VmmData::Empty)
     }
 
@@ -198,6 +237,7 @@ impl<V: RuntimeVm> ActionHandler for RuntimeApiController<V> {
                 Ok(VmmData::Empty)
             }
             VmmAction::PatchDrive(update) => self.patch_drive(&update),
+            VmmAction::CreateSnapshot(params) => self.create_snapshot(&params),
             // Configuration calls: `check_allowed` refused them above.
             VmmAction::PutBootSource(_)
             | VmmAction::PutMachineConfig(_)
@@ -207,6 +247,7 @@ impl<V: RuntimeVm> ActionHandler for RuntimeApiController<V> {
             | VmmAction::PutVsock(_)
             | VmmAction::PutLogger(_)
             | VmmAction::PutMetrics(_)
+            | VmmAction::LoadSnapshot(_)
             | VmmAction::InstanceStart => Err(ApiError::not_supported_post_boot()),
         }
     }
@@ -240,6 +281,8 @@ mod tests {
         control: Arc<VmControl>,
         i8042: I8042,
         drives: Vec<(String, Arc<Mutex<Block>>)>,
+        /// The snapshot requests that reached the VM.
+        snapshots: Arc<Mutex<Vec<SnapshotCreateParams>>>,
     }
 
     impl RuntimeVm for TestVm {
@@ -272,6 +315,15 @@ mod tests {
             lock(block)
                 .update_backing_file(path)
                 .map_err(|e| VmActionError::Failed(e.into()))
+        }
+
+        fn create_snapshot(
+            &mut self,
+            _config: &VmConfig,
+            params: &SnapshotCreateParams,
+        ) -> Result<(), VmActionError> {
+            lock(&self.snapshots).push(params.clone());
+            Ok(())
         }
     }
 
@@ -332,6 +384,7 @@ mod tests {
             control: control.clone(),
             i8042: i8042.clone(),
             drives: vec![("rootfs".into(), block.clone())],
+            snapshots: Arc::default(),
         };
         let api = RuntimeApiController::new("vm-7", config, vm, Some(metrics.clone()));
         Setup {
@@ -378,6 +431,65 @@ mod tests {
             e.message
         );
         assert_eq!(state(&mut s.api), InstanceState::Running);
+    }
+
+    #[test]
+    fn snapshots_are_taken_only_of_a_paused_vm_and_only_full() {
+        let mut s = setup();
+        let full = SnapshotCreateParams {
+            snapshot_type: SnapshotType::Full,
+            snapshot_path: PathBuf::from("/s"),
+            mem_file_path: PathBuf::from("/m"),
+        };
+        let e = s
+            .api
+            .handle(VmmAction::CreateSnapshot(full.clone()))
+            .unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(
+            e.message.contains("save/restore unavailable while running"),
+            "{}",
+            e.message
+        );
+        s.api.handle(VmmAction::Pause).unwrap();
+        let diff = SnapshotCreateParams {
+            snapshot_type: SnapshotType::Diff,
+            ..full.clone()
+        };
+        let e = s.api.handle(VmmAction::CreateSnapshot(diff)).unwrap_err();
+        assert!(
+            e.message.contains("Diff snapshots are not supported"),
+            "{}",
+            e.message
+        );
+        assert!(lock(&s.api.vm.snapshots).is_empty());
+        s.api
+            .handle(VmmAction::CreateSnapshot(full.clone()))
+            .unwrap();
+        assert_eq!(*lock(&s.api.vm.snapshots), [full]);
+        let line: serde_json::Value = serde_json::from_str(&s.metrics.render()).unwrap();
+        assert!(
+            line["latencies_us"]["vmm_full_create_snapshot"].is_u64(),
+            "{line}"
+        );
+        // Loading is for a fresh process only.
+        let e = s
+            .api
+            .handle(VmmAction::LoadSnapshot(crate::SnapshotLoadParams {
+                snapshot_path: PathBuf::from("/s"),
+                mem_backend: crate::MemBackend {
+                    backend_type: crate::MemBackendType::File,
+                    backend_path: PathBuf::from("/m"),
+                },
+                track_dirty_pages: false,
+                resume_vm: false,
+                network_overrides: vec![],
+                vsock_override: None,
+                clock_realtime: false,
+                huge_pages: Default::default(),
+            }))
+            .unwrap_err();
+        assert_eq!(e, ApiError::not_supported_post_boot());
     }
 
     #[test]

@@ -304,7 +304,8 @@ impl MetricGroup for VcpuMetrics {
     }
 }
 
-/// `latencies_us`: how long the last pause and resume took.
+/// `latencies_us`: how long the last pause, resume, snapshot creation and
+/// snapshot load took.
 #[derive(Debug, Default)]
 pub struct LatenciesUs {
     /// `PATCH /vm` Paused, as seen by the API, in microseconds.
@@ -315,6 +316,10 @@ pub struct LatenciesUs {
     pub vmm_pause_vm: Gauge,
     /// Resuming the vCPUs, in the VMM, in microseconds.
     pub vmm_resume_vm: Gauge,
+    /// Creating a full snapshot, in the VMM, in microseconds.
+    pub vmm_full_create_snapshot: Gauge,
+    /// Loading a snapshot, in the VMM, in microseconds.
+    pub vmm_load_snapshot: Gauge,
 }
 
 impl MetricGroup for LatenciesUs {
@@ -323,6 +328,11 @@ impl MetricGroup for LatenciesUs {
         out.gauge("resume_vm", self.resume_vm.get());
         out.gauge("vmm_pause_vm", self.vmm_pause_vm.get());
         out.gauge("vmm_resume_vm", self.vmm_resume_vm.get());
+        out.gauge(
+            "vmm_full_create_snapshot",
+            self.vmm_full_create_snapshot.get(),
+        );
+        out.gauge("vmm_load_snapshot", self.vmm_load_snapshot.get());
     }
 }
 

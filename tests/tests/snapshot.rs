@@ -1,0 +1,389 @@
+//! Snapshots end to end with the real `ember` binary: a counting guest is
+//! paused, snapshotted and killed; new processes load the snapshot and the
+//! count goes on from where it stopped, with nothing printed twice or lost.
+//! Damaged snapshots and requests at the wrong time are refused with
+//! Firecracker's errors, and the process keeps answering.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ember_tests::api::{ApiVm, Client, Response};
+use ember_tests::{ember_binary, guest_path};
+use serde_json::{json, Value};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn ok(r: std::io::Result<Response>) {
+    let r = r.unwrap();
+    assert_eq!(r.status, 204, "{r:?}");
+}
+
+fn refused(r: std::io::Result<Response>, words: &str) -> String {
+    let r = r.unwrap();
+    assert_eq!(r.status, 400, "{r:?}");
+    let message = r.fault_message();
+    assert!(message.contains(words), "`{words}` not in: {message}");
+    message
+}
+
+/// Every `count N` line, in order.
+fn counts(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("count "))
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+/// The files one snapshot is made of.
+struct Snapshot {
+    state: PathBuf,
+    mem: PathBuf,
+    /// The serial output of the VM it was taken of, up to the snapshot.
+    output: String,
+}
+
+/// Boots the counter guest with 32 MiB, a read-only drive and a vsock
+/// device, lets it count, pauses it, snapshots it into `dir`, and kills it.
+fn take_snapshot(dir: &Path) -> Snapshot {
+    let mut vm = ApiVm::spawn(&["--id", "snap-source"]).unwrap();
+    let mut api = vm.client().unwrap();
+    let disk = dir.join("disk.img");
+    fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
+    ok(api.put(
+        "/boot-source",
+        &json!({"kernel_image_path": guest_path("counter"), "boot_args": "console=ttyS0"}),
+    ));
+    ok(api.put(
+        "/machine-config",
+        &json!({"vcpu_count": 1, "mem_size_mib": 32}),
+    ));
+    ok(api.put(
+        "/drives/data",
+        &json!({"drive_id": "data", "path_on_host": disk, "is_root_device": false, "is_read_only": true}),
+    ));
+    ok(api.put(
+        "/vsock",
+        &json!({"guest_cid": 3, "uds_path": dir.join("v-source.sock")}),
+    ));
+    ok(api.put("/actions", &json!({"action_type": "InstanceStart"})));
+    vm.wait_for_output(|o| counts(o).len() > 30, TIMEOUT)
+        .unwrap();
+
+    let state = dir.join("vm.state");
+    let mem = dir.join("vm.mem");
+    let body = json!({"snapshot_type": "Full", "snapshot_path": state, "mem_file_path": mem});
+    // A running VM is refused, with Firecracker's words.
+    refused(
+        api.put("/snapshot/create", &body),
+        "save/restore unavailable while running",
+    );
+    ok(api.patch("/vm", &json!({"state": "Paused"})));
+    // Diff snapshots are refused by name, never written as Full.
+    refused(
+        api.put(
+            "/snapshot/create",
+            &json!({"snapshot_type": "Diff", "snapshot_path": state, "mem_file_path": mem}),
+        ),
+        "Diff snapshots are not supported",
+    );
+    assert!(!state.exists() && !mem.exists());
+    let start = Instant::now();
+    ok(api.put("/snapshot/create", &body));
+    eprintln!("snapshot/create of 32 MiB took {:?}", start.elapsed());
+    assert_eq!(fs::metadata(&mem).unwrap().len(), 32 << 20);
+    // Whatever the pipe still held when the vCPUs parked.
+    std::thread::sleep(Duration::from_millis(100));
+    let output = vm.stdout();
+    let exit = vm.kill();
+    assert_eq!(exit.stdout, output, "the guest printed while paused");
+    Snapshot { state, mem, output }
+}
+
+fn load_body(snap: &Snapshot, dir: &Path, name: &str, resume: bool) -> Value {
+    json!({
+        "snapshot_path": snap.state,
+        "mem_backend": {"backend_type": "File", "backend_path": snap.mem},
+        "resume_vm": resume,
+        "vsock_override": {"uds_path": dir.join(format!("v-{name}.sock"))},
+    })
+}
+
+/// Checks that `before` then `after` count 0, 1, 2, ... without a gap or a
+/// repeat (a line cut by the snapshot is finished by the restored guest).
+fn assert_contiguous(before: &str, after: &str) {
+    let all = counts(&format!("{before}{after}"));
+    assert!(all.len() > counts(before).len() + 10, "{after}");
+    for (i, n) in all.iter().enumerate() {
+        assert_eq!(
+            *n, i as u64,
+            "count {i} is {n}:\n{before}\n--- restored ---\n{after}"
+        );
+    }
+}
+
+fn spawn(id: &str) -> (ApiVm, Client) {
+    let vm = ApiVm::spawn(&["--id", id]).unwrap();
+    let api = vm.client().unwrap();
+    (vm, api)
+}
+
+#[test]
+fn a_loaded_snapshot_counts_on_from_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = take_snapshot(dir.path());
+    let last = *counts(&snap.output).last().unwrap();
+
+    // Resumed at once.
+    let (mut vm, mut api) = spawn("snap-a");
+    let start = Instant::now();
+    ok(api.put("/snapshot/load", &load_body(&snap, dir.path(), "a", true)));
+    vm.wait_for_output(|o| !o.is_empty(), TIMEOUT).unwrap();
+    eprintln!(
+        "PUT /snapshot/load to the first serial byte: {:?}",
+        start.elapsed()
+    );
+    assert_eq!(api.get("/").unwrap().json()["state"], "Running");
+    let out = vm
+        .wait_for_output(
+            |o| counts(o).last().is_some_and(|n| *n > last + 30),
+            TIMEOUT,
+        )
+        .unwrap();
+    assert_contiguous(&snap.output, &out);
+    // The configuration came from the snapshot, the override applied.
+    let config = api.get("/vm/config").unwrap().json();
+    assert_eq!(config["machine-config"]["mem_size_mib"], 32, "{config}");
+    assert_eq!(config["drives"][0]["drive_id"], "data", "{config}");
+    assert_eq!(
+        config["vsock"]["uds_path"],
+        json!(dir.path().join("v-a.sock")),
+        "{config}"
+    );
+    // A second load, or any configuration, is refused once loaded.
+    refused(
+        api.put("/snapshot/load", &load_body(&snap, dir.path(), "a2", true)),
+        "The requested operation is not supported after starting the microVM.",
+    );
+
+    // Left paused, from the same files at the same time: nothing runs
+    // until it is resumed, then the count goes on from the same place.
+    let (mut vm2, mut api2) = spawn("snap-b");
+    ok(api2.put("/snapshot/load", &load_body(&snap, dir.path(), "b", false)));
+    assert_eq!(api2.get("/").unwrap().json()["state"], "Paused");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(vm2.stdout(), "", "a paused restored VM printed");
+    ok(api2.patch("/vm", &json!({"state": "Resumed"})));
+    let out2 = vm2
+        .wait_for_output(
+            |o| counts(o).last().is_some_and(|n| *n > last + 30),
+            TIMEOUT,
+        )
+        .unwrap();
+    assert_contiguous(&snap.output, &out2);
+
+    // A restored VM can be snapshotted again, and that snapshot loads.
+    ok(api2.patch("/vm", &json!({"state": "Paused"})));
+    let again = Snapshot {
+        state: dir.path().join("again.state"),
+        mem: dir.path().join("again.mem"),
+        output: String::new(),
+    };
+    ok(api2.put(
+        "/snapshot/create",
+        &json!({"snapshot_path": again.state, "mem_file_path": again.mem}),
+    ));
+    std::thread::sleep(Duration::from_millis(100));
+    let before = format!("{}{}", snap.output, vm2.stdout());
+    drop(vm2);
+    let (mut vm3, mut api3) = spawn("snap-c");
+    // The deprecated `mem_file_path` is still accepted.
+    ok(api3.put(
+        "/snapshot/load",
+        &json!({
+            "snapshot_path": again.state,
+            "mem_file_path": again.mem,
+            "resume_vm": true,
+            "vsock_override": {"uds_path": dir.path().join("v-c.sock")},
+        }),
+    ));
+    let last = *counts(&before).last().unwrap();
+    let out3 = vm3
+        .wait_for_output(
+            |o| counts(o).last().is_some_and(|n| *n > last + 30),
+            TIMEOUT,
+        )
+        .unwrap();
+    assert_contiguous(&before, &out3);
+    drop(vm);
+}
+
+#[test]
+fn damaged_snapshots_are_refused_and_the_api_keeps_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = take_snapshot(dir.path());
+    let good = fs::read(&snap.state).unwrap();
+    let (mut vm, mut api) = spawn("snap-bad");
+
+    let bad = |name: &str, bytes: &[u8]| -> Snapshot {
+        let state = dir.path().join(name);
+        fs::write(&state, bytes).unwrap();
+        Snapshot {
+            state,
+            mem: snap.mem.clone(),
+            output: String::new(),
+        }
+    };
+    let cases: Vec<(Snapshot, &str)> = vec![
+        (
+            bad("truncated.state", &good[..good.len() / 2]),
+            "the snapshot state file is truncated",
+        ),
+        (
+            bad("flipped.state", &{
+                let mut b = good.clone();
+                b[good.len() / 2] ^= 0x40;
+                b
+            }),
+            "snapshot checksum mismatch",
+        ),
+        (
+            bad("magic.state", &{
+                let mut b = good.clone();
+                b[0] = b'X';
+                b
+            }),
+            "bad magic number",
+        ),
+        (
+            bad("empty.state", b""),
+            "the snapshot state file is truncated",
+        ),
+    ];
+    for (s, words) in &cases {
+        let m = refused(
+            api.put("/snapshot/load", &load_body(s, dir.path(), "x", true)),
+            words,
+        );
+        assert!(m.starts_with("Load snapshot error: "), "{m}");
+        assert_eq!(api.get("/").unwrap().json()["state"], "Not started");
+    }
+
+    // A memory file shorter than the layout.
+    let short = dir.path().join("short.mem");
+    fs::write(&short, vec![0u8; 4096]).unwrap();
+    let body = json!({
+        "snapshot_path": snap.state,
+        "mem_backend": {"backend_type": "File", "backend_path": short},
+    });
+    refused(
+        api.put("/snapshot/load", &body),
+        "the memory file is 4096 bytes, the snapshot's memory layout needs 33554432",
+    );
+    // Missing files, by name.
+    let missing = dir.path().join("missing.state");
+    let body = json!({
+        "snapshot_path": missing,
+        "mem_backend": {"backend_type": "File", "backend_path": snap.mem},
+    });
+    refused(api.put("/snapshot/load", &body), "missing.state");
+    // What Ember does not do is refused, not ignored.
+    let uffd = json!({
+        "snapshot_path": snap.state,
+        "mem_backend": {"backend_type": "Uffd", "backend_path": dir.path().join("uffd.sock")},
+    });
+    refused(
+        api.put("/snapshot/load", &uffd),
+        "Uffd memory backend is not supported",
+    );
+    let both = json!({
+        "snapshot_path": snap.state,
+        "mem_file_path": snap.mem,
+        "mem_backend": {"backend_type": "File", "backend_path": snap.mem},
+    });
+    refused(
+        api.put("/snapshot/load", &both),
+        "too many fields: either `mem_backend` or `mem_file_path` exclusively is required",
+    );
+    let neither = json!({"snapshot_path": snap.state});
+    refused(
+        api.put("/snapshot/load", &neither),
+        "missing field: either `mem_backend` or `mem_file_path` is required",
+    );
+    let net = json!({
+        "snapshot_path": snap.state,
+        "mem_backend": {"backend_type": "File", "backend_path": snap.mem},
+        "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap0"}],
+    });
+    refused(api.put("/snapshot/load", &net), "Unknown Network Device");
+    assert_eq!(api.get("/").unwrap().json()["state"], "Not started");
+
+    // After all that, the good snapshot still loads in the same process.
+    ok(api.put("/snapshot/load", &load_body(&snap, dir.path(), "ok", true)));
+    let last = *counts(&snap.output).last().unwrap();
+    let out = vm
+        .wait_for_output(
+            |o| counts(o).last().is_some_and(|n| *n > last + 10),
+            TIMEOUT,
+        )
+        .unwrap();
+    assert_contiguous(&snap.output, &out);
+
+    // --describe-snapshot reads the format version; --snapshot-version
+    // prints the one Ember writes.
+    let describe = Command::new(ember_binary())
+        .arg("--describe-snapshot")
+        .arg(&snap.state)
+        .output()
+        .unwrap();
+    assert!(describe.status.success(), "{describe:?}");
+    assert_eq!(String::from_utf8_lossy(&describe.stdout), "v1.0.0\n");
+    let version = Command::new(ember_binary())
+        .arg("--snapshot-version")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&version.stdout), "v1.0.0\n");
+    let describe = Command::new(ember_binary())
+        .arg("--describe-snapshot")
+        .arg(&snap.mem)
+        .output()
+        .unwrap();
+    assert!(!describe.status.success());
+    assert!(
+        String::from_utf8_lossy(&describe.stderr).contains("bad magic number"),
+        "{describe:?}"
+    );
+}
+
+#[test]
+fn snapshot_calls_out_of_order_get_firecracker_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_vm, mut api) = spawn("snap-order");
+    let create =
+        json!({"snapshot_path": dir.path().join("s"), "mem_file_path": dir.path().join("m")});
+    refused(
+        api.put("/snapshot/create", &create),
+        "The requested operation is not supported before starting the microVM.",
+    );
+    ok(api.put(
+        "/boot-source",
+        &json!({"kernel_image_path": guest_path("counter"), "boot_args": "console=ttyS0"}),
+    ));
+    let load = json!({
+        "snapshot_path": dir.path().join("s"),
+        "mem_backend": {"backend_type": "File", "backend_path": dir.path().join("m")},
+    });
+    refused(
+        api.put("/snapshot/load", &load),
+        "Load snapshot error: Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+    );
+    // Unknown fields are refused, as Firecracker's parser does.
+    refused(
+        api.put(
+            "/snapshot/create",
+            &json!({"snapshot_path": "/s", "mem_file_path": "/m", "version": "1.0"}),
+        ),
+        "unknown field `version`",
+    );
+}
