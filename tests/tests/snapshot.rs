@@ -394,3 +394,176 @@ fn snapshot_calls_out_of_order_get_firecracker_errors() {
         "unknown field `version`",
     );
 }
+
+/// Every `blk0: loop N` line, in order.
+fn loops(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("blk0: loop "))
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+#[test]
+fn block_io_goes_on_across_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    let mut vm = ApiVm::spawn(&["--id", "snap-blk"]).unwrap();
+    let mut api = vm.client().unwrap();
+    ok(api.put(
+        "/boot-source",
+        &json!({"kernel_image_path": guest_path("virtio_blk"), "boot_args": "console=ttyS0 blk.test=loop"}),
+    ));
+    ok(api.put(
+        "/machine-config",
+        &json!({"vcpu_count": 1, "mem_size_mib": 32}),
+    ));
+    ok(api.put(
+        "/drives/data",
+        &json!({"drive_id": "data", "path_on_host": disk, "is_root_device": false, "is_read_only": false}),
+    ));
+    ok(api.put("/actions", &json!({"action_type": "InstanceStart"})));
+    vm.wait_for_output(|o| loops(o).len() > 20, TIMEOUT)
+        .unwrap();
+    ok(api.patch("/vm", &json!({"state": "Paused"})));
+    let state = dir.path().join("blk.state");
+    let mem = dir.path().join("blk.mem");
+    ok(api.put(
+        "/snapshot/create",
+        &json!({"snapshot_path": state, "mem_file_path": mem}),
+    ));
+    std::thread::sleep(Duration::from_millis(100));
+    let before = vm.stdout();
+    drop(vm);
+    let complete = before.rfind('\n').map_or("", |i| &before[..i]);
+    let last = *loops(complete).last().unwrap();
+
+    let (mut vm, mut api) = spawn("snap-blk-2");
+    let start = Instant::now();
+    ok(api.put(
+        "/snapshot/load",
+        &json!({"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}, "resume_vm": true}),
+    ));
+    let after = vm
+        .wait_for_output(
+            |o| loops(o).last().is_some_and(|n| *n > last + 20) || o.contains("mismatch"),
+            TIMEOUT,
+        )
+        .unwrap();
+    eprintln!(
+        "restored block guest: 20 more rounds after {:?}",
+        start.elapsed()
+    );
+    assert!(!after.contains("mismatch"), "{after}");
+    let all = loops(&format!("{before}{after}"));
+    for (i, n) in all.iter().enumerate() {
+        assert_eq!(
+            *n, i as u64,
+            "round {i} is {n}:\n{before}\n--- restored ---\n{after}"
+        );
+    }
+    // The restored guest's writes reached the drive's file.
+    ok(api.patch("/vm", &json!({"state": "Paused"})));
+    let round = *loops(&vm.stdout()).last().unwrap();
+    let image = fs::read(&disk).unwrap();
+    let sector = (round % 64) * 8;
+    let off = (sector * 512) as usize;
+    for (i, b) in image[off..off + 8 * 512].iter().enumerate() {
+        let at = (off + i) as u64;
+        let want = (round + (at >> 9) * 13 + (at & 511) * 7) as u8;
+        assert_eq!(*b, want, "round {round}, byte {at}");
+    }
+}
+
+/// Connects to guest port `port` through the vsock device's socket `uds`
+/// and checks one echo round trip.
+fn vsock_echo(uds: &Path, port: u32, data: &[u8]) {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    let deadline = Instant::now() + TIMEOUT;
+    let mut s = loop {
+        match UnixStream::connect(uds) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => panic!("{}: {e}", uds.display()),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while s.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+        reply.push(byte[0]);
+    }
+    assert!(
+        reply.starts_with(b"OK "),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    s.write_all(data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(back, data);
+}
+
+#[test]
+fn a_vsock_driver_gets_a_transport_reset_after_a_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut vm, mut api) = spawn("snap-vsock");
+    ok(api.put(
+        "/boot-source",
+        &json!({"kernel_image_path": guest_path("virtio_vsock"), "boot_args": "console=ttyS0 vsock.accepts=2 vsock.idle=100"}),
+    ));
+    ok(api.put(
+        "/machine-config",
+        &json!({"vcpu_count": 1, "mem_size_mib": 32}),
+    ));
+    let before_uds = dir.path().join("before.sock");
+    ok(api.put("/vsock", &json!({"guest_cid": 3, "uds_path": before_uds})));
+    ok(api.put("/actions", &json!({"action_type": "InstanceStart"})));
+    vm.wait_for_output(|o| o.contains("vsock: queues rx"), TIMEOUT)
+        .unwrap();
+    // One connection served and closed before the snapshot.
+    vsock_echo(&before_uds, 52, b"before the snapshot");
+    vm.wait_for_output(|o| o.contains(" closed ("), TIMEOUT)
+        .unwrap();
+    // Let the device take the guest's last packet of that connection: a
+    // restored device numbers host connections from the start again, and
+    // would apply a stale RST to the new connection with the same ports.
+    std::thread::sleep(Duration::from_millis(200));
+    ok(api.patch("/vm", &json!({"state": "Paused"})));
+    let state = dir.path().join("vsock.state");
+    let mem = dir.path().join("vsock.mem");
+    ok(api.put(
+        "/snapshot/create",
+        &json!({"snapshot_path": state, "mem_file_path": mem}),
+    ));
+    drop(vm);
+
+    let (vm, mut api) = spawn("snap-vsock-2");
+    let after_uds = dir.path().join("after.sock");
+    ok(api.put(
+        "/snapshot/load",
+        &json!({
+            "snapshot_path": state,
+            "mem_backend": {"backend_type": "File", "backend_path": mem},
+            "resume_vm": true,
+            "vsock_override": {"uds_path": after_uds},
+        }),
+    ));
+    // The receive buffers the driver posted before the snapshot carry the
+    // new connection; once it closes, the guest reports and resets.
+    if std::panic::catch_unwind(|| vsock_echo(&after_uds, 52, b"after the load")).is_err() {
+        let e = vm.kill();
+        panic!(
+            "the echo after the load failed:\n{}\n{}",
+            e.stdout, e.stderr
+        );
+    }
+    let exit = vm.wait(TIMEOUT).unwrap();
+    assert!(exit.status.success(), "{exit:?}");
+    assert!(exit.stdout.contains("vsock: ok"), "{}", exit.stdout);
+    // Exactly one event: VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.
+    assert!(exit.stdout.contains(" events 1 "), "{}", exit.stdout);
+}

@@ -395,6 +395,22 @@ fn map_memory(path: &Path, state: &MicrovmState) -> Result<GuestMemoryMmap, Load
     GuestMemoryMmap::from_regions(regions).map_err(|e| fail(e.to_string()))
 }
 
+/// Signals every queue of an activated transport once: a request the
+/// driver had made available but the device had not taken when the snapshot
+/// was written (its kick was consumed by the old process) is processed
+/// without waiting for a kick that will not come. A spurious notification
+/// is harmless (virtio 1.2 §2.7.23).
+fn notify_queues(transport: &MmioTransport) {
+    if !transport.is_activated() {
+        return;
+    }
+    for evt in transport.queue_notify_events() {
+        if let Err(e) = evt.write(1) {
+            log::warn!("cannot signal a restored queue: {e}");
+        }
+    }
+}
+
 /// Restores the saved device states into the freshly attached `devices`.
 ///
 /// # Errors
@@ -412,18 +428,22 @@ pub fn restore_devices(devices: &Devices, state: &MicrovmState) -> Result<(), Lo
         lock(&handle.block)
             .restore(&saved.device)
             .map_err(|e| refused(what(), e.to_string()))?;
-        lock(&handle.transport)
+        let mut transport = lock(&handle.transport);
+        transport
             .restore(&saved.transport)
             .map_err(|e| refused(what(), e.to_string()))?;
+        notify_queues(&transport);
     }
     for (saved, handle) in state.nets.iter().zip(devices.nets()) {
         let what = || format!("network interface `{}`", saved.id);
         lock(&handle.net)
             .restore(&saved.device)
             .map_err(|e| refused(what(), e.to_string()))?;
-        lock(&handle.transport)
+        let mut transport = lock(&handle.transport);
+        transport
             .restore(&saved.transport)
             .map_err(|e| refused(what(), e.to_string()))?;
+        notify_queues(&transport);
     }
     if let (Some(saved), Some(vsock), Some(transport)) =
         (&state.vsock, devices.vsock(), devices.vsock_transport())
@@ -432,9 +452,11 @@ pub fn restore_devices(devices: &Devices, state: &MicrovmState) -> Result<(), Lo
         lock(vsock)
             .restore(&saved.device)
             .map_err(|e| refused(what(), e.to_string()))?;
-        lock(transport)
+        let mut transport = lock(transport);
+        transport
             .restore(&saved.transport)
             .map_err(|e| refused(what(), e.to_string()))?;
+        notify_queues(&transport);
         let mut vsock = lock(vsock);
         if vsock.is_activated() {
             // The host sockets of the old process are gone: the driver must
