@@ -96,6 +96,16 @@ fn take_snapshot(dir: &Path) -> Snapshot {
         "Diff snapshots are not supported",
     );
     assert!(!state.exists() && !mem.exists());
+    // A file that cannot be created is named; the VM stays paused.
+    let nowhere = dir.join("no-such-dir").join("vm.state");
+    refused(
+        api.put(
+            "/snapshot/create",
+            &json!({"snapshot_path": nowhere, "mem_file_path": mem}),
+        ),
+        "Cannot perform open on the snapshot backing file",
+    );
+    assert_eq!(api.get("/").unwrap().json()["state"], "Paused");
     let start = Instant::now();
     ok(api.put("/snapshot/create", &body));
     eprintln!("snapshot/create of 32 MiB took {:?}", start.elapsed());
