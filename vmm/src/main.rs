@@ -603,6 +603,16 @@ mod tests {
             cli.config_file.as_deref(),
             Some(std::path::Path::new("/c.json"))
         );
+        assert!(
+            Cli::try_parse_from(["ember", "--snapshot-version"])
+                .unwrap()
+                .snapshot_version
+        );
+        let cli = Cli::try_parse_from(["ember", "--describe-snapshot", "/s"]).unwrap();
+        assert_eq!(
+            cli.describe_snapshot.as_deref(),
+            Some(std::path::Path::new("/s"))
+        );
         assert!(Cli::try_parse_from(["ember", "--level", "loud"]).is_err());
         assert!(Cli::try_parse_from(["ember", "--bogus"]).is_err());
     }

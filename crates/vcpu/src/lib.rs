@@ -8,7 +8,9 @@
 //! the devices pause, resume and stop the VM; the first reason given for a stop
 //! ([`ExitReason`]) is kept and the VMM learns about it through
 //! [`VmControl::exit_event`]. A vCPU's guest-visible state goes out and back in as
-//! one serializable [`VcpuState`] ([`Vcpu::save_state`], [`Vcpu::restore_state`]).
+//! one serializable [`VcpuState`] ([`Vcpu::save_state`], [`Vcpu::restore_state`]); the
+//! vCPUs of a paused VM save their own, on their threads ([`VmControl::save_vcpu_states`]),
+//! after finishing the port or MMIO access they exited for.
 //!
 //! # Example
 //!
