@@ -591,3 +591,78 @@ fn a_vsock_driver_gets_a_transport_reset_after_a_load() {
     // Exactly one event: VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.
     assert!(exit.stdout.contains(" events 1 "), "{}", exit.stdout);
 }
+
+#[test]
+fn a_network_interface_moves_to_the_overriding_tap() {
+    let dir = tempfile::tempdir().unwrap();
+    // Ember creates the TAPs (as root); they go away with the process.
+    let (tap_a, tap_b) = (
+        format!("esa{}", std::process::id() % 100_000),
+        format!("esb{}", std::process::id() % 100_000),
+    );
+    let (mut vm, mut api) = spawn("snap-net");
+    ok(api.put(
+        "/boot-source",
+        &json!({"kernel_image_path": guest_path("counter"), "boot_args": "console=ttyS0"}),
+    ));
+    ok(api.put(
+        "/machine-config",
+        &json!({"vcpu_count": 1, "mem_size_mib": 32}),
+    ));
+    ok(api.put(
+        "/network-interfaces/eth0",
+        &json!({"iface_id": "eth0", "host_dev_name": tap_a, "guest_mac": "06:00:ac:10:00:02"}),
+    ));
+    ok(api.put("/actions", &json!({"action_type": "InstanceStart"})));
+    vm.wait_for_output(|o| counts(o).len() > 10, TIMEOUT)
+        .unwrap();
+    ok(api.patch("/vm", &json!({"state": "Paused"})));
+    let state = dir.path().join("net.state");
+    let mem = dir.path().join("net.mem");
+    ok(api.put(
+        "/snapshot/create",
+        &json!({"snapshot_path": state, "mem_file_path": mem}),
+    ));
+    std::thread::sleep(Duration::from_millis(100));
+    let before = vm.stdout();
+    drop(vm);
+
+    let (mut vm, mut api) = spawn("snap-net-2");
+    let load = |overrides: Value| {
+        json!({
+            "snapshot_path": state,
+            "mem_backend": {"backend_type": "File", "backend_path": mem},
+            "resume_vm": true,
+            "network_overrides": overrides,
+        })
+    };
+    refused(
+        api.put(
+            "/snapshot/load",
+            &load(json!([{"iface_id": "eth1", "host_dev_name": tap_b}])),
+        ),
+        "Unknown Network Device: `eth1`",
+    );
+    ok(api.put(
+        "/snapshot/load",
+        &load(json!([{"iface_id": "eth0", "host_dev_name": tap_b}])),
+    ));
+    let config = api.get("/vm/config").unwrap().json();
+    let iface = &config["network-interfaces"][0];
+    assert_eq!(iface["host_dev_name"], json!(tap_b), "{config}");
+    assert_eq!(iface["guest_mac"], "06:00:ac:10:00:02", "{config}");
+    let last = last_count(&before);
+    let after = vm
+        .wait_for_output(
+            |o| counts(o).last().is_some_and(|n| *n > last + 20),
+            TIMEOUT,
+        )
+        .unwrap();
+    assert_contiguous(&before, &after);
+    // The restored device holds the overriding TAP.
+    let link = Command::new("ip")
+        .args(["link", "show", &tap_b])
+        .output()
+        .unwrap();
+    assert!(link.status.success(), "{link:?}");
+}
