@@ -110,6 +110,11 @@ fn take_snapshot(dir: &Path) -> Snapshot {
     ok(api.put("/snapshot/create", &body));
     eprintln!("snapshot/create of 32 MiB took {:?}", start.elapsed());
     assert_eq!(fs::metadata(&mem).unwrap().len(), 32 << 20);
+    for file in [&state, &mem] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+    }
     // Whatever the pipe still held when the vCPUs parked.
     std::thread::sleep(Duration::from_millis(100));
     let output = vm.stdout();

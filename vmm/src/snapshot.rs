@@ -271,7 +271,7 @@ impl SnapshotSource {
             path: params.snapshot_path.clone(),
             source,
         };
-        let mut file = File::create(&params.snapshot_path).map_err(|e| snap_err("open", e))?;
+        let mut file = create_private(&params.snapshot_path).map_err(|e| snap_err("open", e))?;
         file.write_all(&bytes).map_err(|e| snap_err("write", e))?;
 
         let mem_err = |op, source| CreateError::MemoryFile {
@@ -279,7 +279,7 @@ impl SnapshotSource {
             path: params.mem_file_path.clone(),
             source,
         };
-        let mut file = File::create(&params.mem_file_path).map_err(|e| mem_err("open", e))?;
+        let mut file = create_private(&params.mem_file_path).map_err(|e| mem_err("open", e))?;
         for region in self.mem.iter() {
             let len = usize::try_from(region.len()).unwrap_or(usize::MAX);
             self.mem
@@ -288,6 +288,18 @@ impl SnapshotSource {
         }
         Ok(())
     }
+}
+
+/// Creates or truncates `path` for writing, readable by its owner only when
+/// created: guest memory and vCPU state may hold the guest's secrets.
+fn create_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// A state file read and checked, its overrides applied, and its memory
