@@ -110,6 +110,12 @@ fn take_snapshot(dir: &Path) -> Snapshot {
     ok(api.put("/snapshot/create", &body));
     eprintln!("snapshot/create of 32 MiB took {:?}", start.elapsed());
     assert_eq!(fs::metadata(&mem).unwrap().len(), 32 << 20);
+    // Memory the guest never touched is left as holes.
+    let used = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&mem).unwrap()) * 512;
+    assert!(
+        used < 8 << 20,
+        "{used} bytes of the memory file are allocated"
+    );
     for file in [&state, &mem] {
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(file).unwrap().permissions().mode();
@@ -137,7 +143,7 @@ fn load_body(snap: &Snapshot, dir: &Path, name: &str, resume: bool) -> Value {
 /// by the snapshot is finished by the restored guest).
 fn assert_contiguous(before: &str, after: &str) {
     let all = format!("{before}{after}");
-    assert!(counts(&all).len() > counts(before).len() + 10, "{after}");
+    assert!(counts(&all).len() > counts(before).len() + 5, "{after}");
     let mut expected = String::new();
     let mut i = 0u64;
     while expected.len() < all.len() {

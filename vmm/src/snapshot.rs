@@ -26,8 +26,8 @@ use ember_vsock::Vsock;
 use kvm_ioctls::VmFd;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, GuestRegionMmap,
 };
 
 /// Why a snapshot could not be created.
@@ -280,14 +280,53 @@ impl SnapshotSource {
             source,
         };
         let mut file = create_private(&params.mem_file_path).map_err(|e| mem_err("open", e))?;
-        for region in self.mem.iter() {
-            let len = usize::try_from(region.len()).unwrap_or(usize::MAX);
-            self.mem
-                .write_all_volatile_to(region.start_addr(), &mut file, len)
-                .map_err(|e| mem_err("write", std::io::Error::other(e.to_string())))?;
-        }
-        Ok(())
+        write_memory(&self.mem, &mut file).map_err(|e| mem_err("write", e))
     }
+}
+
+/// Bytes of guest memory copied out at a time.
+const CHUNK: usize = 1 << 20;
+/// The unit of the zero-page check: a page.
+const PAGE: usize = 4096;
+static ZEROS: [u8; PAGE] = [0; PAGE];
+
+/// Writes guest memory to `file`, region after region, leaving a hole
+/// where a page is all zeros (memory the guest never touched, mostly), so
+/// that the file takes the room of the memory in use and untouched memory
+/// is never copied into the page cache. The last page is always written:
+/// the file has the layout's full length. Seeks and writes only (no
+/// `pwrite`, no `ftruncate`), as the VMM thread's seccomp filter allows.
+fn write_memory(mem: &GuestMemoryMmap, file: &mut File) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+
+    let io = |e: vm_memory::GuestMemoryError| std::io::Error::other(e.to_string());
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    let mut buf = vec![0u8; CHUNK];
+    let mut offset = 0u64;
+    for region in mem.iter() {
+        let mut done = 0u64;
+        while done < region.len() {
+            let len = usize::try_from(region.len() - done)
+                .unwrap_or(CHUNK)
+                .min(CHUNK);
+            let chunk = &mut buf[..len];
+            mem.read_slice(chunk, region.start_addr().unchecked_add(done))
+                .map_err(io)?;
+            for (i, page) in chunk.chunks(PAGE).enumerate() {
+                let at = offset + (i * PAGE) as u64;
+                let last = at + page.len() as u64 == total;
+                // A slice comparison is a memcmp, fast in any build.
+                if !last && page == &ZEROS[..page.len()] {
+                    continue;
+                }
+                file.seek(SeekFrom::Start(at))?;
+                file.write_all(page)?;
+            }
+            done += len as u64;
+            offset += len as u64;
+        }
+    }
+    Ok(())
 }
 
 /// Creates or truncates `path` for writing, readable by its owner only when
