@@ -330,14 +330,24 @@ fn damaged_snapshots_are_refused_and_the_api_keeps_answering() {
         "mem_backend": {"backend_type": "File", "backend_path": snap.mem},
     });
     refused(api.put("/snapshot/load", &body), "missing.state");
-    // What Ember does not do is refused, not ignored.
+    // A page-fault handler that is not there.
     let uffd = json!({
         "snapshot_path": snap.state,
         "mem_backend": {"backend_type": "Uffd", "backend_path": dir.path().join("uffd.sock")},
     });
     refused(
         api.put("/snapshot/load", &uffd),
-        "Uffd memory backend is not supported",
+        "cannot connect to the page-fault handler",
+    );
+    // What Ember does not do is refused, not ignored.
+    let realtime = json!({
+        "snapshot_path": snap.state,
+        "mem_backend": {"backend_type": "File", "backend_path": snap.mem},
+        "clock_realtime": true,
+    });
+    refused(
+        api.put("/snapshot/load", &realtime),
+        "clock_realtime is not supported",
     );
     let both = json!({
         "snapshot_path": snap.state,
@@ -676,4 +686,141 @@ fn a_network_interface_moves_to_the_overriding_tap() {
         .output()
         .unwrap();
     assert!(link.status.success(), "{link:?}");
+}
+
+/// A page-fault handler as Firecracker's examples are: it receives the
+/// userfaultfd and the region list on a Unix socket, then copies each page
+/// the VM faults on from the memory file.
+struct PageFaultHandler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl PageFaultHandler {
+    fn start(socket: &Path, mem_file: &Path) -> Self {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::net::UnixListener;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+        /// `_IOWR(0xAA, 0x03, struct uffdio_copy)`.
+        const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
+        const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+        #[repr(C)]
+        struct UffdioCopy {
+            dst: u64,
+            src: u64,
+            len: u64,
+            mode: u64,
+            copy: i64,
+        }
+
+        let listener = UnixListener::bind(socket).unwrap();
+        let mem = fs::read(mem_file).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut buf = vec![0u8; 4096];
+            let (n, uffd) = stream.recv_with_fd(&mut buf).unwrap();
+            let uffd = uffd.expect("no userfaultfd came with the regions");
+            let regions: Vec<Value> = serde_json::from_slice(&buf[..n]).unwrap();
+            let regions: Vec<(u64, u64, u64)> = regions
+                .iter()
+                .map(|r| {
+                    assert_eq!(r["page_size"], 4096, "{r}");
+                    (
+                        r["base_host_virt_addr"].as_u64().unwrap(),
+                        r["size"].as_u64().unwrap(),
+                        r["offset"].as_u64().unwrap(),
+                    )
+                })
+                .collect();
+            let mut served = 0u64;
+            while !done.load(Ordering::SeqCst) {
+                let mut pfd = libc::pollfd {
+                    fd: uffd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(&mut pfd, 1, 20) } <= 0 {
+                    continue;
+                }
+                let mut msg = [0u8; 32];
+                // SAFETY: reads at most 32 bytes into `msg`.
+                let got = unsafe { libc::read(uffd.as_raw_fd(), msg.as_mut_ptr().cast(), 32) };
+                if got != 32 || msg[0] != UFFD_EVENT_PAGEFAULT {
+                    continue;
+                }
+                let addr = u64::from_le_bytes(msg[16..24].try_into().unwrap());
+                let page = addr & !4095;
+                let (base, _, offset) = *regions
+                    .iter()
+                    .find(|(base, size, _)| (*base..base + size).contains(&page))
+                    .expect("a fault outside guest memory");
+                let at = (offset + page - base) as usize;
+                let copy = UffdioCopy {
+                    dst: page,
+                    src: mem[at..at + 4096].as_ptr() as u64,
+                    len: 4096,
+                    mode: 0,
+                    copy: 0,
+                };
+                // SAFETY: UFFDIO_COPY reads a `struct uffdio_copy` and the
+                // 4 KiB at `src`, which `mem` holds for the call.
+                let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY, &copy) };
+                let eexist = std::io::Error::last_os_error().raw_os_error() == Some(libc::EEXIST);
+                assert!(
+                    r == 0 || eexist,
+                    "UFFDIO_COPY: {}",
+                    std::io::Error::last_os_error()
+                );
+                served += 1;
+            }
+            served
+        });
+        PageFaultHandler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the handler; returns how many faults it served.
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+#[test]
+fn a_snapshot_loads_with_its_memory_served_by_a_page_fault_handler() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = take_snapshot(dir.path());
+    let socket = dir.path().join("uffd.sock");
+    let handler = PageFaultHandler::start(&socket, &snap.mem);
+
+    let (mut vm, mut api) = spawn("snap-uffd");
+    ok(api.put(
+        "/snapshot/load",
+        &json!({
+            "snapshot_path": snap.state,
+            "mem_backend": {"backend_type": "Uffd", "backend_path": socket},
+            "resume_vm": true,
+            "vsock_override": {"uds_path": dir.path().join("v-uffd.sock")},
+        }),
+    ));
+    let last = last_count(&snap.output);
+    let out = vm
+        .wait_for_output(
+            |o| counts(o).last().is_some_and(|n| *n > last + 30),
+            TIMEOUT,
+        )
+        .unwrap();
+    assert_contiguous(&snap.output, &out);
+    drop(vm);
+    let served = handler.stop();
+    assert!(served > 0, "no page fault reached the handler");
 }

@@ -9,6 +9,7 @@ pub mod seccomp;
 pub mod snapshot;
 pub mod socket_reaper;
 pub mod terminal;
+pub mod uffd;
 pub mod vm;
 
 /// The API thread's start hook that installs `filter` (its seccomp filter)

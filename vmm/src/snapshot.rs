@@ -30,6 +30,8 @@ use vm_memory::{
     GuestMemoryRegion, GuestRegionMmap,
 };
 
+use crate::uffd::UffdBackend;
+
 /// Why a snapshot could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum CreateError {
@@ -98,9 +100,9 @@ pub enum LoadError {
     /// A vsock override for a snapshot without vsock.
     #[error("Failed to get snapshot state from file: Unknown Vsock Device.")]
     UnknownVsockDevice,
-    /// The Uffd memory backend.
-    #[error("Failed to load guest memory: the Uffd memory backend is not supported by Ember; use the File backend")]
-    UffdUnsupported,
+    /// The Uffd memory backend could not be set up.
+    #[error("Failed to load guest memory: Error creating guest memory from uffd: {0}")]
+    Uffd(String),
     /// `clock_realtime: true`.
     #[error("clock_realtime is not supported by Ember: kvmclock resumes from its saved value")]
     ClockRealtimeUnsupported,
@@ -348,8 +350,11 @@ pub struct LoadedSnapshot {
     pub state: MicrovmState,
     /// Its configuration, overrides applied.
     pub config: VmConfig,
-    /// Guest memory, mapped from the memory file.
+    /// Guest memory, mapped from the memory file or served through a
+    /// userfaultfd.
     pub mem: GuestMemoryMmap,
+    /// The userfaultfd and handler connection of the Uffd backend.
+    pub uffd: Option<UffdBackend>,
 }
 
 fn read_state_file(path: &Path) -> Result<Vec<u8>, LoadError> {
@@ -375,9 +380,6 @@ impl LoadedSnapshot {
     ///
     /// The first thing refused.
     pub fn open(params: &SnapshotLoadParams) -> Result<Self, LoadError> {
-        if params.mem_backend.backend_type == MemBackendType::Uffd {
-            return Err(LoadError::UffdUnsupported);
-        }
         if params.clock_realtime {
             return Err(LoadError::ClockRealtimeUnsupported);
         }
@@ -407,8 +409,21 @@ impl LoadedSnapshot {
         // The logger and metrics were the old process's; this one has its own.
         config.logger = None;
         config.metrics = None;
-        let mem = map_memory(&params.mem_backend.backend_path, &state)?;
-        Ok(LoadedSnapshot { state, config, mem })
+        let path = &params.mem_backend.backend_path;
+        let (mem, uffd) = match params.mem_backend.backend_type {
+            MemBackendType::File => (map_memory(path, &state)?, None),
+            MemBackendType::Uffd => {
+                let (mem, uffd) =
+                    crate::uffd::guest_memory(&state.memory, path).map_err(LoadError::Uffd)?;
+                (mem, Some(uffd))
+            }
+        };
+        Ok(LoadedSnapshot {
+            state,
+            config,
+            mem,
+            uffd,
+        })
     }
 }
 

@@ -139,6 +139,9 @@ pub struct Vm {
     config: VmConfig,
     /// Restored from a snapshot without `resume_vm`.
     start_paused: bool,
+    /// Kept open for the VM's lifetime: the userfaultfd that serves guest
+    /// memory (Uffd memory backend).
+    _uffd: Option<crate::uffd::UffdBackend>,
 }
 
 /// KVM, guest memory registered with it, the irqchip, the run control and
@@ -252,6 +255,7 @@ impl Vm {
             vcpus,
             config: config.clone(),
             start_paused: false,
+            _uffd: None,
         })
     }
 
@@ -259,7 +263,12 @@ impl Vm {
     /// same devices in the same slots, every saved state restored; it starts
     /// paused unless `params.resume_vm`.
     pub fn restore(params: &SnapshotLoadParams, opts: &RunOptions) -> Result<Vm, LoadError> {
-        let LoadedSnapshot { state, config, mem } = LoadedSnapshot::open(params)?;
+        let LoadedSnapshot {
+            state,
+            config,
+            mem,
+            uffd,
+        } = LoadedSnapshot::open(params)?;
         let build = |e: VmError| LoadError::Build(e.to_string());
         let refused = |what: String, e: &dyn std::fmt::Display| LoadError::Restore {
             what,
@@ -291,6 +300,7 @@ impl Vm {
             vcpus,
             config,
             start_paused: !params.resume_vm,
+            _uffd: uffd,
         })
     }
 
