@@ -51,8 +51,9 @@ struct Snapshot {
     output: String,
 }
 
-/// Boots the counter guest with 32 MiB, a read-only drive and a vsock
-/// device, lets it count, pauses it, snapshots it into `dir`, and kills it.
+/// Boots the counter guest with 2 vCPUs (the second one waits for its
+/// start-up IPI), 32 MiB, a read-only drive and a vsock device, lets it
+/// count, pauses it, snapshots it into `dir`, and kills it.
 fn take_snapshot(dir: &Path) -> Snapshot {
     let mut vm = ApiVm::spawn(&["--id", "snap-source"]).unwrap();
     let mut api = vm.client().unwrap();
@@ -64,7 +65,7 @@ fn take_snapshot(dir: &Path) -> Snapshot {
     ));
     ok(api.put(
         "/machine-config",
-        &json!({"vcpu_count": 1, "mem_size_mib": 32}),
+        &json!({"vcpu_count": 2, "mem_size_mib": 32}),
     ));
     ok(api.put(
         "/drives/data",
@@ -197,6 +198,7 @@ fn a_loaded_snapshot_counts_on_from_where_it_stopped() {
     // The configuration came from the snapshot, the override applied.
     let config = api.get("/vm/config").unwrap().json();
     assert_eq!(config["machine-config"]["mem_size_mib"], 32, "{config}");
+    assert_eq!(config["machine-config"]["vcpu_count"], 2, "{config}");
     assert_eq!(config["drives"][0]["drive_id"], "data", "{config}");
     assert_eq!(
         config["vsock"]["uds_path"],
