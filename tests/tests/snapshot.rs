@@ -373,8 +373,13 @@ fn damaged_snapshots_are_refused_and_the_api_keeps_answering() {
     refused(api.put("/snapshot/load", &net), "Unknown Network Device");
     assert_eq!(api.get("/").unwrap().json()["state"], "Not started");
 
-    // After all that, the good snapshot still loads in the same process.
-    ok(api.put("/snapshot/load", &load_body(&snap, dir.path(), "ok", true)));
+    // After all that, the good snapshot still loads in the same process,
+    // here with dirty page tracking on.
+    let mut body = load_body(&snap, dir.path(), "ok", true);
+    body["track_dirty_pages"] = json!(true);
+    ok(api.put("/snapshot/load", &body));
+    let machine = api.get("/machine-config").unwrap().json();
+    assert_eq!(machine["track_dirty_pages"], true, "{machine}");
     let last = last_count(&snap.output);
     let out = vm
         .wait_for_output(
