@@ -160,6 +160,9 @@ impl SnapshotSource {
         control: Arc<VmControl>,
         devices: &Devices,
     ) -> Self {
+        // Slots are recorded in attach order: drives, network interfaces,
+        // vsock. Every virtio device has one; were one missing, its zero
+        // slot would be refused when the state is loaded.
         let slots = devices.virtio_slots();
         let mut slot = slots.iter().copied();
         let mut next = || {
