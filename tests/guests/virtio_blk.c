@@ -6,7 +6,11 @@
  * Command line:
  *   discover=cmdline|acpi  find devices through virtio_mmio.device= words
  *                          (default) or the ACPI DSDT (LNRO0005 devices)
- *   blk.test=basic|readonly|bench   the scenario (default basic)
+ *   blk.test=basic|readonly|bench|loop   the scenario (default basic)
+ *   blk.loops=N            loop: rounds (default: forever); each round i
+ *                          writes 8 sectors at (i % 64) * 8 with seed i,
+ *                          reads them back, checks them and prints
+ *                          "blk0: loop i" (the snapshot tests)
  *   blk.seed=N             pattern seed (see pattern())
  *   blk.sector=N blk.sectors=N      range written and read back
  *   blk.discard=N blk.discard_sectors=N    range discarded
@@ -506,6 +510,39 @@ static void bench(struct blk *b)
 
 /* ---- Setup ---- */
 
+/* Writes, reads back and checks 8 sectors per round; stops at the first failure. */
+static void loop_io(struct blk *b)
+{
+	u64 limit = cmdline_u64(cmd, "blk.loops", 0);
+
+	for (u64 i = 0; limit == 0 || i < limit; i++) {
+		u64 sector = (i % 64) * 8;
+		long bad = -1;
+		int st;
+
+		fill_pattern(b->data, i, sector, 8);
+		st = request(b, VIRTIO_BLK_T_OUT, sector, b->data, 8 * SECTOR_SIZE, 0);
+		if (st != VIRTIO_BLK_S_OK) {
+			report(b, "loop write", sector, 8, st);
+			putc('\n');
+			return;
+		}
+		memset(b->data, 0xa5, 8 * SECTOR_SIZE);
+		st = request(b, VIRTIO_BLK_T_IN, sector, b->data, 8 * SECTOR_SIZE, 1);
+		if (st == VIRTIO_BLK_S_OK)
+			bad = check_pattern(b->data, i, sector, 8);
+		if (st != VIRTIO_BLK_S_OK || bad >= 0) {
+			report(b, "loop read", sector, 8, st);
+			puts(" mismatch\n");
+			return;
+		}
+		prefix(b);
+		puts("loop ");
+		put_dec(i);
+		putc('\n');
+	}
+}
+
 static int setup(struct blk *b)
 {
 	u64 fmask;
@@ -628,6 +665,8 @@ static void run(const void *bp)
 			/* Polling only: no used-buffer interrupts from here on. */
 			b->q.avail->flags = VIRTQ_AVAIL_F_NO_INTERRUPT;
 			bench(b);
+		} else if (cmdline_is(cmd, "blk.test", "loop")) {
+			loop_io(b);
 		} else {
 			basic(b, cmdline_is(cmd, "blk.test", "readonly"));
 		}

@@ -7,8 +7,10 @@
 pub mod event_loop;
 pub mod seccomp;
 pub mod signals;
+pub mod snapshot;
 pub mod socket_reaper;
 pub mod terminal;
+pub mod uffd;
 pub mod vm;
 
 /// The API thread's start hook that installs `filter` (its seccomp filter)

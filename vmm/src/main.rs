@@ -166,6 +166,39 @@ struct Cli {
     /// virtio-mmio.
     #[arg(long)]
     enable_pci: bool,
+    /// Print the snapshot format version this build writes, and exit.
+    #[arg(long)]
+    snapshot_version: bool,
+    /// Print the format version of the snapshot state file FILE, and exit.
+    #[arg(long, value_name = "FILE")]
+    describe_snapshot: Option<PathBuf>,
+}
+
+/// `--snapshot-version` and `--describe-snapshot`: what Firecracker
+/// prints (`v<major>.<minor>.<patch>`), then the process ends.
+fn snapshot_flags(cli: &Cli) -> Option<u8> {
+    if cli.snapshot_version {
+        println!("v{}", ember_snapshot::SNAPSHOT_VERSION);
+        return Some(exit_code::OK);
+    }
+    let path = cli.describe_snapshot.as_ref()?;
+    let version = std::fs::File::open(path)
+        .and_then(|f| {
+            use std::io::Read;
+            let mut header = Vec::new();
+            f.take(ember_snapshot::HEADER_LEN as u64)
+                .read_to_end(&mut header)
+                .map(|_| header)
+        })
+        .map_err(|e| format!("cannot read snapshot file {}: {e}", path.display()))
+        .and_then(|h| ember_snapshot::format_version(&h).map_err(|e| e.to_string()));
+    Some(match version {
+        Ok(v) => {
+            println!("v{v}");
+            exit_code::OK
+        }
+        Err(e) => fail(exit_code::GENERIC_ERROR, e),
+    })
 }
 
 impl Cli {
@@ -341,6 +374,9 @@ fn run(personality: Personality) -> u8 {
     }
     if let Some(reason) = cli.refusal() {
         return fail(exit_code::ARG_PARSING, reason);
+    }
+    if let Some(code) = snapshot_flags(&cli) {
+        return code;
     }
     if !valid_id(&cli.id) {
         return fail(
@@ -650,6 +686,20 @@ fn serve_until_start(
                 Ok(vm) => return PreBoot::Start(Box::new(vm), responder),
                 Err(e) => Err(ApiError::bad_request(format!("Start microvm error: {e}"))),
             },
+            PrebootOutcome::Load(params) => {
+                let start = Instant::now();
+                match vm::Vm::restore(&params, run_opts) {
+                    Ok(vm) => {
+                        let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        metrics.latencies().vmm_load_snapshot.set(us);
+                        log::info!("'load snapshot' VMM action took {us} us.");
+                        return PreBoot::Start(Box::new(vm), responder);
+                    }
+                    Err(e) => Err(ApiError::bad_request(format!(
+                        "Load snapshot error: Failed to restore from snapshot: {e}"
+                    ))),
+                }
+            }
         };
         responder.respond(response);
     }
@@ -684,6 +734,16 @@ mod tests {
         assert_eq!(
             cli.config_file.as_deref(),
             Some(std::path::Path::new("/c.json"))
+        );
+        assert!(
+            Cli::try_parse_from(["ember", "--snapshot-version"])
+                .unwrap()
+                .snapshot_version
+        );
+        let cli = Cli::try_parse_from(["ember", "--describe-snapshot", "/s"]).unwrap();
+        assert_eq!(
+            cli.describe_snapshot.as_deref(),
+            Some(std::path::Path::new("/s"))
         );
         assert!(Cli::try_parse_from(["ember", "--level", "loud"]).is_err());
         assert!(Cli::try_parse_from(["ember", "--bogus"]).is_err());

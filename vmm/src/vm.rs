@@ -12,11 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ember_api::{
-    ApiError, ApiServerHandle, Responder, RuntimeApiController, RuntimeVm, VmActionError, VmmData,
+    ApiError, ApiServerHandle, Responder, RuntimeApiController, RuntimeVm, SnapshotCreateParams,
+    SnapshotLoadParams, VmActionError, VmmData,
 };
 use ember_boot::{KernelEntry, VirtioMmioDeviceInfo};
 use ember_config::{drives_in_attach_order, VmConfig};
 use ember_devices::{Devices, I8042};
+use ember_legacy_devices::serial::SerialDeviceState;
 use ember_logger::metrics::Metrics;
 use ember_rate_limiter::TokenBucket;
 use ember_vcpu::{ExitReason, Vcpu, VcpuConfig, VcpuHandle, VmControl};
@@ -28,6 +30,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::event_loop::{self, LoopContext};
 use crate::seccomp::Filters;
+use crate::snapshot::{LoadError, LoadedSnapshot, SnapshotSource};
 
 /// Everything that can stop a VM from being built.
 #[derive(Debug, thiserror::Error)]
@@ -129,13 +132,65 @@ pub struct RunContext<'a> {
 pub struct Vm {
     // Kept alive for the VM's lifetime: the VM and vCPU fds depend on it.
     _kvm: Kvm,
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     mem: GuestMemoryMmap,
     control: Arc<VmControl>,
     devices: Devices,
     vcpus: Vec<Vcpu>,
     /// The configuration the VM was built from (`GET /vm/config`).
     config: VmConfig,
+    /// Restored from a snapshot without `resume_vm`.
+    start_paused: bool,
+    /// Kept open for the VM's lifetime: the userfaultfd that serves guest
+    /// memory (Uffd memory backend).
+    _uffd: Option<crate::uffd::UffdBackend>,
+}
+
+/// KVM, guest memory registered with it, the irqchip, the run control and
+/// every device of `config`, in Firecracker's slot order: what a booted and
+/// a restored VM share. The UART starts in `serial` when given.
+fn assemble(
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    opts: &RunOptions,
+    serial: Option<&SerialDeviceState>,
+) -> Result<(Kvm, VmFd, Arc<VmControl>, Devices), VmError> {
+    let machine = &config.machine_config;
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    ember_irqchip::check_capabilities(&kvm)?;
+    let vm_fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+    register_memory(&vm_fd, mem, machine.track_dirty_pages)?;
+    // The in-kernel PIC/IOAPIC/PIT must exist before any vCPU.
+    ember_irqchip::setup(&vm_fd)?;
+
+    let control = VmControl::new()?;
+    let mut devices = Devices::new(mem.clone());
+    let serial_out: Box<dyn Write + Send> = match config.serial_output() {
+        Some(path) => Box::new(open_serial_output(path)?),
+        None => console_stdout(),
+    };
+    devices.attach_serial_with_state(&vm_fd, serial_out, serial)?;
+    if let (Some(limit), Some((uart, _))) = (serial_output_limit(config), devices.serial()) {
+        uart.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_output_limit(Some(limit));
+    }
+    devices.attach_i8042(&vm_fd, control.clone())?;
+    // virtio-mmio slots in Firecracker's order: drives (root first),
+    // network interfaces, vsock.
+    for drive in drives_in_attach_order(&config.drives) {
+        devices.attach_block(&vm_fd, drive)?;
+    }
+    for iface in &config.network_interfaces {
+        devices.attach_net(&vm_fd, iface)?;
+    }
+    if let Some(vsock) = &config.vsock {
+        devices.attach_vsock(&vm_fd, vsock)?;
+    }
+    if opts.boot_timer {
+        devices.attach_boot_timer(opts.start.unwrap_or_else(Instant::now), opts.start_cpu_us)?;
+    }
+    Ok((kvm, vm_fd, control, devices))
 }
 
 /// Opens the file or named pipe of `PUT /serial` as Firecracker does:
@@ -257,45 +312,8 @@ impl Vm {
     pub fn build(config: &VmConfig, opts: &RunOptions) -> Result<Vm, VmError> {
         let boot_source = config.boot_source()?;
         let machine = &config.machine_config;
-
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        ember_irqchip::check_capabilities(&kvm)?;
-        let vm_fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-
         let mem = ember_boot::create_guest_memory(machine.mem_size_mib).map_err(VmError::Memory)?;
-        register_memory(&vm_fd, &mem, machine.track_dirty_pages)?;
-        // The in-kernel PIC/IOAPIC/PIT must exist before any vCPU.
-        ember_irqchip::setup(&vm_fd)?;
-
-        let control = VmControl::new()?;
-        let mut devices = Devices::new(mem.clone());
-        let serial_out: Box<dyn Write + Send> = match config.serial_output() {
-            Some(path) => Box::new(open_serial_output(path)?),
-            None => console_stdout(),
-        };
-        devices.attach_serial(&vm_fd, serial_out)?;
-        if let (Some(limit), Some((serial, _))) = (serial_output_limit(config), devices.serial()) {
-            serial
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_output_limit(Some(limit));
-        }
-        devices.attach_i8042(&vm_fd, control.clone())?;
-        // virtio-mmio slots in Firecracker's order: drives (root first),
-        // network interfaces, vsock.
-        for drive in drives_in_attach_order(&config.drives) {
-            devices.attach_block(&vm_fd, drive)?;
-        }
-        for iface in &config.network_interfaces {
-            devices.attach_net(&vm_fd, iface)?;
-        }
-        if let Some(vsock) = &config.vsock {
-            devices.attach_vsock(&vm_fd, vsock)?;
-        }
-        if opts.boot_timer {
-            devices
-                .attach_boot_timer(opts.start.unwrap_or_else(Instant::now), opts.start_cpu_us)?;
-        }
+        let (kvm, vm_fd, control, devices) = assemble(config, &mem, opts, None)?;
 
         let mut boot_args = config.boot_args().to_string();
         for arg in devices.kernel_args() {
@@ -323,18 +341,71 @@ impl Vm {
 
         Ok(Vm {
             _kvm: kvm,
-            vm_fd,
+            vm_fd: Arc::new(vm_fd),
             mem,
             control,
             devices,
             vcpus,
             config: config.clone(),
+            start_paused: false,
+            _uffd: None,
+        })
+    }
+
+    /// Rebuilds the VM a snapshot was taken of (`PUT /snapshot/load`): the
+    /// same devices in the same slots, every saved state restored; it starts
+    /// paused unless `params.resume_vm`.
+    pub fn restore(params: &SnapshotLoadParams, opts: &RunOptions) -> Result<Vm, LoadError> {
+        let LoadedSnapshot {
+            state,
+            config,
+            mem,
+            uffd,
+        } = LoadedSnapshot::open(params)?;
+        let build = |e: VmError| LoadError::Build(e.to_string());
+        let refused = |what: String, e: &dyn std::fmt::Display| LoadError::Restore {
+            what,
+            detail: e.to_string(),
+        };
+        let (kvm, vm_fd, control, devices) =
+            assemble(&config, &mem, opts, Some(&state.serial)).map_err(build)?;
+        // A parked vCPU saves its state with the MSR list read here.
+        ember_vcpu::msr_indices(&kvm).map_err(|e| refused("the MSR list".into(), &e))?;
+        let mut vcpus = Vec::with_capacity(state.vcpus.len());
+        for (index, saved) in state.vcpus.iter().enumerate() {
+            let index = index as u8;
+            let mut vcpu = Vcpu::new(index, &vm_fd).map_err(|e| build(e.into()))?;
+            vcpu.restore_state(saved)
+                .map_err(|e| refused(format!("vCPU {index}"), &e))?;
+            vcpus.push(vcpu);
+        }
+        state
+            .irqchip
+            .restore(&vm_fd)
+            .map_err(|e| refused("the irqchip".into(), &e))?;
+        crate::snapshot::restore_devices(&devices, &state)?;
+        Ok(Vm {
+            _kvm: kvm,
+            vm_fd: Arc::new(vm_fd),
+            mem,
+            control,
+            devices,
+            vcpus,
+            config,
+            start_paused: !params.resume_vm,
+            _uffd: uffd,
         })
     }
 
     /// The VM file descriptor.
     pub fn vm_fd(&self) -> &VmFd {
         &self.vm_fd
+    }
+
+    /// Whether the VM stays paused once its vCPU threads exist (a snapshot
+    /// loaded without `resume_vm`).
+    pub fn starts_paused(&self) -> bool {
+        self.start_paused
     }
 
     /// The devices and where they sit.
@@ -417,11 +488,17 @@ impl Vm {
                 return Err(e);
             }
         }
-        self.control.resume();
+        if !self.start_paused {
+            self.control.resume();
+        }
         if let Some(r) = ctx.start.take() {
             r.respond(Ok(VmmData::Empty));
         }
-        log::info!("microVM running with {} vCPU(s)", handles.len());
+        if self.start_paused {
+            log::info!("microVM restored, paused, with {} vCPU(s)", handles.len());
+        } else {
+            log::info!("microVM running with {} vCPU(s)", handles.len());
+        }
 
         let api = ctx.api.map(|server| {
             let running = RunningVm {
@@ -439,13 +516,22 @@ impl Vm {
                     .iter()
                     .map(|n| (n.id.clone(), n.net.clone()))
                     .collect(),
+                snapshot: SnapshotSource::new(
+                    self.vm_fd.clone(),
+                    self.mem.clone(),
+                    self.control.clone(),
+                    &self.devices,
+                ),
             };
-            let controller = RuntimeApiController::new(
+            let mut controller = RuntimeApiController::new(
                 ctx.instance_id.clone(),
                 self.config.clone(),
                 running,
                 ctx.metrics.clone(),
             );
+            if self.start_paused {
+                controller = controller.paused();
+            }
             (server, controller)
         });
         let loop_result = event_loop::run(LoopContext {
@@ -482,6 +568,7 @@ struct RunningVm {
     i8042: Option<I8042>,
     drives: Vec<(String, Arc<Mutex<Block>>)>,
     nets: Vec<(String, Arc<Mutex<Net>>)>,
+    snapshot: SnapshotSource,
 }
 
 impl RuntimeVm for RunningVm {
@@ -554,6 +641,16 @@ impl RuntimeVm for RunningVm {
         lock(block)
             .update_rate_limiter(bucket_update(&update.bandwidth), bucket_update(&update.ops));
         Ok(())
+    }
+
+    fn create_snapshot(
+        &mut self,
+        config: &VmConfig,
+        params: &SnapshotCreateParams,
+    ) -> Result<(), VmActionError> {
+        self.snapshot
+            .create(config, params)
+            .map_err(|e| VmActionError::Failed(e.into()))
     }
 }
 

@@ -69,6 +69,10 @@ pub enum VmmAction {
     Pause,
     /// `PATCH /vm` `{"state": "Resumed"}`.
     Resume,
+    /// `PUT /snapshot/create`, on a paused VM.
+    CreateSnapshot(SnapshotCreateParams),
+    /// `PUT /snapshot/load`, before any other configuration.
+    LoadSnapshot(SnapshotLoadParams),
 }
 
 impl VmmAction {
@@ -82,6 +86,104 @@ impl VmmAction {
                 | VmmAction::GetMachineConfig
         )
     }
+}
+
+/// `snapshot_type` of `PUT /snapshot/create`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum SnapshotType {
+    /// All of guest memory.
+    #[default]
+    Full,
+    /// Only the pages written since the previous snapshot.
+    Diff,
+}
+
+/// `PUT /snapshot/create`: Firecracker's `SnapshotCreateParams`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    /// Full (the default) or Diff.
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+    /// Where the microVM state goes.
+    pub snapshot_path: PathBuf,
+    /// Where the guest memory goes.
+    pub mem_file_path: PathBuf,
+}
+
+/// `backend_type` of a memory backend.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub enum MemBackendType {
+    /// Guest memory mapped from a file.
+    File,
+    /// Guest memory served by a userfaultfd handler listening on a socket.
+    Uffd,
+}
+
+/// `mem_backend` of `PUT /snapshot/load`: Firecracker's `MemoryBackend`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    /// File or Uffd.
+    pub backend_type: MemBackendType,
+    /// The memory file, or the UDS of the page-fault handler.
+    pub backend_path: PathBuf,
+}
+
+/// One entry of `network_overrides`: Firecracker's `NetworkOverride`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The interface whose TAP changes.
+    pub iface_id: String,
+    /// The TAP it uses from now on.
+    pub host_dev_name: String,
+}
+
+/// `vsock_override`: Firecracker's `VsockOverride`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// The Unix socket the vsock device listens on from now on.
+    pub uds_path: PathBuf,
+}
+
+/// `PUT /snapshot/load`, parsed: `mem_file_path` (deprecated) is turned
+/// into a File backend, `enable_diff_snapshots` (deprecated) into
+/// `track_dirty_pages`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotLoadParams {
+    /// The microVM state file.
+    pub snapshot_path: PathBuf,
+    /// Where guest memory comes from.
+    pub mem_backend: MemBackend,
+    /// Dirty page tracking in the restored VM.
+    pub track_dirty_pages: bool,
+    /// Resume the VM once it is loaded (else it stays paused).
+    pub resume_vm: bool,
+    /// TAP names replacing those in the snapshot.
+    pub network_overrides: Vec<NetworkOverride>,
+    /// A vsock socket path replacing the one in the snapshot.
+    pub vsock_override: Option<VsockOverride>,
+    /// Advance kvmclock by the wall-clock time since the snapshot.
+    pub clock_realtime: bool,
+    /// The restored VM's huge pages.
+    pub huge_pages: SnapshotHugePages,
+}
+
+/// `huge_pages` of `PUT /snapshot/load`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum SnapshotHugePages {
+    /// What the snapshot was taken with (the default).
+    #[default]
+    Snapshot,
+    /// Regular pages.
+    None,
+    /// Transparent huge pages.
+    Transparent,
+    /// Explicit 2 MiB hugetlbfs pages (needs the Uffd backend).
+    #[serde(rename = "2M")]
+    Hugetlbfs2M,
 }
 
 /// `PATCH /machine-config`: every field optional, at least one present.

@@ -62,9 +62,10 @@ mod runtime;
 mod server;
 
 pub use action::{
-    ApiError, DriveUpdate, InstanceInfo, InstanceState, MachineConfigUpdate,
-    NetworkInterfaceUpdate, VmmAction, VmmData, VmmResponse, APP_NAME, EMBER_VERSION,
-    FIRECRACKER_API_VERSION,
+    ApiError, DriveUpdate, InstanceInfo, InstanceState, MachineConfigUpdate, MemBackend,
+    MemBackendType, NetworkInterfaceUpdate, NetworkOverride, SnapshotCreateParams,
+    SnapshotHugePages, SnapshotLoadParams, SnapshotType, VmmAction, VmmData, VmmResponse,
+    VsockOverride, APP_NAME, EMBER_VERSION, FIRECRACKER_API_VERSION,
 };
 pub use http::{error_to_http, response_to_http, HttpResponse};
 pub use preboot::{

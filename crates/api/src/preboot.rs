@@ -10,8 +10,8 @@ use std::fs::{File, OpenOptions};
 use std::path::Path;
 
 use super::action::{
-    ApiError, DriveUpdate, InstanceInfo, InstanceState, VmmAction, VmmData, VmmResponse,
-    FIRECRACKER_API_VERSION,
+    ApiError, DriveUpdate, InstanceInfo, InstanceState, SnapshotLoadParams, VmmAction, VmmData,
+    VmmResponse, FIRECRACKER_API_VERSION,
 };
 use ember_config::{ConfigError, Drive, NetworkInterface, VmConfig};
 use ember_logger::logger;
@@ -35,6 +35,9 @@ pub enum PrebootOutcome {
     /// `InstanceStart` with a bootable configuration: build and start the
     /// VM from it, then answer.
     Start(VmConfig),
+    /// `PUT /snapshot/load` before any configuration: restore the VM from
+    /// the snapshot, then answer.
+    Load(SnapshotLoadParams),
 }
 
 /// Answers API requests before the VM runs, as Firecracker's
@@ -45,6 +48,9 @@ pub struct PrebootApiController<'a> {
     resources: PreBootResources,
     instance_id: String,
     metrics: &'a Metrics,
+    /// A boot-specific resource was configured: loading a snapshot is no
+    /// longer allowed (Firecracker's `boot_path`).
+    boot_path: bool,
 }
 
 impl<'a> PrebootApiController<'a> {
@@ -56,6 +62,7 @@ impl<'a> PrebootApiController<'a> {
             resources: PreBootResources::new(instance_id.clone()),
             instance_id,
             metrics,
+            boot_path: false,
         }
     }
 
@@ -66,7 +73,23 @@ impl<'a> PrebootApiController<'a> {
 
     /// Handles one request.
     pub fn handle(&mut self, action: VmmAction) -> PrebootOutcome {
+        if matches!(
+            action,
+            VmmAction::PutBootSource(_)
+                | VmmAction::PutMachineConfig(_)
+                | VmmAction::PatchMachineConfig(_)
+                | VmmAction::PutDrive(_)
+                | VmmAction::PutNetworkInterface(_)
+                | VmmAction::PutVsock(_)
+                | VmmAction::InstanceStart
+        ) {
+            self.boot_path = true;
+        }
         let answer = match action {
+            VmmAction::LoadSnapshot(_) if self.boot_path => Err(ApiError::bad_request(
+                "Load snapshot error: Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+            )),
+            VmmAction::LoadSnapshot(params) => return PrebootOutcome::Load(params),
             VmmAction::InstanceStart => match self.resources.boot_config() {
                 Ok(config) => return PrebootOutcome::Start(config),
                 Err(e) => Err(e),
@@ -113,7 +136,13 @@ pub fn check_allowed(action: &VmmAction, state: InstanceState) -> Result<(), Api
     use VmmAction::*;
     let runtime_only = matches!(
         action,
-        PatchDrive(_) | PatchNetworkInterface(_) | SendCtrlAltDel | FlushMetrics | Pause | Resume
+        PatchDrive(_)
+            | PatchNetworkInterface(_)
+            | SendCtrlAltDel
+            | FlushMetrics
+            | Pause
+            | Resume
+            | CreateSnapshot(_)
     );
     match state {
         _ if action.is_get() => Ok(()),
@@ -365,13 +394,17 @@ impl ActionHandler for PreBootResources {
             VmmAction::InstanceStart => Err(ApiError::internal(
                 "InstanceStart reached the pre-boot configuration instead of the VMM",
             )),
+            VmmAction::LoadSnapshot(_) => Err(ApiError::internal(
+                "LoadSnapshot reached the pre-boot configuration instead of the VMM",
+            )),
             // Refused by `check_allowed` above.
             VmmAction::PatchDrive(_)
             | VmmAction::PatchNetworkInterface(_)
             | VmmAction::SendCtrlAltDel
             | VmmAction::FlushMetrics
             | VmmAction::Pause
-            | VmmAction::Resume => Err(ApiError::not_supported_pre_boot()),
+            | VmmAction::Resume
+            | VmmAction::CreateSnapshot(_) => Err(ApiError::not_supported_pre_boot()),
         }
     }
 }

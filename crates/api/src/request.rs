@@ -6,7 +6,9 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::action::{
-    ApiError, DriveUpdate, MachineConfigUpdate, NetworkInterfaceUpdate, VmmAction,
+    ApiError, DriveUpdate, MachineConfigUpdate, MemBackend, MemBackendType, NetworkInterfaceUpdate,
+    NetworkOverride, SnapshotCreateParams, SnapshotHugePages, SnapshotLoadParams, VmmAction,
+    VsockOverride,
 };
 use ember_config::{
     BootSource, Drive, Logger, MachineConfig, Metrics, NetworkInterface, Serial, Vsock,
@@ -49,6 +51,8 @@ pub const ROUTES: &[Route] = &[
     route("PUT", "/logger"),
     route("PUT", "/metrics"),
     route("PUT", "/serial"),
+    route("PUT", "/snapshot/create"),
+    route("PUT", "/snapshot/load"),
 ];
 
 /// Firecracker endpoints Ember does not implement: they answer 400 with a
@@ -65,8 +69,6 @@ pub const NOT_IMPLEMENTED: &[&str] = &[
     "/mmds",
     "/mmds/config",
     "/pmem/{id}",
-    "/snapshot/create",
-    "/snapshot/load",
 ];
 
 /// The resource a path names.
@@ -87,6 +89,8 @@ enum Resource<'a> {
     Logger,
     Metrics,
     Serial,
+    SnapshotCreate,
+    SnapshotLoad,
     /// A Firecracker endpoint Ember does not implement.
     NotImplemented,
 }
@@ -102,7 +106,9 @@ impl Resource<'_> {
             | Resource::Actions
             | Resource::Logger
             | Resource::Metrics
-            | Resource::Serial => &["PUT"],
+            | Resource::Serial
+            | Resource::SnapshotCreate
+            | Resource::SnapshotLoad => &["PUT"],
             Resource::Vm => &["PATCH"],
             Resource::NotImplemented => &[],
         }
@@ -158,8 +164,9 @@ fn resolve(path: &str) -> Option<Resource<'_>> {
         | ("balloon", Some("hinting"), Some("start" | "status" | "stop"))
         | ("hotplug", Some("memory"), None)
         | ("mmds", Some("config"), None)
-        | ("pmem", Some(_), None)
-        | ("snapshot", Some("create" | "load"), None) => Resource::NotImplemented,
+        | ("pmem", Some(_), None) => Resource::NotImplemented,
+        ("snapshot", Some("create"), None) => Resource::SnapshotCreate,
+        ("snapshot", Some("load"), None) => Resource::SnapshotLoad,
         _ => return None,
     };
     Some(resource)
@@ -229,6 +236,74 @@ enum VmStateName {
 #[serde(deny_unknown_fields)]
 struct VmStateBody {
     state: VmStateName,
+}
+
+/// The body of `PUT /snapshot/load` as sent: Firecracker's
+/// `LoadSnapshotConfig`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotLoadBody {
+    snapshot_path: std::path::PathBuf,
+    #[serde(default)]
+    mem_file_path: Option<std::path::PathBuf>,
+    #[serde(default)]
+    mem_backend: Option<MemBackend>,
+    #[serde(default)]
+    enable_diff_snapshots: bool,
+    #[serde(default)]
+    track_dirty_pages: bool,
+    #[serde(default)]
+    resume_vm: bool,
+    #[serde(default)]
+    network_overrides: Vec<NetworkOverride>,
+    #[serde(default)]
+    vsock_override: Option<VsockOverride>,
+    #[serde(default)]
+    clock_realtime: bool,
+    #[serde(default)]
+    huge_pages: SnapshotHugePages,
+}
+
+/// `PUT /snapshot/load`: exactly one of `mem_backend` and the deprecated
+/// `mem_file_path`, with Firecracker's messages.
+fn parse_snapshot_load(body: &[u8]) -> Result<SnapshotLoadParams, ApiError> {
+    let fail = |why: &str| {
+        ApiError::bad_request(format!(
+            "An error occurred when deserializing the json body of a request: {why}."
+        ))
+    };
+    let b = from_body::<SnapshotLoadBody>(body)?;
+    let mem_backend =
+        match (b.mem_backend, b.mem_file_path) {
+            (Some(_), Some(_)) => return Err(fail(
+                "too many fields: either `mem_backend` or `mem_file_path` exclusively is required",
+            )),
+            (None, None) => {
+                return Err(fail(
+                    "missing field: either `mem_backend` or `mem_file_path` is required",
+                ))
+            }
+            (Some(backend), None) => backend,
+            (None, Some(path)) => {
+                log::warn!(
+                "PUT /snapshot/load: mem_file_path and enable_diff_snapshots fields are deprecated."
+            );
+                MemBackend {
+                    backend_type: MemBackendType::File,
+                    backend_path: path,
+                }
+            }
+        };
+    Ok(SnapshotLoadParams {
+        snapshot_path: b.snapshot_path,
+        mem_backend,
+        track_dirty_pages: b.track_dirty_pages || b.enable_diff_snapshots,
+        resume_vm: b.resume_vm,
+        network_overrides: b.network_overrides,
+        vsock_override: b.vsock_override,
+        clock_realtime: b.clock_realtime,
+        huge_pages: b.huge_pages,
+    })
 }
 
 /// Parses one request into the action the VMM thread performs.
@@ -326,6 +401,10 @@ pub fn parse_request(
         ("PUT", Resource::Logger) => VmmAction::PutLogger(from_body::<Logger>(body)?),
         ("PUT", Resource::Metrics) => VmmAction::PutMetrics(from_body::<Metrics>(body)?),
         ("PUT", Resource::Serial) => VmmAction::PutSerial(from_body::<Serial>(body)?),
+        ("PUT", Resource::SnapshotCreate) => {
+            VmmAction::CreateSnapshot(from_body::<SnapshotCreateParams>(body)?)
+        }
+        ("PUT", Resource::SnapshotLoad) => VmmAction::LoadSnapshot(parse_snapshot_load(body)?),
         // `methods()` and this match list the same pairs.
         _ => return Err(ApiError::new(405, invalid_path(method, path))),
     };
@@ -765,9 +844,61 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_bodies() {
+        assert_eq!(
+            ok(
+                "PUT",
+                "/snapshot/create",
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m"}"#
+            ),
+            VmmAction::CreateSnapshot(SnapshotCreateParams {
+                snapshot_type: crate::SnapshotType::Full,
+                snapshot_path: PathBuf::from("/s"),
+                mem_file_path: PathBuf::from("/m"),
+            })
+        );
+        let VmmAction::LoadSnapshot(p) = ok(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "enable_diff_snapshots": true,
+                "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap9"}],
+                "vsock_override": {"uds_path": "/v"}}"#,
+        ) else {
+            panic!("not a load");
+        };
+        assert_eq!(p.mem_backend.backend_type, MemBackendType::File);
+        assert_eq!(p.mem_backend.backend_path, PathBuf::from("/m"));
+        assert!(p.track_dirty_pages && !p.resume_vm && !p.clock_realtime);
+        assert_eq!(p.network_overrides[0].host_dev_name, "tap9");
+        assert_eq!(p.vsock_override.unwrap().uds_path, PathBuf::from("/v"));
+        let e = err("PUT", "/snapshot/load", r#"{"snapshot_path": "/s"}"#);
+        assert_eq!(
+            e.message,
+            "An error occurred when deserializing the json body of a request: missing field: either `mem_backend` or `mem_file_path` is required."
+        );
+        let e = err(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "mem_backend": {"backend_type": "Uffd", "backend_path": "/u"}}"#,
+        );
+        assert!(e.message.contains("too many fields"), "{}", e.message);
+        let e = err(
+            "PUT",
+            "/snapshot/create",
+            r#"{"snapshot_type": "Half", "snapshot_path": "/s", "mem_file_path": "/m"}"#,
+        );
+        assert!(
+            e.message.contains("unknown variant `Half`"),
+            "{}",
+            e.message
+        );
+        assert_eq!(err("GET", "/snapshot/load", "").status, 405);
+    }
+
+    #[test]
     fn firecracker_endpoints_ember_lacks_say_so() {
         for (m, p) in [
-            ("PUT", "/snapshot/create"),
+            ("PUT", "/entropy"),
             ("GET", "/balloon"),
             ("PUT", "/mmds"),
             ("PATCH", "/balloon/hinting/start"),
@@ -790,8 +921,13 @@ mod tests {
             let path = r.path.replace("{drive_id}", "d").replace("{iface_id}", "i");
             assert!(allowed_methods(&path).unwrap().contains(&r.method));
             let counted = request_counters(&metrics, r.method, &path).is_some();
-            // Firecracker counts every route except PATCH /vm and GET /vm/config.
-            assert_eq!(counted, !matches!(r.path, "/vm" | "/vm/config"), "{r:?}");
+            // Firecracker counts every route except PATCH /vm, GET /vm/config
+            // and the snapshot calls.
+            let uncounted = matches!(
+                r.path,
+                "/vm" | "/vm/config" | "/snapshot/create" | "/snapshot/load"
+            );
+            assert_eq!(counted, !uncounted, "{r:?}");
         }
         for p in NOT_IMPLEMENTED {
             assert_eq!(

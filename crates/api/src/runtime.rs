@@ -13,8 +13,8 @@ use ember_config::{RateLimiter, VmConfig};
 use ember_logger::metrics::Metrics;
 
 use crate::action::{
-    ApiError, DriveUpdate, InstanceInfo, InstanceState, NetworkInterfaceUpdate, VmmAction, VmmData,
-    VmmResponse, FIRECRACKER_API_VERSION,
+    ApiError, DriveUpdate, InstanceInfo, InstanceState, NetworkInterfaceUpdate,
+    SnapshotCreateParams, SnapshotType, VmmAction, VmmData, VmmResponse, FIRECRACKER_API_VERSION,
 };
 use crate::preboot::{check_allowed, patch_drive, ActionHandler};
 
@@ -62,6 +62,15 @@ pub trait RuntimeVm {
         drive_id: &str,
         update: &RateLimiter,
     ) -> Result<(), VmActionError>;
+    /// Writes a full snapshot of the paused VM, which runs with `config`:
+    /// its state to `params.snapshot_path`, its memory to
+    /// `params.mem_file_path`. Only called on a paused VM, with a Full
+    /// snapshot type.
+    fn create_snapshot(
+        &mut self,
+        config: &VmConfig,
+        params: &SnapshotCreateParams,
+    ) -> Result<(), VmActionError>;
 }
 
 /// Answers API requests once the VM runs.
@@ -88,6 +97,12 @@ impl<V: RuntimeVm> RuntimeApiController<V> {
             metrics,
             state: InstanceState::Running,
         }
+    }
+
+    /// The controller of a VM restored from a snapshot and left paused.
+    pub fn paused(mut self) -> Self {
+        self.state = InstanceState::Paused;
+        self
     }
 
     /// `Running` or `Paused`.
@@ -138,6 +153,30 @@ impl<V: RuntimeVm> RuntimeApiController<V> {
             m.latencies().vmm_resume_vm.set(us);
         }
         log::info!("microVM resumed ({us} us)");
+        Ok(VmmData::Empty)
+    }
+
+    fn create_snapshot(&mut self, params: &SnapshotCreateParams) -> VmmResponse {
+        const P: &str = "Create snapshot error";
+        if self.state != InstanceState::Paused {
+            return Err(ApiError::bad_request(format!(
+                "{P}: Cannot save the microVM state: Operation not allowed: save/restore unavailable while running"
+            )));
+        }
+        if params.snapshot_type == SnapshotType::Diff {
+            return Err(ApiError::bad_request(format!(
+                "{P}: Diff snapshots are not supported by Ember: create a Full snapshot"
+            )));
+        }
+        let start = Instant::now();
+        self.vm
+            .create_snapshot(&self.config, params)
+            .map_err(|e| ApiError::bad_request(format!("{P}: {e}")))?;
+        let us = elapsed_us(start);
+        if let Some(m) = &self.metrics {
+            m.latencies().vmm_full_create_snapshot.set(us);
+        }
+        log::info!("'create full snapshot' VMM action took {us} us.");
         Ok(VmmData::Empty)
     }
 
@@ -292,6 +331,7 @@ impl<V: RuntimeVm> ActionHandler for RuntimeApiController<V> {
             }
             VmmAction::PatchDrive(update) => self.patch_drive(&update),
             VmmAction::PatchNetworkInterface(update) => self.patch_network_interface(&update),
+            VmmAction::CreateSnapshot(params) => self.create_snapshot(&params),
             // Configuration calls: `check_allowed` refused them above.
             VmmAction::PutBootSource(_)
             | VmmAction::PutMachineConfig(_)
@@ -302,6 +342,7 @@ impl<V: RuntimeVm> ActionHandler for RuntimeApiController<V> {
             | VmmAction::PutLogger(_)
             | VmmAction::PutMetrics(_)
             | VmmAction::PutSerial(_)
+            | VmmAction::LoadSnapshot(_)
             | VmmAction::InstanceStart => Err(ApiError::not_supported_post_boot()),
         }
     }
@@ -329,6 +370,8 @@ mod tests {
         stopping: bool,
         /// Drive ids the VM has devices for.
         drives: Vec<String>,
+        /// The snapshot requests that reached the VM.
+        snapshots: Vec<SnapshotCreateParams>,
     }
 
     impl RuntimeVm for FakeVm {
@@ -391,6 +434,15 @@ mod tests {
             if !self.drives.iter().any(|d| d == id) {
                 return Err(VmActionError::NoSuchDrive(id.to_string()));
             }
+            Ok(())
+        }
+
+        fn create_snapshot(
+            &mut self,
+            _config: &VmConfig,
+            params: &SnapshotCreateParams,
+        ) -> Result<(), VmActionError> {
+            self.snapshots.push(params.clone());
             Ok(())
         }
     }
@@ -480,6 +532,65 @@ mod tests {
         assert_eq!(state(&mut s.api), InstanceState::Running);
         // The failed pause did not leave the vCPUs half-paused.
         assert_eq!(s.api.vm.calls, ["pause", "resume", "pause", "resume"]);
+    }
+
+    #[test]
+    fn snapshots_are_taken_only_of_a_paused_vm_and_only_full() {
+        let mut s = setup();
+        let full = SnapshotCreateParams {
+            snapshot_type: SnapshotType::Full,
+            snapshot_path: PathBuf::from("/s"),
+            mem_file_path: PathBuf::from("/m"),
+        };
+        let e = s
+            .api
+            .handle(VmmAction::CreateSnapshot(full.clone()))
+            .unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(
+            e.message.contains("save/restore unavailable while running"),
+            "{}",
+            e.message
+        );
+        s.api.handle(VmmAction::Pause).unwrap();
+        let diff = SnapshotCreateParams {
+            snapshot_type: SnapshotType::Diff,
+            ..full.clone()
+        };
+        let e = s.api.handle(VmmAction::CreateSnapshot(diff)).unwrap_err();
+        assert!(
+            e.message.contains("Diff snapshots are not supported"),
+            "{}",
+            e.message
+        );
+        assert!(s.api.vm.snapshots.is_empty());
+        s.api
+            .handle(VmmAction::CreateSnapshot(full.clone()))
+            .unwrap();
+        assert_eq!(s.api.vm.snapshots, [full]);
+        let line: serde_json::Value = serde_json::from_str(&s.metrics.render()).unwrap();
+        assert!(
+            line["latencies_us"]["vmm_full_create_snapshot"].is_u64(),
+            "{line}"
+        );
+        // Loading is for a fresh process only.
+        let e = s
+            .api
+            .handle(VmmAction::LoadSnapshot(crate::SnapshotLoadParams {
+                snapshot_path: PathBuf::from("/s"),
+                mem_backend: crate::MemBackend {
+                    backend_type: crate::MemBackendType::File,
+                    backend_path: PathBuf::from("/m"),
+                },
+                track_dirty_pages: false,
+                resume_vm: false,
+                network_overrides: vec![],
+                vsock_override: None,
+                clock_realtime: false,
+                huge_pages: Default::default(),
+            }))
+            .unwrap_err();
+        assert_eq!(e, ApiError::not_supported_post_boot());
     }
 
     #[test]

@@ -61,7 +61,9 @@ use ember_boot::VirtioMmioDeviceInfo;
 use ember_bus::{Bus, BusDeviceSync, BusKind, BusRange};
 use ember_config::{Drive, NetworkInterface, Vsock as VsockSection};
 use ember_legacy_devices::i8042::{I8042Device, I8042_BASE, I8042_KBD_GSI, I8042_LEN};
-use ember_legacy_devices::serial::{SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN};
+use ember_legacy_devices::serial::{
+    SerialDevice, SerialDeviceState, COM1_BASE, COM1_GSI, COM1_LEN,
+};
 use ember_legacy_devices::EventFdTrigger;
 use ember_logger::metrics::Metrics;
 use ember_vcpu::{ExitReason, VmControl};
@@ -121,6 +123,9 @@ pub enum Error {
     /// A virtio device could not be attached.
     #[error(transparent)]
     Attach(#[from] DeviceError),
+    /// A saved UART state was refused.
+    #[error("serial port state: {0}")]
+    SerialState(#[source] ember_legacy_devices::serial::SerialStateError),
     /// The buses are shared with running vCPUs: the address map is final.
     #[error("cannot add {0}: the vCPUs already use the buses")]
     BusesInUse(&'static str),
@@ -199,6 +204,7 @@ pub struct Devices {
     drives: Vec<DriveHandle>,
     nets: Vec<NetHandle>,
     vsock: Option<Arc<Mutex<Vsock>>>,
+    vsock_transport: Option<Arc<Mutex<MmioTransport>>>,
 }
 
 impl Devices {
@@ -217,6 +223,7 @@ impl Devices {
             drives: Vec::new(),
             nets: Vec::new(),
             vsock: None,
+            vsock_transport: None,
         }
     }
 
@@ -227,12 +234,33 @@ impl Devices {
     ///
     /// An eventfd, the irqfd or the bus refused.
     pub fn attach_serial(&mut self, vm: &VmFd, out: Box<dyn Write + Send>) -> Result<(), Error> {
+        self.attach_serial_with_state(vm, out, None)
+    }
+
+    /// [`Devices::attach_serial`], the UART in a saved `state` (from a
+    /// snapshot) instead of its power-on state.
+    ///
+    /// # Errors
+    ///
+    /// As [`Devices::attach_serial`], or the state is refused.
+    pub fn attach_serial_with_state(
+        &mut self,
+        vm: &VmFd,
+        out: Box<dyn Write + Send>,
+        state: Option<&SerialDeviceState>,
+    ) -> Result<(), Error> {
         let irq = eventfd()?;
         ember_irqchip::register_irqfd(vm, &irq, COM1_GSI)?;
         let input_ready = eventfd()?;
+        let trigger = EventFdTrigger::new(irq);
+        let device = match state {
+            None => SerialDevice::new(trigger, out),
+            Some(state) => {
+                SerialDevice::from_state(state, trigger, out).map_err(Error::SerialState)?
+            }
+        };
         let serial = Arc::new(Mutex::new(
-            SerialDevice::new(EventFdTrigger::new(irq), out)
-                .with_input_ready(input_ready.try_clone().map_err(Error::EventFd)?),
+            device.with_input_ready(input_ready.try_clone().map_err(Error::EventFd)?),
         ));
         insert(
             &mut self.pio,
@@ -375,6 +403,7 @@ impl Devices {
         self.subscribers.push(device.clone());
         self.placed(attached.slot);
         self.vsock = Some(device);
+        self.vsock_transport = Some(attached.transport);
         Ok(())
     }
 
@@ -448,6 +477,11 @@ impl Devices {
     /// The vsock device, if attached.
     pub fn vsock(&self) -> Option<&Arc<Mutex<Vsock>>> {
         self.vsock.as_ref()
+    }
+
+    /// The vsock device's transport, if attached.
+    pub fn vsock_transport(&self) -> Option<&Arc<Mutex<MmioTransport>>> {
+        self.vsock_transport.as_ref()
     }
 
     /// Registers the counters of every device with `metrics`, in

@@ -223,7 +223,8 @@ pub struct ApiRequestMetrics {
 }
 
 metric_group! {
-    /// `latencies_us`: how long the last pause and resume took.
+    /// `latencies_us`: how long the last pause, resume, snapshot creation and
+    /// snapshot load took.
     #[derive(Debug, Default)]
     pub struct LatenciesUs {
         /// `PATCH /vm` Paused, as seen by the API, in microseconds.
@@ -234,6 +235,10 @@ metric_group! {
         pub vmm_pause_vm: Gauge,
         /// Resuming the vCPUs, in the VMM, in microseconds.
         pub vmm_resume_vm: Gauge,
+        /// Creating a full snapshot, in the VMM, in microseconds.
+        pub vmm_full_create_snapshot: Gauge,
+        /// Loading a snapshot, in the VMM, in microseconds.
+        pub vmm_load_snapshot: Gauge,
     }
 }
 

@@ -14,6 +14,7 @@ use kvm_bindings::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::SIGRTMIN;
 
+use crate::state::{StateError, VcpuState};
 use crate::Error;
 
 /// Why a VM stopped.
@@ -282,6 +283,14 @@ impl KickTarget {
         unsafe { (*self.immediate_exit).store(0, Ordering::SeqCst) };
     }
 
+    /// Sets `immediate_exit` from the vCPU thread itself: its next KVM_RUN completes the
+    /// port or MMIO access userspace just handled, then returns EINTR without entering the
+    /// guest.
+    pub(crate) fn arm(&self) {
+        // SAFETY: as in `clear`.
+        unsafe { (*self.immediate_exit).store(1, Ordering::SeqCst) };
+    }
+
     /// Makes the vCPU leave KVM_RUN now or refuse to enter it next: sets
     /// `kvm_run.immediate_exit` (KVM returns EINTR before entering the guest when it is set)
     /// then signals the thread so a KVM_RUN in progress returns EINTR too.
@@ -313,6 +322,11 @@ struct Shared {
     vcpus: Vec<Arc<KickTarget>>,
     /// How many of them are parked in [`VmControl::park`].
     parked: usize,
+    /// Bumped by [`VmControl::save_vcpu_states`]: each parked vCPU saves its state once
+    /// per round.
+    save_round: u64,
+    /// The states saved in the current round, with the vCPU index.
+    saved: Vec<(u8, Result<VcpuState, StateError>)>,
 }
 
 /// Shared run state of all vCPUs: running, paused or exiting. The first stop reason wins.
@@ -346,6 +360,8 @@ impl VmControl {
             shared: Mutex::new(Shared {
                 vcpus: Vec::new(),
                 parked: 0,
+                save_round: 0,
+                saved: Vec::new(),
             }),
             changed: Condvar::new(),
             exit_evt: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
@@ -490,16 +506,78 @@ impl VmControl {
     }
 
     /// Parks the calling vCPU thread while the VM is paused. Returns `true` when the VM
-    /// runs again, `false` when it is exiting.
-    pub(crate) fn park(&self) -> bool {
+    /// runs again, `false` when it is exiting. While parked, the thread runs `save` once
+    /// for each [`VmControl::save_vcpu_states`] round.
+    pub(crate) fn park(
+        &self,
+        index: u8,
+        save: &mut dyn FnMut() -> Result<VcpuState, StateError>,
+    ) -> bool {
         let mut shared = self.shared();
         shared.parked += 1;
+        let mut seen = shared.save_round;
         self.changed.notify_all();
         while self.state.load() == RunState::Paused {
+            if shared.save_round != seen {
+                seen = shared.save_round;
+                drop(shared);
+                let state = save();
+                shared = self.shared();
+                if shared.save_round == seen {
+                    shared.saved.push((index, state));
+                    self.changed.notify_all();
+                }
+                continue;
+            }
             shared = self.changed.wait(shared).unwrap_or_else(|e| e.into_inner());
         }
         shared.parked -= 1;
         self.state.load() != RunState::Exiting
+    }
+
+    /// The state of every vCPU of a paused VM, by index: each parked vCPU thread reads its
+    /// own (its pending port or MMIO access already completed, see the run loop), so the
+    /// states are those the guest would resume from.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotPaused`] unless the VM is paused with every vCPU parked,
+    /// [`Error::SaveState`] naming the vCPU whose state could not be read,
+    /// [`Error::PauseTimeout`] when a vCPU did not answer within 5 seconds.
+    pub fn save_vcpu_states(&self) -> Result<Vec<VcpuState>, Error> {
+        let mut shared = self.shared();
+        if self.state.load() != RunState::Paused || shared.parked < shared.vcpus.len() {
+            return Err(Error::NotPaused);
+        }
+        let total = shared.vcpus.len();
+        shared.save_round = shared.save_round.wrapping_add(1);
+        shared.saved.clear();
+        self.changed.notify_all();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while shared.saved.len() < total {
+            if self.state.load() != RunState::Paused {
+                return Err(Error::NotPaused);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::PauseTimeout {
+                    parked: shared.saved.len(),
+                    total,
+                });
+            }
+            let (guard, _) = self
+                .changed
+                .wait_timeout(shared, deadline - now)
+                .unwrap_or_else(|e| e.into_inner());
+            shared = guard;
+        }
+        let mut saved = std::mem::take(&mut shared.saved);
+        drop(shared);
+        saved.sort_by_key(|(index, _)| *index);
+        saved
+            .into_iter()
+            .map(|(index, state)| state.map_err(|source| Error::SaveState { index, source }))
+            .collect()
     }
 }
 
@@ -616,7 +694,7 @@ mod tests {
                     RunState::Exiting => break,
                     RunState::Paused => {
                         parks += 1;
-                        if !c.park() {
+                        if !c.park(0, &mut || unreachable!("no save round")) {
                             break;
                         }
                     }

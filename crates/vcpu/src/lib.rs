@@ -8,7 +8,9 @@
 //! the devices pause, resume and stop the VM; the first reason given for a stop
 //! ([`ExitReason`]) is kept and the VMM learns about it through
 //! [`VmControl::exit_event`]. A vCPU's guest-visible state goes out and back in as
-//! one serializable [`VcpuState`] ([`Vcpu::save_state`], [`Vcpu::restore_state`]).
+//! one serializable [`VcpuState`] ([`Vcpu::save_state`], [`Vcpu::restore_state`]); the
+//! vCPUs of a paused VM save their own, on their threads ([`VmControl::save_vcpu_states`]),
+//! after finishing the port or MMIO access they exited for.
 //!
 //! # Example
 //!
@@ -58,7 +60,7 @@ use std::sync::OnceLock;
 pub use control::{ExitReason, RunState, VmControl};
 pub use cpuid::CpuidError;
 pub use metrics::{Counter, VcpuMetrics};
-pub use state::{CpuidEntry, MsrEntry, StateError, VcpuState};
+pub use state::{msr_indices, CpuidEntry, MsrEntry, StateError, VcpuState};
 pub use vcpu::{ThreadHook, Vcpu, VcpuHandle};
 use vmm_sys_util::errno;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -176,6 +178,18 @@ pub enum Error {
         parked: usize,
         /// vCPUs running.
         total: usize,
+    },
+    /// A vCPU state was asked of a VM that is not paused.
+    #[error("the vCPUs are not paused")]
+    NotPaused,
+    /// A parked vCPU could not read its state.
+    #[error("vCPU {index}: cannot save its state: {source}")]
+    SaveState {
+        /// The vCPU.
+        index: u8,
+        /// Cause.
+        #[source]
+        source: StateError,
     },
 }
 

@@ -6,6 +6,8 @@
 //! events) serialize as kvm-bindings lays them out; CPUID and MSRs, which are lists KVM
 //! hands out in variable-size wrappers, are kept as plain vectors.
 
+use std::sync::OnceLock;
+
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
     kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
@@ -62,6 +64,37 @@ pub enum StateError {
         /// The MSR refused.
         index: u32,
     },
+    /// A vCPU thread was asked for its state before the MSR list was read from /dev/kvm
+    /// (by [`msr_indices`]).
+    #[error("the list of MSRs to save was never read from /dev/kvm")]
+    MsrListUnknown,
+}
+
+/// The MSRs a vCPU state holds: KVM_GET_MSR_INDEX_LIST without the x2APIC range, asked
+/// once per process (it depends only on the host and the KVM module) and cached.
+///
+/// # Errors
+///
+/// The ioctl failed.
+pub fn msr_indices(kvm: &Kvm) -> Result<&'static [u32], StateError> {
+    if let Some(indices) = MSR_INDICES.get() {
+        return Ok(indices);
+    }
+    let list = get("MSR list", "MSR_INDEX_LIST", kvm.get_msr_index_list())?;
+    let indices: Vec<u32> = list
+        .as_slice()
+        .iter()
+        .copied()
+        .filter(|i| !X2APIC_MSRS.contains(i))
+        .collect();
+    Ok(MSR_INDICES.get_or_init(|| indices))
+}
+
+static MSR_INDICES: OnceLock<Vec<u32>> = OnceLock::new();
+
+/// The list [`msr_indices`] read, if it did.
+pub(crate) fn cached_msr_indices() -> Option<&'static [u32]> {
+    MSR_INDICES.get().map(Vec::as_slice)
 }
 
 /// One CPUID leaf as KVM reports it (`struct kvm_cpuid_entry2`).
@@ -179,17 +212,20 @@ impl VcpuState {
     ///
     /// The ioctl that failed.
     pub fn save(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Self, StateError> {
+        Self::save_with_msr_indices(msr_indices(kvm)?, vcpu)
+    }
+
+    /// [`VcpuState::save`] with the MSR list already read ([`msr_indices`]), for a
+    /// thread that has no /dev/kvm at hand.
+    ///
+    /// # Errors
+    ///
+    /// The ioctl that failed.
+    pub fn save_with_msr_indices(indices: &[u32], vcpu: &VcpuFd) -> Result<Self, StateError> {
         let cpuid = get("CPUID", "CPUID2", vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES))?;
-        let indices = get("MSR list", "MSR_INDEX_LIST", kvm.get_msr_index_list())?;
-        let indices: Vec<u32> = indices
-            .as_slice()
-            .iter()
-            .copied()
-            .filter(|i| !X2APIC_MSRS.contains(i))
-            .collect();
         Ok(VcpuState {
             cpuid: cpuid.as_slice().iter().map(CpuidEntry::from).collect(),
-            msrs: read_msrs(vcpu, &indices)?,
+            msrs: read_msrs(vcpu, indices)?,
             regs: get("registers", "REGS", vcpu.get_regs())?,
             sregs: get("special registers", "SREGS", vcpu.get_sregs())?,
             xsave: get("XSAVE area", "XSAVE", vcpu.get_xsave())?,

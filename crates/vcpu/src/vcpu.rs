@@ -106,6 +106,10 @@ impl Vcpu {
                 vcpu_count: config.vcpu_count,
             });
         }
+        // Read once here, so that a parked vCPU thread can save its state without /dev/kvm.
+        if let Err(e) = crate::state::msr_indices(kvm) {
+            log::warn!("vCPU {}: snapshots will fail: {e}", self.index);
+        }
         let mut cpuid = supported_cpuid(kvm)?;
         cpuid::normalize(&mut cpuid, self.index, config.vcpu_count, config.smt)?;
         self.fd.set_cpuid2(&cpuid).map_err(Error::SetCpuid)?;
@@ -252,6 +256,12 @@ fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, Error> {
     Ok(SUPPORTED.get_or_init(|| cpuid).clone())
 }
 
+/// The state of a parked vCPU, read on its own thread.
+fn save_parked_state(fd: &VcpuFd) -> Result<VcpuState, StateError> {
+    let indices = crate::state::cached_msr_indices().ok_or(StateError::MsrListUnknown)?;
+    VcpuState::save_with_msr_indices(indices, fd)
+}
+
 /// Cleans up when a vCPU thread ends, normally or by panic.
 struct ThreadGuard {
     index: u8,
@@ -292,35 +302,46 @@ impl Runner {
     /// and on the way out.
     fn run(&mut self, target: &KickTarget, control: &VmControl) -> Option<ExitReason> {
         let vcpu = self.index;
+        let mut io_pending = false;
         loop {
             // One atomic load per exit: a device that stopped the VM during the last exit
             // (the i8042 reset) ends this vCPU before the guest runs again.
             match control.state() {
                 RunState::Running => {}
+                // KVM finishes a port or MMIO access (the data of an IN, RIP past an OUT)
+                // only on the next KVM_RUN: run once more with immediate_exit set, so that
+                // a paused vCPU's saved state never replays or loses an access.
+                RunState::Paused if io_pending => target.arm(),
                 RunState::Paused => {
-                    if control.park() {
+                    let fd = &self.fd;
+                    if control.park(vcpu, &mut || save_parked_state(fd)) {
                         continue;
                     }
                     return None;
                 }
                 RunState::Exiting => return None,
             }
+            io_pending = false;
             match self.fd.run() {
                 Ok(exit) => match exit {
                     // Port numbers are 16 bits; the PIO bus is keyed by u64.
                     VcpuExit::IoIn(port, data) => {
+                        io_pending = true;
                         self.metrics.exit_io_in.inc();
                         self.pio.read(u64::from(port), data);
                     }
                     VcpuExit::IoOut(port, data) => {
+                        io_pending = true;
                         self.metrics.exit_io_out.inc();
                         self.pio.write(u64::from(port), data);
                     }
                     VcpuExit::MmioRead(addr, data) => {
+                        io_pending = true;
                         self.metrics.exit_mmio_read.inc();
                         self.mmio.read(addr, data);
                     }
                     VcpuExit::MmioWrite(addr, data) => {
+                        io_pending = true;
                         self.metrics.exit_mmio_write.inc();
                         self.mmio.write(addr, data);
                     }

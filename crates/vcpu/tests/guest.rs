@@ -71,6 +71,8 @@ struct Seen {
     port_count: AtomicU64,
     /// Writes to the MMIO device: (offset, data).
     mmio_writes: Mutex<Vec<(u64, Vec<u8>)>>,
+    /// Slow reads (offset 2) started.
+    slow_accesses: AtomicU64,
 }
 
 struct PortDevice {
@@ -79,8 +81,14 @@ struct PortDevice {
 }
 
 impl BusDevice for PortDevice {
-    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         data.fill(0);
+        if offset == 2 {
+            // Keeps the vCPU thread in userspace, inside the exit, for a while.
+            self.seen.slow_accesses.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(200));
+            data.fill(0x5a);
+        }
     }
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
@@ -345,6 +353,43 @@ fn an_emulation_failure_reports_the_instruction_bytes() {
         }
         other => panic!("expected an internal error, got: {other}"),
     }
+}
+
+#[test]
+fn a_paused_vcpu_has_finished_its_port_access_when_it_saves_its_state() {
+    let code = [
+        0x66, 0xba, 0xfa, 0x03, // mov dx, 0x3fa
+        0xec, // in al, dx: a slow read
+        0xeb, 0xfe, // 1: jmp 1b
+    ];
+    let r = run_guest(&code, 1);
+    assert!(matches!(
+        r.control.save_vcpu_states(),
+        Err(ember_vcpu::Error::NotPaused)
+    ));
+    let deadline = Instant::now() + TIMEOUT;
+    while r.seen.slow_accesses.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the guest did not read");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The pause lands while the vCPU is still in the exit of the IN: KVM
+    // puts the data in AL and moves RIP past the IN only on the next
+    // KVM_RUN (api.rst, KVM_EXIT_IO), which the vCPU must make before it
+    // parks, or a restored guest would read again, and an OUT would write
+    // again.
+    r.control.pause().unwrap();
+    let states = r.control.save_vcpu_states().unwrap();
+    assert_eq!(states.len(), 1);
+    assert_eq!(states[0].regs.rip, CODE + 5, "RIP is not past the IN");
+    assert_eq!(states[0].regs.rax & 0xff, 0x5a, "AL does not hold the data");
+    // Saving twice gives the same state; the guest read once.
+    let again = r.control.save_vcpu_states().unwrap();
+    assert_eq!(again[0].regs.rip, CODE + 5);
+    r.control.resume();
+    assert_eq!(r.seen.slow_accesses.load(Ordering::SeqCst), 1);
+    r.control.request_stop(ExitReason::Stopped);
+    let (reason, _) = wait_for_exit(r);
+    assert_eq!(reason, ExitReason::Stopped);
 }
 
 #[test]
