@@ -233,7 +233,7 @@ impl Vm {
         }
         devices.attach_i8042(&vm_fd, control.clone())?;
         // virtio-mmio slots in Firecracker's order: drives (root first),
-        // network interfaces, vsock.
+        // network interfaces, vsock, entropy.
         for drive in drives_in_attach_order(&config.drives) {
             devices.attach_block(&vm_fd, drive)?;
         }
@@ -242,6 +242,9 @@ impl Vm {
         }
         if let Some(vsock) = &config.vsock {
             devices.attach_vsock(&vm_fd, vsock)?;
+        }
+        if let Some(entropy) = &config.entropy {
+            devices.attach_entropy(&vm_fd, entropy)?;
         }
         if opts.boot_timer {
             devices
