@@ -572,6 +572,12 @@ impl VmConfig {
     /// `boot-source` with an empty `kernel_image_path` when none is set.
     pub fn to_api_json(&self) -> serde_json::Value {
         let mut value = serde_json::to_value(self).unwrap_or_default();
+        if let Some(entropy) = &self.entropy {
+            // Firecracker describes its entropy device from the device
+            // itself: buckets that limit nothing are absent, and so is a
+            // zero burst.
+            value["entropy"] = serde_json::to_value(entropy.as_built()).unwrap_or_default();
+        }
         if self.boot_source.is_none() {
             value["boot-source"] = serde_json::json!({
                 "kernel_image_path": "",
@@ -797,6 +803,32 @@ impl From<&Vsock> for VsockConfig {
             guest_cid: vsock.guest_cid,
             uds_path: vsock.uds_path.clone(),
         }
+    }
+}
+
+impl Entropy {
+    /// The section as the device built from it has it, the way Firecracker
+    /// answers it in `GET /vm/config`: a bucket with `size` or
+    /// `refill_time` 0 limits nothing and is left out, a `one_time_burst`
+    /// of 0 is absent, and a rate limiter without buckets is none.
+    pub fn as_built(&self) -> Entropy {
+        let bucket = |b: &Option<TokenBucket>| {
+            b.as_ref()
+                .filter(|b| b.size != 0 && b.refill_time != 0)
+                .map(|b| TokenBucket {
+                    one_time_burst: b.one_time_burst.filter(|&burst| burst != 0),
+                    ..b.clone()
+                })
+        };
+        let rate_limiter = self
+            .rate_limiter
+            .as_ref()
+            .map(|r| RateLimiter {
+                bandwidth: bucket(&r.bandwidth),
+                ops: bucket(&r.ops),
+            })
+            .filter(|r| r.bandwidth.is_some() || r.ops.is_some());
+        Entropy { rate_limiter }
     }
 }
 
@@ -1297,6 +1329,28 @@ mod tests {
             EntropyConfig::from(c.entropy.as_ref().unwrap()),
             EntropyConfig::default()
         );
+        assert_eq!(
+            c.to_api_json()["entropy"],
+            serde_json::json!({"rate_limiter": null})
+        );
+        // Buckets that limit nothing are left out, as Firecracker, which
+        // describes the device it built, leaves them out.
+        let c = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "entropy": {"rate_limiter": {"bandwidth": {"size": 0, "refill_time": 100},
+                                             "ops": {"size": 5, "one_time_burst": 0, "refill_time": 10}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.to_api_json()["entropy"],
+            serde_json::json!({"rate_limiter": {"bandwidth": null,
+                "ops": {"size": 5, "one_time_burst": null, "refill_time": 10}}})
+        );
+        let c = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "entropy": {"rate_limiter": {"ops": {"size": 5, "refill_time": 0}}}}"#,
+        )
+        .unwrap();
         assert_eq!(
             c.to_api_json()["entropy"],
             serde_json::json!({"rate_limiter": null})
