@@ -553,3 +553,116 @@ fn random_chains_never_panic() {
         assert!(used.iter().all(|u| u.1 <= MAX_REQUEST_BYTES));
     }
 }
+
+#[test]
+fn runs_from_an_event_loop_through_activation_limiter_and_reset() {
+    use std::sync::Mutex;
+
+    use ember_virtio_mmio::test_utils::{initialize, write_reg, QueueLayout};
+    use ember_virtio_mmio::{MmioTransport, NOTIFY_REG_OFFSET};
+    use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+    use vm_memory::Address;
+
+    // 16 bytes per 50 ms: the second request waits for the limiter's timer,
+    // which the event loop watches.
+    let rng = Arc::new(Mutex::new(
+        Entropy::new(&EntropyConfig {
+            rate_limiter: RateLimiterConfig {
+                bandwidth: bucket(16, 50),
+                ops: None,
+            },
+        })
+        .unwrap(),
+    ));
+    let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+    // Added before the driver starts the device, as the VMM does.
+    events.add_subscriber(rng.clone());
+    let mem = new_memory();
+    let device: Arc<Mutex<dyn VirtioDevice>> = rng.clone();
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut transport = MmioTransport::new(mem.clone(), device, irq.try_clone().unwrap()).unwrap();
+    let vq = MockSplitQueue::new(mem, 256);
+    let features = rng.lock().unwrap().features();
+    let layout = QueueLayout {
+        size: 256,
+        desc: vq.desc_table_addr().raw_value(),
+        driver: vq.avail_addr().raw_value(),
+        device: vq.used_addr().raw_value(),
+    };
+    assert_eq!(initialize(&mut transport, features, &[layout]), 0xf);
+
+    let chains = [
+        RawDescriptor::from(SplitDescriptor::new(DATA, 16, W, 0)),
+        RawDescriptor::from(SplitDescriptor::new(DATA + 16, 16, W, 0)),
+    ];
+    vq.add_desc_chains(&chains, 0).unwrap();
+    // A kick before the event loop has seen the activation is kept.
+    write_reg(&mut transport, NOTIFY_REG_OFFSET, 0);
+    let start = Instant::now();
+    while vq.used().idx().load() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(5), "never served");
+        events.run_with_timeout(100).unwrap();
+    }
+    assert!(start.elapsed() >= Duration::from_millis(45));
+    assert_eq!(transport.interrupt_status() & 1, 1);
+    assert!(irq.read().is_ok());
+    let m = rng.lock().unwrap().metrics().clone();
+    assert_eq!(m.entropy_bytes.count(), 32);
+    assert_eq!(m.entropy_rate_limiter_throttled.count(), 1);
+    assert!(m.rate_limiter_event_count.count() >= 1);
+
+    // After a reset the event loop stops watching the queue: a kick on the
+    // old EventFd is not processed.
+    let notify = transport.queue_notify_events()[0].try_clone().unwrap();
+    write_reg(&mut transport, 0x70, 0);
+    assert!(!rng.lock().unwrap().is_activated());
+    events.run_with_timeout(100).unwrap();
+    vq.add_desc_chains(
+        &[RawDescriptor::from(SplitDescriptor::new(DATA, 16, W, 0))],
+        2,
+    )
+    .unwrap();
+    notify.write(1).unwrap();
+    events.run_with_timeout(50).unwrap();
+    assert_eq!(vq.used().idx().load(), 2);
+    assert_eq!(m.entropy_event_count.count(), 3);
+}
+
+#[test]
+fn event_idx_suppresses_interrupts_and_publishes_avail_event() {
+    let mut h = Harness::inactive(RateLimiterConfig::default());
+    let features = h.rng.features();
+    assert_ne!(features & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
+    // The transport sets the queue's event index mode from the features.
+    h.rng.ack_features(features);
+    let mut queue: Queue = h.vq.create_queue().unwrap();
+    virtio_queue::QueueT::set_event_idx(&mut queue, true);
+    h.rng
+        .activate(
+            h.mem.clone(),
+            vec![ActiveQueue {
+                index: 0,
+                queue,
+                notify: EventFd::new(EFD_NONBLOCK).unwrap(),
+            }],
+            h.interrupt.clone(),
+        )
+        .unwrap();
+    // used_event (after the available ring's 256 entries): interrupt only
+    // once the used index passes 2.
+    let used_event = GuestAddress(h.vq.avail_addr().0 + 4 + 2 * 256);
+    h.mem.write_obj(2u16.to_le(), used_event).unwrap();
+    h.add_chain(&[(DATA, 8, W)]);
+    h.rng.process_queue().unwrap();
+    assert_eq!(h.take_used().len(), 1);
+    assert_eq!(h.interrupt.vring_count(), 0);
+    // avail_event (after the used ring's 256 entries) asks for the next
+    // kick at the next entry.
+    let avail_event = GuestAddress(h.vq.used_addr().0 + 4 + 8 * 256);
+    assert_eq!(u16::from_le(h.mem.read_obj(avail_event).unwrap()), 1);
+    h.add_chain(&[(DATA, 8, W)]);
+    h.add_chain(&[(DATA, 8, W)]);
+    h.rng.process_queue().unwrap();
+    assert_eq!(h.take_used().len(), 2);
+    assert_eq!(h.interrupt.vring_count(), 1);
+}
