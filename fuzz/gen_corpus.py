@@ -722,6 +722,64 @@ BLK_REQUEST = {
 }
 
 
+# --- rng_request ------------------------------------------------------------
+# Raw format, described in fuzz_targets/rng_request.rs (descriptors as for
+# blk_request).
+RNG_LIMITED, RNG_AVAIL_IDX = 0x10, 0x20
+
+
+def rng_input(log2_size, descs, heads, data=b"", flags=0, avail_idx=None):
+    out = u8(log2_size | flags)
+    if flags & RNG_AVAIL_IDX:
+        out += u16(avail_idx)
+    out += u8(len(descs)) + b"".join(descs)
+    out += u8(len(heads)) + b"".join(u16(h) for h in heads)
+    return out + data
+
+
+# An indirect table at the start of the first data area: two writable
+# buffers in the second region.
+RNG_TABLE = (struct.pack("<QIHH", 0x20000 + 0x100, 64, F_WRITE | F_NEXT, 1)
+             + struct.pack("<QIHH", 0x20000 + 0x200, 32, F_WRITE, 0))
+
+RNG_REQUEST = {
+    "writable": rng_input(
+        3,
+        [blk_desc(IN_REGION2, 0x0, 4096, F_WRITE),
+         blk_desc(IN_REGION2, 0x1000, 100, F_WRITE | F_NEXT, 2),
+         blk_desc(IN_REGION2, 0x2000, 60, F_WRITE)],
+        [0, 1]),
+    "readonly_and_outside": rng_input(
+        3,
+        [blk_desc(IN_REGION2, 0x0, 16, 0),
+         blk_desc(IN_REGION2, 0x100, 16, F_WRITE | F_NEXT, 2),
+         blk_desc(RAW, 0x18000, 16, F_WRITE),
+         blk_desc(RAW, 0xFFFF0000, 64, F_WRITE)],
+        [0, 1, 3]),
+    "over_64k": rng_input(
+        4,
+        [blk_desc(IN_REGION2, 0x0, 0x10000, F_WRITE | F_NEXT, 1),
+         blk_desc(IN_REGION2, 0x10000, 0x8000, F_WRITE)],
+        [0]),
+    "indirect": rng_input(
+        2, [blk_desc(IN_DATA1, 0x0, 32, F_INDIRECT)], [0], RNG_TABLE),
+    "loops_and_bad_heads": rng_input(
+        2,
+        [blk_desc(IN_REGION2, 0x0, 8, F_WRITE | F_NEXT, 1),
+         blk_desc(IN_REGION2, 0x8, 8, F_WRITE | F_NEXT, 0)],
+        [0, 9, 0xFFFF]),
+    "rate_limited": rng_input(
+        2,
+        [blk_desc(IN_REGION2, 0x0, 8, F_WRITE),
+         blk_desc(IN_REGION2, 0x8, 0, 0),
+         blk_desc(IN_REGION2, 0x10, 8, F_WRITE)],
+        [0, 1, 2], flags=RNG_LIMITED),
+    "avail_overflow": rng_input(
+        1, [blk_desc(IN_REGION2, 0x0, 8, F_WRITE)], [0],
+        flags=RNG_AVAIL_IDX, avail_idx=5),
+}
+
+
 def write_corpus(target, seeds):
     directory = os.path.join(HERE, "corpus", target)
     os.makedirs(directory, exist_ok=True)
@@ -738,6 +796,7 @@ def main():
     write_corpus("kernel_loader", KERNEL)
     write_corpus("virtio_mmio", VIRTIO_MMIO)
     write_corpus("blk_request", BLK_REQUEST)
+    write_corpus("rng_request", RNG_REQUEST)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ const GUESTS: &[&str] = &[
     "virtio_blk",
     "virtio_net",
     "virtio_vsock",
+    "virtio_rng",
     "counter",
     "ctrl_alt_del",
     "echo",

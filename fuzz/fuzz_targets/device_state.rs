@@ -1,11 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 
 //! Fuzzes the restore of device states (a snapshot file is untrusted):
-//! the UART's `SerialDevice::from_state`, `Block::restore` and
-//! `Vsock::restore`. The first byte picks the device.
+//! the UART's `SerialDevice::from_state`, `Block::restore`,
+//! `Vsock::restore` and `Entropy::restore`. The first byte picks the device.
 //!
 //! Checked: no panic; a refused UART state raises no interrupt, a refused
-//! block or vsock state changes nothing; an accepted state saves back
+//! block, vsock or entropy state changes nothing; an accepted state saves back
 //! unchanged, and the restored UART hands the guest exactly its FIFO
 //! bytes, oldest first, with LSR's data-ready bit following.
 
@@ -21,6 +21,7 @@ use ember_legacy_devices::serial::{SerialDevice, SerialDeviceState, COM1_BASE};
 use ember_legacy_devices::EventFdTrigger;
 use ember_virtio::VirtioDevice;
 use ember_virtio_blk::{Block, BlockConfig, BlockState, CacheType, IoEngine};
+use ember_virtio_rng::{Entropy, EntropyConfig, EntropyState};
 use ember_vsock::{Vsock, VsockConfig, VsockState};
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -66,6 +67,8 @@ thread_local! {
             .unwrap(),
         )
     };
+    static ENTROPY: RefCell<Entropy> =
+        RefCell::new(Entropy::new(&EntropyConfig::default()).unwrap());
 }
 
 fn uart(u: &mut Unstructured) -> arbitrary::Result<()> {
@@ -155,14 +158,33 @@ fn vsock(u: &mut Unstructured) -> arbitrary::Result<()> {
     Ok(())
 }
 
+fn entropy(u: &mut Unstructured) -> arbitrary::Result<()> {
+    let state = EntropyState {
+        acked_features: u64::arbitrary(u)?,
+    };
+    ENTROPY.with_borrow_mut(|dev| {
+        let before = dev.save();
+        if dev.restore(&state).is_err() {
+            assert_eq!(dev.save(), before, "a refused state changed the device");
+            return;
+        }
+        assert_eq!(dev.save(), state);
+        assert_eq!(state.acked_features & !dev.features(), 0, "not offered");
+        assert!(dev.reset());
+        assert_eq!(dev.save(), before);
+    });
+    Ok(())
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
     let Ok(which) = u8::arbitrary(&mut u) else {
         return;
     };
-    let _ = match which % 3 {
+    let _ = match which % 4 {
         0 => uart(&mut u),
         1 => block(&mut u),
-        _ => vsock(&mut u),
+        2 => vsock(&mut u),
+        _ => entropy(&mut u),
     };
 });

@@ -80,7 +80,7 @@ fn a_section_for_a_device_ember_lacks_is_refused_by_name() {
             "pmem",
             json!([{"id": "p0", "path_on_host": "/p", "root_device": false}]),
         ),
-        ("entropy", json!({})),
+        ("memory-hotplug", json!({"total_size_mib": 1024})),
     ] {
         let out = run_guest(&guest_path("hello"), &json!({ section: body })).unwrap();
         assert_refused(&out, &[&format!("`{section}`"), "not supported"]);

@@ -35,6 +35,9 @@ use crate::uffd::UffdBackend;
 /// Why a snapshot could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum CreateError {
+    /// The VM has an entropy device, whose state snapshots do not hold yet.
+    #[error("snapshots of a VM with an entropy device are not supported by Ember yet")]
+    EntropyDevice,
     /// The vCPUs could not save their state.
     #[error("Cannot save the microVM state: {0}")]
     Vcpus(#[source] ember_vcpu::Error),
@@ -269,6 +272,9 @@ impl SnapshotSource {
         config: &VmConfig,
         params: &SnapshotCreateParams,
     ) -> Result<(), CreateError> {
+        if config.entropy.is_some() {
+            return Err(CreateError::EntropyDevice);
+        }
         let state = self.save(config)?;
         let bytes = ember_snapshot::encode(&state).map_err(CreateError::Encode)?;
         let snap_err = |op, source| CreateError::SnapshotFile {

@@ -177,7 +177,7 @@ fn assemble(
     }
     devices.attach_i8042(&vm_fd, control.clone())?;
     // virtio-mmio slots in Firecracker's order: drives (root first),
-    // network interfaces, vsock.
+    // network interfaces, vsock, entropy.
     for drive in drives_in_attach_order(&config.drives) {
         devices.attach_block(&vm_fd, drive)?;
     }
@@ -186,6 +186,9 @@ fn assemble(
     }
     if let Some(vsock) = &config.vsock {
         devices.attach_vsock(&vm_fd, vsock)?;
+    }
+    if let Some(entropy) = &config.entropy {
+        devices.attach_entropy(&vm_fd, entropy)?;
     }
     if opts.boot_timer {
         devices.attach_boot_timer(opts.start.unwrap_or_else(Instant::now), opts.start_cpu_us)?;

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use ember_config::{
-    BootSource, Drive, HugePages, Logger, MachineConfig, Metrics, NetworkInterface, RateLimiter,
-    Serial, VmConfig, Vsock,
+    BootSource, Drive, Entropy, HugePages, Logger, MachineConfig, Metrics, NetworkInterface,
+    RateLimiter, Serial, VmConfig, Vsock,
 };
 
 /// The `app_name` of `GET /`.
@@ -53,6 +53,8 @@ pub enum VmmAction {
     PatchNetworkInterface(NetworkInterfaceUpdate),
     /// `PUT /vsock`.
     PutVsock(Vsock),
+    /// `PUT /entropy`: adds the entropy device, or replaces its settings.
+    PutEntropy(Entropy),
     /// `PUT /logger`.
     PutLogger(Logger),
     /// `PUT /metrics`.

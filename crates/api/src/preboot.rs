@@ -374,6 +374,10 @@ impl ActionHandler for PreBootResources {
                 c.vsock = Some(v);
                 Ok(())
             }),
+            VmmAction::PutEntropy(e) => self.update("Entropy config error", |c| {
+                c.entropy = Some(e);
+                Ok(())
+            }),
             VmmAction::PutSerial(serial) => self.update("Serial config error", |c| {
                 c.serial = Some(serial);
                 Ok(())
@@ -822,6 +826,36 @@ mod tests {
                 (got, want) => panic!("API {got:?} but config file {want:?}"),
             }
         }
+    }
+
+    #[test]
+    fn entropy_is_set_before_boot_only() {
+        let mut r = PreBootResources::new("vm");
+        let limited = ember_config::Entropy {
+            rate_limiter: Some(ember_config::RateLimiter {
+                bandwidth: Some(ember_config::TokenBucket {
+                    size: 4096,
+                    one_time_burst: None,
+                    refill_time: 100,
+                }),
+                ops: None,
+            }),
+        };
+        r.handle(VmmAction::PutEntropy(ember_config::Entropy::default()))
+            .unwrap();
+        assert_eq!(r.config().entropy, Some(ember_config::Entropy::default()));
+        // A second PUT replaces the settings, as in Firecracker.
+        r.handle(VmmAction::PutEntropy(limited.clone())).unwrap();
+        assert_eq!(r.config().entropy, Some(limited.clone()));
+        assert_eq!(
+            r.config().to_api_json()["entropy"]["rate_limiter"]["bandwidth"]["size"],
+            4096
+        );
+        let e = check_allowed(&VmmAction::PutEntropy(limited), InstanceState::Running).unwrap_err();
+        assert_eq!(
+            e.message,
+            "The requested operation is not supported after starting the microVM."
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use super::action::{
     VsockOverride,
 };
 use ember_config::{
-    BootSource, Drive, Logger, MachineConfig, Metrics, NetworkInterface, Serial, Vsock,
+    BootSource, Drive, Entropy, Logger, MachineConfig, Metrics, NetworkInterface, Serial, Vsock,
 };
 use ember_logger::metrics::{ApiRequestMetrics, Counter};
 
@@ -45,6 +45,7 @@ pub const ROUTES: &[Route] = &[
     route("PUT", "/network-interfaces/{iface_id}"),
     route("PATCH", "/network-interfaces/{iface_id}"),
     route("PUT", "/vsock"),
+    route("PUT", "/entropy"),
     route("PUT", "/actions"),
     route("PATCH", "/vm"),
     route("GET", "/vm/config"),
@@ -64,7 +65,6 @@ pub const NOT_IMPLEMENTED: &[&str] = &[
     "/balloon/hinting/status",
     "/balloon/hinting/stop",
     "/cpu-config",
-    "/entropy",
     "/hotplug/memory",
     "/mmds",
     "/mmds/config",
@@ -83,6 +83,7 @@ enum Resource<'a> {
     /// `/network-interfaces` or `/network-interfaces/{id}`.
     NetworkInterfaces(Option<&'a str>),
     Vsock,
+    Entropy,
     Actions,
     Vm,
     VmConfig,
@@ -103,6 +104,7 @@ impl Resource<'_> {
             Resource::Drives(_) | Resource::NetworkInterfaces(_) => &["PUT", "PATCH"],
             Resource::BootSource
             | Resource::Vsock
+            | Resource::Entropy
             | Resource::Actions
             | Resource::Logger
             | Resource::Metrics
@@ -153,13 +155,14 @@ fn resolve(path: &str) -> Option<Resource<'_>> {
         ("drives", id, None) => Resource::Drives(id),
         ("network-interfaces", id, None) => Resource::NetworkInterfaces(id),
         ("vsock", None, None) => Resource::Vsock,
+        ("entropy", None, None) => Resource::Entropy,
         ("actions", None, None) => Resource::Actions,
         ("vm", None, None) => Resource::Vm,
         ("vm", Some("config"), None) => Resource::VmConfig,
         ("logger", None, None) => Resource::Logger,
         ("metrics", None, None) => Resource::Metrics,
         ("serial", None, None) => Resource::Serial,
-        ("balloon" | "cpu-config" | "entropy" | "mmds", None, None)
+        ("balloon" | "cpu-config" | "mmds", None, None)
         | ("balloon", Some("statistics"), None)
         | ("balloon", Some("hinting"), Some("start" | "status" | "stop"))
         | ("hotplug", Some("memory"), None)
@@ -389,6 +392,7 @@ pub fn parse_request(
             VmmAction::PatchNetworkInterface(update)
         }
         ("PUT", Resource::Vsock) => VmmAction::PutVsock(from_body::<Vsock>(body)?),
+        ("PUT", Resource::Entropy) => VmmAction::PutEntropy(from_body::<Entropy>(body)?),
         ("PUT", Resource::Actions) => match from_body::<ActionBody>(body)?.action_type {
             ActionType::InstanceStart => VmmAction::InstanceStart,
             ActionType::SendCtrlAltDel => VmmAction::SendCtrlAltDel,
@@ -720,6 +724,32 @@ mod tests {
     }
 
     #[test]
+    fn put_entropy() {
+        assert_eq!(
+            ok("PUT", "/entropy", "{}"),
+            VmmAction::PutEntropy(Entropy::default())
+        );
+        let a = ok(
+            "PUT",
+            "/entropy",
+            r#"{"rate_limiter": {"bandwidth": {"size": 4096, "refill_time": 100}}}"#,
+        );
+        let VmmAction::PutEntropy(e) = a else {
+            panic!("{a:?}")
+        };
+        let rl = e.rate_limiter.unwrap();
+        assert_eq!(rl.bandwidth.unwrap().size, 4096);
+        assert!(rl.ops.is_none());
+        let e = err("PUT", "/entropy", r#"{"rate_limiter": {"bytes": 1}}"#);
+        assert!(e.message.contains("unknown field `bytes`"), "{}", e.message);
+        let e = err("PUT", "/entropy", r#"{"rate": 1}"#);
+        assert!(e.message.contains("unknown field `rate`"), "{}", e.message);
+        assert_eq!(err("PUT", "/entropy", "").message, "Empty PUT request.");
+        assert_eq!(err("GET", "/entropy", "").status, 405);
+        assert_eq!(allowed_methods("/entropy"), Some(&["PUT"][..]));
+    }
+
+    #[test]
     fn actions_and_vm_state() {
         for (t, a) in [
             ("InstanceStart", VmmAction::InstanceStart),
@@ -922,10 +952,11 @@ mod tests {
             assert!(allowed_methods(&path).unwrap().contains(&r.method));
             let counted = request_counters(&metrics, r.method, &path).is_some();
             // Firecracker counts every route except PATCH /vm, GET /vm/config
-            // and the snapshot calls.
+            // the snapshot calls and PUT /entropy (its metrics have no entropy
+            // request counter).
             let uncounted = matches!(
                 r.path,
-                "/vm" | "/vm/config" | "/snapshot/create" | "/snapshot/load"
+                "/vm" | "/vm/config" | "/snapshot/create" | "/snapshot/load" | "/entropy"
             );
             assert_eq!(counted, !uncounted, "{r:?}");
         }

@@ -339,6 +339,7 @@ impl<V: RuntimeVm> ActionHandler for RuntimeApiController<V> {
             | VmmAction::PutDrive(_)
             | VmmAction::PutNetworkInterface(_)
             | VmmAction::PutVsock(_)
+            | VmmAction::PutEntropy(_)
             | VmmAction::PutLogger(_)
             | VmmAction::PutMetrics(_)
             | VmmAction::PutSerial(_)

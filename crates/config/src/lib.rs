@@ -11,7 +11,8 @@
 //!
 //! Each device section converts itself into the configuration its device
 //! crate builds from (`BlockConfig::from(&drive)`,
-//! `NetConfig::try_from(&iface)`, `VsockConfig::from(&vsock)`), so the VMM
+//! `NetConfig::try_from(&iface)`, `VsockConfig::from(&vsock)`,
+//! `EntropyConfig::from(&entropy)`), so the VMM
 //! maps nothing by hand.
 //!
 //! # Example
@@ -40,6 +41,7 @@ use std::path::{Path, PathBuf};
 
 use ember_virtio_blk::{BlockConfig, BucketSpec, RateLimiterConfig};
 use ember_virtio_net::NetConfig;
+use ember_virtio_rng::EntropyConfig;
 use ember_vsock::VsockConfig;
 use serde::{Deserialize, Serialize};
 
@@ -296,6 +298,17 @@ pub struct Vsock {
     pub vsock_id: Option<String>,
 }
 
+/// `entropy`: the virtio-rng device (Firecracker's `EntropyDeviceConfig`,
+/// also the body of `PUT /entropy`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Entropy {
+    /// Rate limiter: `bandwidth` in bytes of random data, `ops` in
+    /// requests.
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
 /// Log levels, Firecracker's names (case-insensitive on input).
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
 pub enum LogLevel {
@@ -476,9 +489,9 @@ pub struct VmConfig {
     /// `vsock`.
     #[serde(default)]
     pub vsock: Option<Vsock>,
-    /// `entropy` (not supported).
+    /// `entropy`.
     #[serde(default)]
-    pub entropy: Option<serde_json::Value>,
+    pub entropy: Option<Entropy>,
     /// `pmem` (not supported: only an empty list is accepted).
     #[serde(default, deserialize_with = "null_as_default")]
     pub pmem: Vec<serde_json::Value>,
@@ -559,6 +572,12 @@ impl VmConfig {
     /// `boot-source` with an empty `kernel_image_path` when none is set.
     pub fn to_api_json(&self) -> serde_json::Value {
         let mut value = serde_json::to_value(self).unwrap_or_default();
+        if let Some(entropy) = &self.entropy {
+            // Firecracker describes its entropy device from the device
+            // itself: buckets that limit nothing are absent, and so is a
+            // zero burst.
+            value["entropy"] = serde_json::to_value(entropy.as_built()).unwrap_or_default();
+        }
         if self.boot_source.is_none() {
             value["boot-source"] = serde_json::json!({
                 "kernel_image_path": "",
@@ -602,11 +621,10 @@ impl VmConfig {
                 )));
             }
         }
-        let unsupported: [(&'static str, bool); 6] = [
+        let unsupported: [(&'static str, bool); 5] = [
             ("balloon", self.balloon.is_some()),
             ("cpu-config", self.cpu_config.is_some()),
             ("mmds-config", self.mmds_config.is_some()),
-            ("entropy", self.entropy.is_some()),
             ("memory-hotplug", self.memory_hotplug.is_some()),
             ("pmem", !self.pmem.is_empty()),
         ];
@@ -801,6 +819,44 @@ impl From<&Vsock> for VsockConfig {
         VsockConfig {
             guest_cid: vsock.guest_cid,
             uds_path: vsock.uds_path.clone(),
+        }
+    }
+}
+
+impl Entropy {
+    /// The section as the device built from it has it, the way Firecracker
+    /// answers it in `GET /vm/config`: a bucket with `size` or
+    /// `refill_time` 0 limits nothing and is left out, a `one_time_burst`
+    /// of 0 is absent, and a rate limiter without buckets is none.
+    pub fn as_built(&self) -> Entropy {
+        let bucket = |b: &Option<TokenBucket>| {
+            b.as_ref()
+                .filter(|b| b.size != 0 && b.refill_time != 0)
+                .map(|b| TokenBucket {
+                    one_time_burst: b.one_time_burst.filter(|&burst| burst != 0),
+                    ..b.clone()
+                })
+        };
+        let rate_limiter = self
+            .rate_limiter
+            .as_ref()
+            .map(|r| RateLimiter {
+                bandwidth: bucket(&r.bandwidth),
+                ops: bucket(&r.ops),
+            })
+            .filter(|r| r.bandwidth.is_some() || r.ops.is_some());
+        Entropy { rate_limiter }
+    }
+}
+
+impl From<&Entropy> for EntropyConfig {
+    fn from(entropy: &Entropy) -> Self {
+        EntropyConfig {
+            rate_limiter: entropy
+                .rate_limiter
+                .as_ref()
+                .map(Into::into)
+                .unwrap_or_default(),
         }
     }
 }
@@ -1265,7 +1321,6 @@ mod tests {
     #[test]
     fn later_sections_parse_but_are_not_supported_yet() {
         for (section, body) in [
-            ("entropy", r#"{}"#),
             ("balloon", r#"{"amount_mib": 1, "deflate_on_oom": true}"#),
             ("cpu-config", r#"{"cpuid_modifiers": []}"#),
             ("mmds-config", r#"{"network_interfaces": ["eth0"]}"#),
@@ -1284,6 +1339,85 @@ mod tests {
                 )
             );
         }
+    }
+
+    #[test]
+    fn entropy_section() {
+        let c = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "entropy": {"rate_limiter": {"bandwidth": {"size": 4096, "refill_time": 100},
+                                             "ops": {"size": 10, "one_time_burst": 5, "refill_time": 1000}}}}"#,
+        )
+        .unwrap();
+        let entropy = c.entropy.as_ref().unwrap();
+        assert_eq!(
+            EntropyConfig::from(entropy).rate_limiter,
+            RateLimiterConfig {
+                bandwidth: Some(BucketSpec {
+                    size: 4096,
+                    one_time_burst: 0,
+                    refill_time_ms: 100
+                }),
+                ops: Some(BucketSpec {
+                    size: 10,
+                    one_time_burst: 5,
+                    refill_time_ms: 1000
+                }),
+            }
+        );
+        let v = c.to_api_json();
+        assert_eq!(
+            v["entropy"],
+            serde_json::json!({"rate_limiter": {
+                "bandwidth": {"size": 4096, "one_time_burst": null, "refill_time": 100},
+                "ops": {"size": 10, "one_time_burst": 5, "refill_time": 1000}}})
+        );
+        // An empty section is a device without a rate limiter.
+        let c =
+            VmConfig::from_json(r#"{"boot-source": {"kernel_image_path": "/k"}, "entropy": {}}"#)
+                .unwrap();
+        assert_eq!(c.entropy, Some(Entropy::default()));
+        assert_eq!(
+            EntropyConfig::from(c.entropy.as_ref().unwrap()),
+            EntropyConfig::default()
+        );
+        assert_eq!(
+            c.to_api_json()["entropy"],
+            serde_json::json!({"rate_limiter": null})
+        );
+        // Buckets that limit nothing are left out, as Firecracker, which
+        // describes the device it built, leaves them out.
+        let c = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "entropy": {"rate_limiter": {"bandwidth": {"size": 0, "refill_time": 100},
+                                             "ops": {"size": 5, "one_time_burst": 0, "refill_time": 10}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.to_api_json()["entropy"],
+            serde_json::json!({"rate_limiter": {"bandwidth": null,
+                "ops": {"size": 5, "one_time_burst": null, "refill_time": 10}}})
+        );
+        let c = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "entropy": {"rate_limiter": {"ops": {"size": 5, "refill_time": 0}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.to_api_json()["entropy"],
+            serde_json::json!({"rate_limiter": null})
+        );
+        // `null` is no device.
+        let c =
+            VmConfig::from_json(r#"{"boot-source": {"kernel_image_path": "/k"}, "entropy": null}"#)
+                .unwrap();
+        assert_eq!(c.entropy, None);
+        let e = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "entropy": {"rate": 1}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown field `rate`"), "{e}");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! | COM1 16550A ([`Devices::attach_serial`]) | ports 0x3f8-0x3ff | GSI 4 |
 //! | i8042 ([`Devices::attach_i8042`]) | ports 0x60-0x64 | GSI 1 |
 //! | boot timer ([`Devices::attach_boot_timer`]) | MMIO 0xc000_0000, 4 KiB | none |
-//! | virtio-mmio slots, in attach order: drives ([`Devices::attach_block`], root first), network interfaces ([`Devices::attach_net`]), vsock ([`Devices::attach_vsock`]) | MMIO from 0xc000_1000, 4 KiB each | GSI 5, 6, ... 23 |
+//! | virtio-mmio slots, in attach order: drives ([`Devices::attach_block`], root first), network interfaces ([`Devices::attach_net`]), vsock ([`Devices::attach_vsock`]), the entropy device ([`Devices::attach_entropy`]) | MMIO from 0xc000_1000, 4 KiB each | GSI 5, 6, ... 23 |
 //!
 //! Interrupts reach KVM's in-kernel irqchip through irqfds and queue kicks
 //! arrive on ioeventfds, so neither passes through the VMM thread. What the
@@ -59,7 +59,7 @@ use std::time::Instant;
 use ember_boot::layout::MMIO32_START;
 use ember_boot::VirtioMmioDeviceInfo;
 use ember_bus::{Bus, BusDeviceSync, BusKind, BusRange};
-use ember_config::{Drive, NetworkInterface, Vsock as VsockSection};
+use ember_config::{Drive, Entropy as EntropySection, NetworkInterface, Vsock as VsockSection};
 use ember_legacy_devices::i8042::{I8042Device, I8042_BASE, I8042_KBD_GSI, I8042_LEN};
 use ember_legacy_devices::serial::{
     SerialDevice, SerialDeviceState, COM1_BASE, COM1_GSI, COM1_LEN,
@@ -70,6 +70,7 @@ use ember_vcpu::{ExitReason, VmControl};
 use ember_virtio_blk::{Block, BlockConfig};
 use ember_virtio_mmio::MmioTransport;
 use ember_virtio_net::{Net, NetConfig};
+use ember_virtio_rng::{Entropy, EntropyConfig};
 use ember_vsock::{Vsock, VsockConfig};
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::VmFd;
@@ -120,6 +121,9 @@ pub enum Error {
     /// The vsock device could not be set up.
     #[error("vsock: {0}")]
     Vsock(#[source] ember_vsock::Error),
+    /// The entropy device could not be set up.
+    #[error("entropy device: {0}")]
+    Entropy(#[source] ember_virtio_rng::Error),
     /// A virtio device could not be attached.
     #[error(transparent)]
     Attach(#[from] DeviceError),
@@ -205,6 +209,7 @@ pub struct Devices {
     nets: Vec<NetHandle>,
     vsock: Option<Arc<Mutex<Vsock>>>,
     vsock_transport: Option<Arc<Mutex<MmioTransport>>>,
+    entropy: Option<Arc<Mutex<Entropy>>>,
 }
 
 impl Devices {
@@ -224,6 +229,7 @@ impl Devices {
             nets: Vec::new(),
             vsock: None,
             vsock_transport: None,
+            entropy: None,
         }
     }
 
@@ -407,6 +413,31 @@ impl Devices {
         Ok(())
     }
 
+    /// The virtio-rng entropy device in the next slot; Firecracker attaches
+    /// it after the vsock device.
+    ///
+    /// # Errors
+    ///
+    /// The rate limiter's timer cannot be created, or the slot cannot be set
+    /// up.
+    pub fn attach_entropy(&mut self, vm: &VmFd, entropy: &EntropySection) -> Result<(), Error> {
+        let device = Entropy::new(&EntropyConfig::from(entropy)).map_err(Error::Entropy)?;
+        let device = Arc::new(Mutex::new(device));
+        let attached = attach_virtio_device(
+            vm,
+            &self.mem,
+            bus_mut(&mut self.mmio, "a virtio device")?,
+            &mut self.slots,
+            device.clone(),
+            "the entropy device",
+        )?;
+        // The device registers its queue and rate limiter fds itself.
+        self.subscribers.push(device.clone());
+        self.placed(attached.slot);
+        self.entropy = Some(device);
+        Ok(())
+    }
+
     /// Records a virtio slot: its command line entry and its ACPI entry.
     fn placed(&mut self, slot: MmioSlot) {
         self.kernel_args.push(slot.cmdline_entry());
@@ -484,9 +515,14 @@ impl Devices {
         self.vsock_transport.as_ref()
     }
 
+    /// The entropy device, if attached.
+    pub fn entropy(&self) -> Option<&Arc<Mutex<Entropy>>> {
+        self.entropy.as_ref()
+    }
+
     /// Registers the counters of every device with `metrics`, in
     /// Firecracker's groups: `uart`, `i8042`, `block` and
-    /// `block_<drive_id>`, `net` and `net_<iface_id>`, `vsock`.
+    /// `block_<drive_id>`, `net` and `net_<iface_id>`, `vsock`, `entropy`.
     pub fn register_metrics(&self, metrics: &Metrics) {
         if let Some((serial, _)) = &self.serial {
             metrics.register("uart", lock(serial).metrics());
@@ -506,6 +542,9 @@ impl Devices {
         }
         if let Some(v) = &self.vsock {
             metrics.register("vsock", lock(v).metrics().clone());
+        }
+        if let Some(e) = &self.entropy {
+            metrics.register("entropy", lock(e).metrics().clone());
         }
     }
 }
