@@ -928,7 +928,6 @@ mod tests {
     #[test]
     fn firecracker_endpoints_ember_lacks_say_so() {
         for (m, p) in [
-            ("PUT", "/entropy"),
             ("GET", "/balloon"),
             ("PUT", "/mmds"),
             ("PATCH", "/balloon/hinting/start"),
