@@ -231,6 +231,33 @@ static void throughput(struct rng *r, u64 total, u64 size)
 	putc('\n');
 }
 
+/*
+ * Reads `size` bytes forever and reports each round ("rngN: loop K len L
+ * zeroes Z"): a guest to snapshot while it reads.
+ */
+static void loop(struct rng *r, u64 size)
+{
+	for (u64 round = 0;; round++) {
+		struct virtq_buf b = { (u64)r->buf[0], (u32)size, 1 };
+		long len;
+
+		memset(r->buf[0], 0, size);
+		len = request(r, &b, 1);
+		if (len < 0) {
+			fail(r, "loop read");
+			return;
+		}
+		prefix(r);
+		puts("loop ");
+		put_dec(round);
+		puts(" len ");
+		put_dec((u64)len);
+		puts(" zeroes ");
+		put_dec(count_zero(r->buf[0], (u64)len));
+		putc('\n');
+	}
+}
+
 static void run(const void *bp)
 {
 	static struct virtio_dev devs[VIRTIO_MAX_DEVICES];
@@ -296,7 +323,9 @@ static void run(const void *bp)
 			fail(r, "setup");
 			continue;
 		}
-		if (total)
+		if (cmdline_is(cmd, "rng.test", "loop"))
+			loop(r, size);
+		else if (total)
 			throughput(r, total, size);
 		else
 			basic(r, reads, size);

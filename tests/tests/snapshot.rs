@@ -172,6 +172,40 @@ fn spawn(id: &str) -> (ApiVm, Client) {
     (vm, api)
 }
 
+/// Pauses the running `vm`, writes a Full snapshot of it into `dir` as
+/// `<name>.state` and `<name>.mem`, and ends the process. Returns the files
+/// and the serial output up to the snapshot.
+fn pause_and_snapshot(mut vm: ApiVm, api: &mut Client, dir: &Path, name: &str) -> Snapshot {
+    ok(api.patch("/vm", &json!({"state": "Paused"})));
+    let state = dir.join(format!("{name}.state"));
+    let mem = dir.join(format!("{name}.mem"));
+    ok(api.put(
+        "/snapshot/create",
+        &json!({"snapshot_path": state, "mem_file_path": mem}),
+    ));
+    // Whatever the pipe still held when the vCPUs parked.
+    std::thread::sleep(Duration::from_millis(100));
+    let output = vm.stdout();
+    drop(vm);
+    Snapshot { state, mem, output }
+}
+
+/// A new process `id` that loads `snap` from its memory file and resumes
+/// it, with `extra` fields (overrides) added to the load request.
+fn load_resumed(id: &str, snap: &Snapshot, extra: Value) -> (ApiVm, Client) {
+    let (vm, mut api) = spawn(id);
+    let mut body = json!({
+        "snapshot_path": snap.state,
+        "mem_backend": {"backend_type": "File", "backend_path": snap.mem},
+        "resume_vm": true,
+    });
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        body.extend(extra.clone());
+    }
+    ok(api.put("/snapshot/load", &body));
+    (vm, api)
+}
+
 #[test]
 fn a_loaded_snapshot_counts_on_from_where_it_stopped() {
     let dir = tempfile::tempdir().unwrap();
@@ -477,25 +511,13 @@ fn block_io_goes_on_across_a_snapshot() {
     ok(api.put("/actions", &json!({"action_type": "InstanceStart"})));
     vm.wait_for_output(|o| loops(o).len() > 20, TIMEOUT)
         .unwrap();
-    ok(api.patch("/vm", &json!({"state": "Paused"})));
-    let state = dir.path().join("blk.state");
-    let mem = dir.path().join("blk.mem");
-    ok(api.put(
-        "/snapshot/create",
-        &json!({"snapshot_path": state, "mem_file_path": mem}),
-    ));
-    std::thread::sleep(Duration::from_millis(100));
-    let before = vm.stdout();
-    drop(vm);
+    let snap = pause_and_snapshot(vm, &mut api, dir.path(), "blk");
+    let before = snap.output.clone();
     let complete = before.rfind('\n').map_or("", |i| &before[..i]);
     let last = *loops(complete).last().unwrap();
 
-    let (mut vm, mut api) = spawn("snap-blk-2");
     let start = Instant::now();
-    ok(api.put(
-        "/snapshot/load",
-        &json!({"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}, "resume_vm": true}),
-    ));
+    let (mut vm, mut api) = load_resumed("snap-blk-2", &snap, json!({}));
     let after = vm
         .wait_for_output(
             |o| loops(o).last().is_some_and(|n| *n > last + 20) || o.contains("mismatch"),
@@ -644,22 +666,14 @@ fn a_network_interface_moves_to_the_overriding_tap() {
     ok(api.put("/actions", &json!({"action_type": "InstanceStart"})));
     vm.wait_for_output(|o| counts(o).len() > 10, TIMEOUT)
         .unwrap();
-    ok(api.patch("/vm", &json!({"state": "Paused"})));
-    let state = dir.path().join("net.state");
-    let mem = dir.path().join("net.mem");
-    ok(api.put(
-        "/snapshot/create",
-        &json!({"snapshot_path": state, "mem_file_path": mem}),
-    ));
-    std::thread::sleep(Duration::from_millis(100));
-    let before = vm.stdout();
-    drop(vm);
+    let snap = pause_and_snapshot(vm, &mut api, dir.path(), "net");
+    let before = snap.output.clone();
 
     let (mut vm, mut api) = spawn("snap-net-2");
     let load = |overrides: Value| {
         json!({
-            "snapshot_path": state,
-            "mem_backend": {"backend_type": "File", "backend_path": mem},
+            "snapshot_path": snap.state,
+            "mem_backend": {"backend_type": "File", "backend_path": snap.mem},
             "resume_vm": true,
             "network_overrides": overrides,
         })
@@ -830,4 +844,62 @@ fn a_snapshot_loads_with_its_memory_served_by_a_page_fault_handler() {
     drop(vm);
     let served = handler.stop();
     assert!(served > 0, "no page fault reached the handler");
+}
+
+/// Every `rng0: loop N len L zeroes Z` line, as (N, L, Z).
+fn rng_rounds(out: &str) -> Vec<(u64, u64, u64)> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("rng0: loop "))
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split(' ').collect();
+            match w[..] {
+                [n, "len", len, "zeroes", z] => {
+                    Some((n.parse().ok()?, len.parse().ok()?, z.parse().ok()?))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn an_entropy_device_keeps_serving_across_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut vm, mut api) = spawn("snap-rng");
+    ok(api.put(
+        "/boot-source",
+        &json!({"kernel_image_path": guest_path("virtio_rng"), "boot_args": "console=ttyS0 rng.test=loop rng.size=256"}),
+    ));
+    ok(api.put(
+        "/machine-config",
+        &json!({"vcpu_count": 1, "mem_size_mib": 32}),
+    ));
+    ok(api.put("/entropy", &json!({})));
+    ok(api.put("/actions", &json!({"action_type": "InstanceStart"})));
+    vm.wait_for_output(|o| rng_rounds(o).len() > 20, TIMEOUT)
+        .unwrap();
+    let snap = pause_and_snapshot(vm, &mut api, dir.path(), "rng");
+    let complete = snap.output.rfind('\n').map_or("", |i| &snap.output[..i]);
+    let last = rng_rounds(complete).last().unwrap().0;
+
+    let (mut vm, mut api) = load_resumed("snap-rng-2", &snap, json!({}));
+    assert_eq!(
+        api.get("/vm/config").unwrap().json()["entropy"],
+        json!({"rate_limiter": null}),
+        "the restored VM has its entropy device"
+    );
+    let after = vm
+        .wait_for_output(
+            |o| rng_rounds(o).last().is_some_and(|r| r.0 > last + 20) || o.contains("failed"),
+            TIMEOUT,
+        )
+        .unwrap();
+    assert!(!after.contains("failed"), "{after}");
+    let all = rng_rounds(&format!("{}{after}", snap.output));
+    for (i, (n, len, zeroes)) in all.iter().enumerate() {
+        assert_eq!(*n, i as u64, "round {i}:\n{}\n---\n{after}", snap.output);
+        assert_eq!(*len, 256, "round {i}");
+        // 256 random bytes hold about one zero byte; 32 means no entropy.
+        assert!(*zeroes < 32, "round {i}: {zeroes} zero bytes");
+    }
 }

@@ -22,6 +22,7 @@ use ember_vcpu::VmControl;
 use ember_virtio_blk::Block;
 use ember_virtio_mmio::MmioTransport;
 use ember_virtio_net::Net;
+use ember_virtio_rng::Entropy;
 use ember_vsock::Vsock;
 use kvm_ioctls::VmFd;
 use vm_memory::mmap::MmapRegion;
@@ -35,9 +36,6 @@ use crate::uffd::UffdBackend;
 /// Why a snapshot could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum CreateError {
-    /// The VM has an entropy device, whose state snapshots do not hold yet.
-    #[error("snapshots of a VM with an entropy device are not supported by Ember yet")]
-    EntropyDevice,
     /// The vCPUs could not save their state.
     #[error("Cannot save the microVM state: {0}")]
     Vcpus(#[source] ember_vcpu::Error),
@@ -153,6 +151,7 @@ pub struct SnapshotSource {
     drives: Vec<VirtioHandle<Block>>,
     nets: Vec<VirtioHandle<Net>>,
     vsock: Option<VirtioHandle<Vsock>>,
+    entropy: Option<VirtioHandle<Entropy>>,
 }
 
 impl SnapshotSource {
@@ -164,7 +163,7 @@ impl SnapshotSource {
         devices: &Devices,
     ) -> Self {
         // Slots are recorded in attach order: drives, network interfaces,
-        // vsock. Every virtio device has one; were one missing, its zero
+        // vsock, entropy. Every virtio device has one; were one missing, its zero
         // slot would be refused when the state is loaded.
         let slots = devices.virtio_slots();
         let mut slot = slots.iter().copied();
@@ -189,6 +188,10 @@ impl SnapshotSource {
             (Some(v), Some(t)) => Some(("vsock".to_string(), v.clone(), t.clone(), next())),
             _ => None,
         };
+        let entropy = match (devices.entropy(), devices.entropy_transport()) {
+            (Some(e), Some(t)) => Some(("entropy".to_string(), e.clone(), t.clone(), next())),
+            _ => None,
+        };
         SnapshotSource {
             vm_fd,
             mem,
@@ -198,6 +201,7 @@ impl SnapshotSource {
             drives,
             nets,
             vsock,
+            entropy,
         }
     }
 
@@ -229,6 +233,7 @@ impl SnapshotSource {
         let drives = self.drives.iter().map(|h| virtio(h, Block::save)).collect();
         let nets = self.nets.iter().map(|h| virtio(h, Net::save)).collect();
         let vsock = self.vsock.as_ref().map(|h| virtio(h, Vsock::save));
+        let entropy = self.entropy.as_ref().map(|h| virtio(h, Entropy::save));
         let vcpus = self
             .control
             .save_vcpu_states()
@@ -258,6 +263,7 @@ impl SnapshotSource {
             drives,
             nets,
             vsock,
+            entropy,
         })
     }
 
@@ -272,9 +278,6 @@ impl SnapshotSource {
         config: &VmConfig,
         params: &SnapshotCreateParams,
     ) -> Result<(), CreateError> {
-        if config.entropy.is_some() {
-            return Err(CreateError::EntropyDevice);
-        }
         let state = self.save(config)?;
         let bytes = ember_snapshot::encode(&state).map_err(CreateError::Encode)?;
         let snap_err = |op, source| CreateError::SnapshotFile {
@@ -540,6 +543,21 @@ pub fn restore_devices(devices: &Devices, state: &MicrovmState) -> Result<(), Lo
                 log::warn!("vsock: cannot send the transport reset event: {e}");
             }
         }
+    }
+    if let (Some(saved), Some(entropy), Some(transport)) = (
+        &state.entropy,
+        devices.entropy(),
+        devices.entropy_transport(),
+    ) {
+        let what = || "the entropy device".to_string();
+        lock(entropy)
+            .restore(&saved.device)
+            .map_err(|e| refused(what(), e.to_string()))?;
+        let mut transport = lock(transport);
+        transport
+            .restore(&saved.transport)
+            .map_err(|e| refused(what(), e.to_string()))?;
+        notify_queues(&transport);
     }
     Ok(())
 }

@@ -210,6 +210,7 @@ pub struct Devices {
     vsock: Option<Arc<Mutex<Vsock>>>,
     vsock_transport: Option<Arc<Mutex<MmioTransport>>>,
     entropy: Option<Arc<Mutex<Entropy>>>,
+    entropy_transport: Option<Arc<Mutex<MmioTransport>>>,
 }
 
 impl Devices {
@@ -230,6 +231,7 @@ impl Devices {
             vsock: None,
             vsock_transport: None,
             entropy: None,
+            entropy_transport: None,
         }
     }
 
@@ -435,6 +437,7 @@ impl Devices {
         self.subscribers.push(device.clone());
         self.placed(attached.slot);
         self.entropy = Some(device);
+        self.entropy_transport = Some(attached.transport);
         Ok(())
     }
 
@@ -518,6 +521,11 @@ impl Devices {
     /// The entropy device, if attached.
     pub fn entropy(&self) -> Option<&Arc<Mutex<Entropy>>> {
         self.entropy.as_ref()
+    }
+
+    /// The entropy device's transport, if attached.
+    pub fn entropy_transport(&self) -> Option<&Arc<Mutex<MmioTransport>>> {
+        self.entropy_transport.as_ref()
     }
 
     /// Registers the counters of every device with `metrics`, in

@@ -50,6 +50,7 @@ use ember_vcpu::VcpuState;
 use ember_virtio_blk::BlockState;
 use ember_virtio_mmio::MmioTransportState;
 use ember_virtio_net::NetState;
+use ember_virtio_rng::EntropyState;
 use ember_vsock::VsockState;
 use serde::{Deserialize, Serialize};
 
@@ -233,6 +234,8 @@ pub struct MicrovmState {
     pub nets: Vec<VirtioDeviceState<NetState>>,
     /// The vsock device.
     pub vsock: Option<VirtioDeviceState<VsockState>>,
+    /// The entropy device.
+    pub entropy: Option<VirtioDeviceState<EntropyState>>,
 }
 
 /// The memory layout Ember gives `mem_size_mib` MiB: (guest address, size,
@@ -298,7 +301,8 @@ impl MicrovmState {
     /// configuration, one vCPU state per configured vCPU, the memory layout
     /// of the configured size, and the configured devices, each in the
     /// slot and on the GSI Ember gives it (drives root first, then network
-    /// interfaces, then vsock, from 0xc000_1000 and GSI 5).
+    /// interfaces, then vsock, then the entropy device, from 0xc000_1000
+    /// and GSI 5).
     ///
     /// # Errors
     ///
@@ -361,20 +365,35 @@ impl MicrovmState {
         for n in &self.nets {
             check("network interface", &n.id, n.addr, n.gsi)?;
         }
-        match (&self.vsock, &config.vsock) {
-            (Some(v), Some(_)) => check("vsock device", &v.id, v.addr, v.gsi)?,
-            (None, None) => {}
-            (Some(_), None) => {
-                return Err(SnapshotError::Devices(
-                    "a vsock device state without a vsock configuration".into(),
-                ))
+        let mut optional = |kind: &str, saved: Option<(&str, u64, u32)>, configured: bool| {
+            let a = if kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                "an"
+            } else {
+                "a"
+            };
+            match (saved, configured) {
+                (Some((id, addr, gsi)), true) => check(kind, id, addr, gsi),
+                (None, false) => Ok(()),
+                (Some(_), false) => Err(SnapshotError::Devices(format!(
+                    "{a} {kind} state without {a} {kind} configuration"
+                ))),
+                (None, true) => Err(SnapshotError::Devices(format!(
+                    "{a} {kind} configuration without {a} {kind} state"
+                ))),
             }
-            (None, Some(_)) => {
-                return Err(SnapshotError::Devices(
-                    "a vsock configuration without a vsock device state".into(),
-                ))
-            }
-        }
+        };
+        optional(
+            "vsock device",
+            self.vsock.as_ref().map(|d| (d.id.as_str(), d.addr, d.gsi)),
+            config.vsock.is_some(),
+        )?;
+        optional(
+            "entropy device",
+            self.entropy
+                .as_ref()
+                .map(|d| (d.id.as_str(), d.addr, d.gsi)),
+            config.entropy.is_some(),
+        )?;
         Ok(config)
     }
 }

@@ -4,6 +4,7 @@ use ember_legacy_devices::serial::SerialDeviceState;
 use ember_vcpu::{CpuidEntry, MsrEntry, VcpuState};
 use ember_virtio_blk::BlockState;
 use ember_virtio_mmio::{MmioTransportState, QueueState};
+use ember_virtio_rng::EntropyState;
 use ember_vsock::VsockState;
 
 use super::*;
@@ -65,7 +66,8 @@ const CONFIG: &str = r#"{
     "boot-source": {"kernel_image_path": "/k"},
     "machine-config": {"vcpu_count": 2, "mem_size_mib": 64},
     "drives": [{"drive_id": "data", "path_on_host": "/d", "is_root_device": false, "is_read_only": true}],
-    "vsock": {"guest_cid": 3, "uds_path": "/v.sock"}
+    "vsock": {"guest_cid": 3, "uds_path": "/v.sock"},
+    "entropy": {}
 }"#;
 
 fn state() -> MicrovmState {
@@ -122,6 +124,15 @@ fn state() -> MicrovmState {
                 guest_cid: 3,
             },
         }),
+        entropy: Some(VirtioDeviceState {
+            id: "entropy".into(),
+            addr: 0xc000_3000,
+            gsi: 7,
+            transport: transport(),
+            device: EntropyState {
+                acked_features: 1 << 32,
+            },
+        }),
     }
 }
 
@@ -149,6 +160,7 @@ fn round_trip() {
     assert_eq!(back.serial, state().serial);
     assert_eq!(back.drives, state().drives);
     assert_eq!(back.vsock, state().vsock);
+    assert_eq!(back.entropy, state().entropy);
     assert_eq!(back.validate().unwrap().machine_config.vcpu_count, 2);
     assert_eq!(format_version(&bytes).unwrap(), SNAPSHOT_VERSION);
 }
@@ -310,6 +322,13 @@ fn device_set_must_match() {
     assert!(err.to_string().contains("on GSI 9"), "{err}");
     let err = refused(|s| s.vsock.as_mut().unwrap().addr = 0xc000_1000);
     assert!(err.to_string().contains("0xc0002000"), "{err}");
+    let err = refused(|s| s.entropy = None);
+    assert!(
+        err.to_string().contains("without an entropy device state"),
+        "{err}"
+    );
+    let err = refused(|s| s.entropy.as_mut().unwrap().gsi = 6);
+    assert!(err.to_string().contains("on GSI 6"), "{err}");
 }
 
 #[test]
