@@ -33,6 +33,7 @@ pub mod layout;
 pub mod linux;
 pub mod netns;
 pub mod perf;
+pub mod soak;
 pub mod tcg;
 mod vm;
 

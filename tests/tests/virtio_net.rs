@@ -547,3 +547,129 @@ fn a_tap_in_use_is_refused_by_name() {
     assert!(!second.stdout.contains("net: "), "no guest ran\n{second}");
     drop(first);
 }
+
+/// CPU time, in clock ticks, of the process's threads that are not vCPUs:
+/// the event loop and the API, which must sleep while nothing happens.
+fn vmm_thread_ticks(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| !c.starts_with("ember_vcpu"))
+        })
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .map(|stat| {
+            // Fields after "(comm)": state is the first; utime, stime are
+            // the 12th and 13th.
+            let rest = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            f.iter().sum::<u64>()
+        })
+        .sum()
+}
+
+/// Has the guest send `frames` datagrams, and calls `fault` once the first
+/// hundred have arrived; returns the datagrams received after that and
+/// whether the guest's `!txdone` came.
+fn transmit_through(peer: &mut Peer, frames: u64, fault: impl FnOnce(&NetNs)) -> (usize, bool) {
+    let socket = peer.socket.try_clone().expect("clone the host socket");
+    peer.send(format!("!tx {frames} 64").as_bytes());
+    let mut buf = [0u8; 2048];
+    for _ in 0..100 {
+        if recv_datagram(&socket, &mut buf).is_err() {
+            panic!("the guest did not start sending\n{}", peer.output());
+        }
+    }
+    fault(&peer.ns);
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        match recv_datagram(&socket, &mut buf) {
+            Ok((len, _)) if buf[..len].starts_with(b"!txdone ") => return (got, true),
+            Ok(_) => got += 1,
+            Err(_) => break,
+        }
+    }
+    (got, false)
+}
+
+/// The TAP is set down under a guest that transmits, then brought back up;
+/// later it is deleted. The guest's transmissions always complete (frames
+/// the TAP refuses are dropped and counted), traffic flows again once the
+/// TAP is up, a deleted TAP leaves the event loop asleep, and the VM runs
+/// on to a clean exit.
+#[test]
+fn a_tap_set_down_or_deleted_under_a_sending_guest() {
+    const FRAMES: u64 = 60_000;
+    let mut peer = start(&net_config("net.idle=3", iface()));
+    let (got, done) = transmit_through(&mut peer, FRAMES, |ns| {
+        ns.ip(&["link", "set", TAP, "down"])
+            .expect("set the TAP down");
+        thread::sleep(Duration::from_millis(300));
+        ns.ip(&["link", "set", TAP, "up"]).expect("set the TAP up");
+    });
+    assert!(
+        done,
+        "no !txdone after the TAP came back\n{}",
+        peer.output()
+    );
+    assert!(
+        (got as u64) < FRAMES - 100,
+        "every frame arrived although the TAP was down: {got}"
+    );
+    // Up again: an echo goes both ways.
+    peer.send(b"after the TAP came back");
+    assert_eq!(peer.recv(), b"after the TAP came back");
+
+    // Deleted while the guest sends: its transmissions still complete.
+    let pid = peer.vm.pid();
+    let (_, done) = transmit_through(&mut peer, FRAMES, |ns| {
+        ns.ip(&["link", "del", TAP]).expect("delete the TAP");
+    });
+    assert!(!done, "a !txdone crossed a deleted TAP");
+    // The event loop sleeps: the dead TAP's error is not a busy loop.
+    let before = vmm_thread_ticks(pid);
+    thread::sleep(Duration::from_secs(1));
+    let spent = vmm_thread_ticks(pid) - before;
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    assert!(
+        spent * 10 < hz * 2,
+        "the VMM's threads used {spent} of {hz} ticks in a second with the TAP gone"
+    );
+    // With nothing more to receive, the guest reports and resets.
+    let out = peer
+        .vm
+        .wait(Duration::from_secs(60))
+        .expect("ember exits after the guest resets");
+    assert!(out.status.success(), "{out}");
+    assert!(
+        out.stdout.lines().any(|l| l == "virtio_net done"),
+        "the guest did not finish\n{out}"
+    );
+    let tx: u64 = lines(&out)
+        .into_iter()
+        .find_map(|l| l.split(" tx_frames ").nth(1))
+        .and_then(|v| v.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no tx_frames\n{out}"));
+    assert!(tx >= 2 * FRAMES, "the guest sent {tx} frames\n{out}");
+    let refused = out
+        .stderr_lines()
+        .iter()
+        .filter(|l| l.contains("failed to write"))
+        .count();
+    assert!(refused >= 1, "no write failure logged\n{out}");
+    assert!(
+        refused <= 100,
+        "{refused} lines of log for the refused frames: the log is flooded\n{out}"
+    );
+}
