@@ -242,6 +242,9 @@ fn lifecycle(soak: &Soak, dir: &Path, tap: &str, i: usize) -> Result<Duration, S
         .arg("--api-sock")
         .arg(&socket)
         .args(["--id", &format!("soak{i}")])
+        // Firecracker logs to stdout by default, where its lines would cut
+        // the guest's console lines: errors only.
+        .args(["--level", "Error"])
         .stdin(Stdio::null())
         .stdout(file("stdout")?)
         .stderr(file("stderr")?)

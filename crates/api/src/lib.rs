@@ -79,5 +79,5 @@ pub use request::{
 pub use runtime::{RuntimeApiController, RuntimeVm, VmActionError};
 pub use server::{
     start_api_server, start_api_server_with, ApiServerError, ApiServerHandle, Responder,
-    ServerOptions, ThreadHook, THREAD_NAME,
+    ServerOptions, ThreadHook, IDLE_EVICTION_GRACE, THREAD_NAME,
 };

@@ -30,6 +30,13 @@ use ember_logger::metrics::ApiRequestMetrics;
 /// Name of the API server thread.
 pub const THREAD_NAME: &str = "ember_api";
 
+/// How long a connection must have been idle (no request under way, no
+/// answer pending) before a newcomer past the connection cap may take its
+/// place. A connection just accepted, or just answered, belongs to a client
+/// about to send: closing it would lose that request, so the newcomer gets
+/// `503` instead.
+pub const IDLE_EVICTION_GRACE: Duration = Duration::from_millis(500);
+
 /// Errors starting the API server.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiServerError {
@@ -73,7 +80,8 @@ pub struct ServerOptions {
     /// client that stalls longer gets `408` and is disconnected.
     pub request_timeout: Duration,
     /// Open connections served at once; past that the longest-idle one is
-    /// closed, or the new one gets `503` when none is idle.
+    /// closed if it has been idle for [`IDLE_EVICTION_GRACE`], or else the
+    /// new one gets `503`.
     pub max_connections: usize,
     /// Where request counts go (`*_api_requests` metrics groups).
     pub metrics: Arc<ApiRequestMetrics>,
@@ -651,11 +659,11 @@ impl Server {
                 c.collect_output();
                 c.write_output();
             }
+            self.expire(Instant::now());
+            self.conns.retain(|c| !c.is_done());
             if fds[2].revents != 0 {
                 self.accept();
             }
-            self.expire(Instant::now());
-            self.conns.retain(|c| !c.is_done());
         }
     }
 
@@ -732,11 +740,18 @@ impl Server {
                 continue;
             }
             if self.conns.len() >= self.dispatch.options.max_connections {
+                self.reap();
+            }
+            if self.conns.len() >= self.dispatch.options.max_connections {
+                let now = Instant::now();
                 let idle = self
                     .conns
                     .iter()
                     .enumerate()
-                    .filter(|(_, c)| c.is_idle())
+                    .filter(|(_, c)| {
+                        c.is_idle()
+                            && now.saturating_duration_since(c.last_active) >= IDLE_EVICTION_GRACE
+                    })
                     .min_by_key(|(_, c)| c.last_active)
                     .map(|(i, _)| i);
                 match idle {
@@ -755,6 +770,20 @@ impl Server {
             self.conns
                 .push(Connection::new(stream, self.dispatch.options.max_payload));
         }
+    }
+
+    /// Reads what the idle connections hold, so that clients that have
+    /// left since the last poll (their end of file not read yet) no longer
+    /// count against the connection cap, and drops the finished ones.
+    fn reap(&mut self) {
+        for c in &mut self.conns {
+            if c.is_idle() {
+                self.dispatch.read(c);
+                c.collect_output();
+                c.write_output();
+            }
+        }
+        self.conns.retain(|c| !c.is_done());
     }
 
     fn expire(&mut self, now: Instant) {

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use ember_api::{
     start_api_server, start_api_server_with, ActionHandler, ApiServerError, ApiServerHandle,
-    PreBootResources, ServerOptions, VmmAction, VmmResponse, DEFAULT_MAX_PAYLOAD, THREAD_NAME,
+    PreBootResources, ServerOptions, VmmAction, VmmResponse, DEFAULT_MAX_PAYLOAD,
+    IDLE_EVICTION_GRACE, THREAD_NAME,
 };
 
 /// A reply as read off the socket.
@@ -526,9 +527,15 @@ fn too_many_connections_evicts_the_idle_or_refuses() {
     let r = refused.reply();
     assert_eq!(r.status, 503);
     assert_eq!(r.fault(), "Too many open connections");
-    // Once one of them is idle, a newcomer takes its place.
+    // Just answered, `a` belongs to a client about to send again: a
+    // newcomer is refused rather than cut it off.
     a.send(b"TP/1.1\r\n\r\n");
     assert_eq!(a.reply().status, 200);
+    let mut early = Client::connect(&path);
+    assert_eq!(early.reply().status, 503);
+    assert_eq!(a.call("GET", "/", "").status, 200, "`a` was kept");
+    // Idle for longer than the grace, it makes way for a newcomer.
+    thread::sleep(IDLE_EVICTION_GRACE + Duration::from_millis(100));
     let mut c = Client::connect(&path);
     assert_eq!(c.call("GET", "/", "").status, 200);
     assert!(
