@@ -189,6 +189,10 @@ metric_group! {
         pub serial_count: Counter,
         /// `PUT /serial` that failed.
         pub serial_fails: Counter,
+        /// `PUT /cpu-config`.
+        pub cpu_cfg_count: Counter,
+        /// `PUT /cpu-config` that failed.
+        pub cpu_cfg_fails: Counter,
     }
 }
 
