@@ -50,9 +50,11 @@ impl Bitmap {
                     filter |= 1 << bit;
                     value |= 1 << bit;
                 }
-                other => return Err(format!(
+                other => {
+                    return Err(format!(
                     "bitmap \"{text}\" has the character '{other}': only 0, 1, x and _ are allowed"
-                )),
+                ))
+                }
             }
             bit += 1;
         }

@@ -317,18 +317,19 @@ fn invalid(location: impl Into<String>, reason: impl Into<String>) -> TemplateEr
     }
 }
 
-/// A number as Firecracker's templates write them: `0x` hexadecimal or `0b` binary.
+/// A number as Firecracker's API describes them: `0x` hexadecimal, `0b` binary or
+/// decimal.
 fn parse_number(text: &str) -> Result<u32, String> {
     let parsed = if let Some(hex) = text.strip_prefix("0x") {
         u32::from_str_radix(hex, 16)
     } else if let Some(bin) = text.strip_prefix("0b") {
         u32::from_str_radix(bin, 2)
     } else {
-        return Err(format!(
-            "\"{text}\" has no 0x (hexadecimal) or 0b (binary) prefix"
-        ));
+        text.parse::<u32>()
     };
-    parsed.map_err(|e| format!("\"{text}\" is not a 32-bit number: {e}"))
+    parsed.map_err(|e| {
+        format!("\"{text}\" is not a 32-bit number (0x hexadecimal, 0b binary or decimal): {e}")
+    })
 }
 
 impl TryFrom<RawTemplate> for CustomCpuTemplate {
@@ -619,10 +620,18 @@ mod tests {
 
         let e = error(r#"{"msr_modifiers": [{"addr": "0x10a", "bitmap": "0b2"}]}"#);
         assert!(e.starts_with("MSR 0x10a: "), "{e}");
-        let e = error(r#"{"msr_modifiers": [{"addr": "266", "bitmap": "0b1"}]}"#);
+        let e = error(r#"{"msr_modifiers": [{"addr": "ten", "bitmap": "0b1"}]}"#);
         assert!(
-            e.starts_with("msr_modifiers[0].addr: \"266\" has no 0x"),
+            e.starts_with("msr_modifiers[0].addr: \"ten\" is not a 32-bit number"),
             "{e}"
+        );
+        let t = CustomCpuTemplate::from_json(
+            br#"{"msr_modifiers": [{"addr": "266", "bitmap": "0b1"}]}"#,
+        );
+        assert_eq!(
+            t.unwrap().msr_modifiers[0].addr,
+            0x10a,
+            "decimal, as the API describes"
         );
         let e = error(
             r#"{"cpuid_modifiers": [{"leaf": "0x1ffffffff", "subleaf": "0x0", "flags": 0, "modifiers": []}]}"#,
