@@ -538,16 +538,29 @@ fn template_or_path<'de, D>(d: D) -> Result<Option<CustomCpuTemplate>, D::Error>
 where
     D: serde::Deserializer<'de>,
 {
+    use std::io::Read;
+
     use serde::de::Error;
     let value = serde_json::Value::deserialize(d)?;
     let template = match value {
         serde_json::Value::Null => return Ok(None),
         serde_json::Value::String(path) => {
-            let text = std::fs::read(&path).map_err(|e| {
-                D::Error::custom(format!(
-                    "cpu-config: cannot read the template file {path}: {e}"
-                ))
-            })?;
+            // A template is a few KiB; a device that never ends (/dev/zero)
+            // must not exhaust memory.
+            const MAX_TEMPLATE_FILE: u64 = 16 << 20;
+            let mut text = Vec::new();
+            std::fs::File::open(&path)
+                .and_then(|f| f.take(MAX_TEMPLATE_FILE + 1).read_to_end(&mut text))
+                .map_err(|e| {
+                    D::Error::custom(format!(
+                        "cpu-config: cannot read the template file {path}: {e}"
+                    ))
+                })?;
+            if text.len() as u64 > MAX_TEMPLATE_FILE {
+                return Err(D::Error::custom(format!(
+                    "cpu-config: the template file {path} is larger than {MAX_TEMPLATE_FILE} bytes"
+                )));
+            }
             CustomCpuTemplate::from_json(&text)
                 .map_err(|e| D::Error::custom(format!("cpu-config: template file {path}: {e}")))?
         }
@@ -1444,6 +1457,15 @@ mod tests {
         .to_string();
         assert!(
             e.contains("cannot read the template file /nonexistent/t.json"),
+            "{e}"
+        );
+        let e = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "cpu-config": "/dev/zero"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("the template file /dev/zero is larger than"),
             "{e}"
         );
     }
