@@ -144,3 +144,35 @@ fn leaves_and_msrs_kvm_cannot_take_are_named() {
     );
     assert!(e.to_string().contains("refused MSR 0xc0000080"), "{e}");
 }
+
+#[test]
+fn a_snapshot_keeps_the_template_s_effect() {
+    let c = configure(
+        r#"{"cpuid_modifiers": [{"leaf": "0x80000001", "subleaf": "0x0", "flags": 0,
+                "modifiers": [{"register": "ecx", "bitmap": "0b0"}]}],
+            "msr_modifiers": [{"addr": "0x277", "bitmap": "0b00000100"}]}"#,
+    );
+    c.result.unwrap();
+    let kvm = Kvm::new().unwrap();
+    let saved = c.vcpu.save_state(&kvm).unwrap();
+    let ext = saved
+        .cpuid
+        .iter()
+        .find(|e| e.function == 0x8000_0001)
+        .unwrap();
+    assert_eq!(ext.ecx & 1, 0);
+    assert!(saved
+        .msrs
+        .iter()
+        .any(|m| m.index == MSR_PAT && m.data & 0xff == 4));
+
+    // Restored into a vCPU of another VM that was given no template.
+    let (vm, _mem) = vm(&kvm);
+    let mut fresh = Vcpu::new(0, &vm).unwrap();
+    fresh.restore_state(&saved).unwrap();
+    assert_eq!(
+        leaf(&fresh, 0x8000_0001).ecx,
+        leaf(&c.vcpu, 0x8000_0001).ecx
+    );
+    assert_eq!(read_msr(&fresh, MSR_PAT) & 0xff, 4);
+}
