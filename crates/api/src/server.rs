@@ -494,6 +494,11 @@ impl Dispatch {
             Some(message) => {
                 // Firecracker warns as it answers, once per request.
                 log::warn!("{message}");
+                self.options
+                    .metrics
+                    .deprecated
+                    .deprecated_http_api_calls
+                    .inc();
                 true
             }
             None => false,

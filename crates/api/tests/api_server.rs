@@ -610,11 +610,17 @@ fn request_counts_reach_the_metrics() {
     );
     c.call("PUT", "/machine-config", "not json");
     c.call("GET", "/", "");
+    c.call("PATCH", "/machine-config", r#"{"cpu_template": "None"}"#);
+    c.call("PUT", "/cpu-config", "{}");
+    c.call("PUT", "/cpu-config", r#"{"msr_modifiers": [{}]}"#);
     let line: serde_json::Value = serde_json::from_str(&metrics.render()).unwrap();
     assert_eq!(line["put_api_requests"]["machine_cfg_count"], 3);
     // One refused by the VMM, one by the parser.
     assert_eq!(line["put_api_requests"]["machine_cfg_fails"], 2);
     assert_eq!(line["get_api_requests"]["instance_info_count"], 1);
+    assert_eq!(line["put_api_requests"]["cpu_cfg_count"], 2);
+    assert_eq!(line["put_api_requests"]["cpu_cfg_fails"], 1);
+    assert_eq!(line["deprecated_api"]["deprecated_http_api_calls"], 1);
 }
 
 #[test]
