@@ -780,6 +780,25 @@ RNG_REQUEST = {
 }
 
 
+# --- cpu_template -----------------------------------------------------------
+# The JSON text of PUT /cpu-config (fuzz_targets/cpu_template.rs).
+
+CPU_TEMPLATE = {
+    "empty": b"{}",
+    "leaf1_ecx": b'{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0, '
+                 b'"modifiers": [{"register": "ecx", "bitmap": '
+                 b'"0bx0xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}]}]}',
+    "msr": b'{"msr_modifiers": [{"addr": "0x277", "bitmap": "0b00000100"}]}',
+    "full": b'{"kvm_capabilities": ["171", "!56"], "cpuid_modifiers": [{"leaf": "0x7", '
+            b'"subleaf": "0x0", "flags": 1, "modifiers": [{"register": "ebx", "bitmap": '
+            b'"0b1111_1111_1110_1111_1101_1010_0001_0100"}, {"register": "ebx", "bitmap": '
+            b'"0bxxxx1"}]}, {"leaf": "2147483649", "subleaf": "0b0", "flags": 0, "modifiers": '
+            b'[{"register": "edx", "bitmap": "0"}]}], "msr_modifiers": [{"addr": "0x10a", '
+            b'"bitmap": "0b0000000000000000000000000000000000000000000011111111111111111111"}, '
+            b'{"addr": "0x10a", "bitmap": "x1x"}]}',
+}
+
+
 def write_corpus(target, seeds):
     directory = os.path.join(HERE, "corpus", target)
     os.makedirs(directory, exist_ok=True)
@@ -797,6 +816,7 @@ def main():
     write_corpus("virtio_mmio", VIRTIO_MMIO)
     write_corpus("blk_request", BLK_REQUEST)
     write_corpus("rng_request", RNG_REQUEST)
+    write_corpus("cpu_template", CPU_TEMPLATE)
 
 
 if __name__ == "__main__":

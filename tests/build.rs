@@ -25,6 +25,7 @@ const GUESTS: &[&str] = &[
     "counter",
     "ctrl_alt_del",
     "echo",
+    "cpuid",
 ];
 
 /// Sources every guest links against.

@@ -56,12 +56,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use ember_virtio::{ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
 use ember_virtio_blk::{
     Block, BlockConfig, CacheType, IoEngine, Request, RequestError, RequestErrorKind, RequestType,
     SectorRange, Segment, MAX_DESCRIPTORS, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
     MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG,
 };
-use ember_virtio::{ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};

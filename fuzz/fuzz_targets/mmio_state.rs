@@ -81,7 +81,11 @@ fuzz_target!(|data: &[u8]| {
     match transport.restore(&state) {
         Err(_) => {
             transport.read(0, STATUS, &mut status);
-            assert_eq!(u32::from_le_bytes(status), 0, "a refused state left a status");
+            assert_eq!(
+                u32::from_le_bytes(status),
+                0,
+                "a refused state left a status"
+            );
             assert!(!transport.is_activated());
             assert!(device.lock().unwrap().active.is_none());
         }

@@ -30,8 +30,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use arbitrary::Arbitrary;
 use ember_bus::BusDevice;
-use ember_virtio_mmio::test_utils::MockDevice;
 use ember_virtio::{InterruptKind, VirtioDevice};
+use ember_virtio_mmio::test_utils::MockDevice;
 use ember_virtio_mmio::MmioTransport;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::QueueT;

@@ -4,6 +4,7 @@
 //! to its end, serving the API and writing metrics meanwhile
 //! ([`Vm::run_with`]).
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::io::AsRawFd;
@@ -17,6 +18,7 @@ use ember_api::{
 };
 use ember_boot::{KernelEntry, VirtioMmioDeviceInfo};
 use ember_config::{drives_in_attach_order, VmConfig};
+use ember_cpu_template::{CustomCpuTemplate, HostCpu, KvmCapability, StaticTemplateError};
 use ember_devices::{Devices, I8042};
 use ember_legacy_devices::serial::SerialDeviceState;
 use ember_logger::metrics::Metrics;
@@ -85,6 +87,15 @@ pub enum VmError {
     /// vCPU creation, set-up or start.
     #[error(transparent)]
     Vcpu(#[from] ember_vcpu::Error),
+    /// The static CPU template is not for this host.
+    #[error("Failed to get CPU template: {0}")]
+    CpuTemplate(#[source] StaticTemplateError),
+    /// The CPU template changes what KVM cannot take.
+    #[error("Failed to create guest config: {0}")]
+    GuestConfig(#[source] ember_vcpu::Error),
+    /// KVM lacks capabilities the CPU template asks to be checked.
+    #[error("Kvm error: Missing KVM capabilities: {0:#x?}")]
+    MissingCapabilities(Vec<u32>),
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(#[from] crate::event_loop::EventLoopError),
@@ -146,6 +157,49 @@ pub struct Vm {
     _uffd: Option<crate::uffd::UffdBackend>,
 }
 
+/// The CPU template the vCPUs get: the custom one (`PUT /cpu-config`, the
+/// `cpu-config` section), else the static one of `machine-config`, if it is
+/// for this host's vendor and model (Firecracker's rule).
+fn cpu_template(config: &VmConfig) -> Result<Option<Cow<'_, CustomCpuTemplate>>, VmError> {
+    if let Some(custom) = &config.cpu_config {
+        return Ok(Some(Cow::Borrowed(custom)));
+    }
+    match config.machine_config.static_template() {
+        None => Ok(None),
+        Some(t) => t
+            .for_host(&HostCpu::read())
+            .map(|t| Some(Cow::Owned(t)))
+            .map_err(VmError::CpuTemplate),
+    }
+}
+
+/// The capabilities Ember needs, less those a custom template's `"!N"`
+/// removes, and those its `"N"` adds.
+fn check_capabilities(kvm: &Kvm, template: Option<&CustomCpuTemplate>) -> Result<(), VmError> {
+    let Some(template) = template else {
+        return Ok(ember_irqchip::check_capabilities(kvm)?);
+    };
+    let removed: Vec<u32> = template
+        .kvm_capabilities
+        .iter()
+        .filter_map(|c| match c {
+            KvmCapability::Remove(n) => Some(*n),
+            KvmCapability::Add(_) => None,
+        })
+        .collect();
+    ember_irqchip::check_capabilities_except(kvm, &removed)?;
+    let missing: Vec<u32> = template
+        .capabilities_to_check(&[])
+        .into_iter()
+        .filter(|&cap| kvm.check_extension_raw(u64::from(cap)) <= 0)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(VmError::MissingCapabilities(missing))
+    }
+}
+
 /// KVM, guest memory registered with it, the irqchip, the run control and
 /// every device of `config`, in Firecracker's slot order: what a booted and
 /// a restored VM share. The UART starts in `serial` when given.
@@ -157,7 +211,7 @@ fn assemble(
 ) -> Result<(Kvm, VmFd, Arc<VmControl>, Devices), VmError> {
     let machine = &config.machine_config;
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-    ember_irqchip::check_capabilities(&kvm)?;
+    check_capabilities(&kvm, config.cpu_config.as_ref())?;
     let vm_fd = kvm.create_vm().map_err(VmError::CreateVm)?;
     register_memory(&vm_fd, mem, machine.track_dirty_pages)?;
     // The in-kernel PIC/IOAPIC/PIT must exist before any vCPU.
@@ -315,6 +369,8 @@ impl Vm {
     pub fn build(config: &VmConfig, opts: &RunOptions) -> Result<Vm, VmError> {
         let boot_source = config.boot_source()?;
         let machine = &config.machine_config;
+        // Checked first, as Firecracker does, before anything is built.
+        let template = cpu_template(config)?;
         let mem = ember_boot::create_guest_memory(machine.mem_size_mib).map_err(VmError::Memory)?;
         let (kvm, vm_fd, control, devices) = assemble(config, &mem, opts, None)?;
 
@@ -338,7 +394,16 @@ impl Vm {
         let mut vcpus = Vec::with_capacity(machine.vcpu_count as usize);
         for index in 0..machine.vcpu_count {
             let mut vcpu = Vcpu::new(index, &vm_fd)?;
-            vcpu.configure(&kvm, &mem, &entry, &vcpu_config)?;
+            vcpu.configure_with_template(&kvm, &mem, &entry, &vcpu_config, template.as_deref())
+                .map_err(|e| match e {
+                    ember_vcpu::Error::Template(_)
+                    | ember_vcpu::Error::SetMsrsIncomplete { .. }
+                        if template.is_some() =>
+                    {
+                        VmError::GuestConfig(e)
+                    }
+                    other => other.into(),
+                })?;
             vcpus.push(vcpu);
         }
 

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use ember_config::{
-    BootSource, Drive, Entropy, HugePages, Logger, MachineConfig, Metrics, NetworkInterface,
-    RateLimiter, Serial, VmConfig, Vsock,
+    BootSource, CustomCpuTemplate, Drive, Entropy, HugePages, Logger, MachineConfig, Metrics,
+    NetworkInterface, RateLimiter, Serial, StaticCpuTemplate, VmConfig, Vsock,
 };
 
 /// The `app_name` of `GET /`.
@@ -55,6 +55,9 @@ pub enum VmmAction {
     PutVsock(Vsock),
     /// `PUT /entropy`: adds the entropy device, or replaces its settings.
     PutEntropy(Entropy),
+    /// `PUT /cpu-config`: a custom CPU template, replacing any template set
+    /// before (static or custom).
+    PutCpuConfig(CustomCpuTemplate),
     /// `PUT /logger`.
     PutLogger(Logger),
     /// `PUT /metrics`.
@@ -201,9 +204,10 @@ pub struct MachineConfigUpdate {
     /// New SMT setting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smt: Option<bool>,
-    /// New CPU template; `"None"` clears it.
+    /// New static CPU template, replacing any template set before;
+    /// `"None"` clears it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu_template: Option<String>,
+    pub cpu_template: Option<StaticCpuTemplate>,
     /// New dirty page tracking setting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub track_dirty_pages: Option<bool>,
@@ -221,11 +225,11 @@ impl MachineConfigUpdate {
     /// `base` with the given fields replaced. The result still has to be
     /// validated.
     pub fn apply(&self, base: &MachineConfig) -> MachineConfig {
-        let cpu_template = match self.cpu_template.as_deref() {
-            None => base.cpu_template.clone(),
+        let cpu_template = match self.cpu_template {
+            None => base.cpu_template,
             // Firecracker: the "None" template clears any template set.
-            Some("None") => None,
-            Some(t) => Some(t.to_string()),
+            Some(StaticCpuTemplate::None) => None,
+            Some(t) => Some(t),
         };
         MachineConfig {
             vcpu_count: self.vcpu_count.unwrap_or(base.vcpu_count),
@@ -378,7 +382,7 @@ mod tests {
             mem_size_mib: 256,
             smt: true,
             track_dirty_pages: false,
-            cpu_template: Some("None".into()),
+            cpu_template: Some(StaticCpuTemplate::T2A),
             huge_pages: HugePages::None,
         };
         let u = MachineConfigUpdate {
@@ -389,9 +393,9 @@ mod tests {
         assert_eq!(m.mem_size_mib, 512);
         assert_eq!(m.vcpu_count, 2);
         assert!(m.smt);
-        assert_eq!(m.cpu_template.as_deref(), Some("None"));
+        assert_eq!(m.cpu_template, Some(StaticCpuTemplate::T2A));
         let clear = MachineConfigUpdate {
-            cpu_template: Some("None".into()),
+            cpu_template: Some(StaticCpuTemplate::None),
             ..Default::default()
         };
         assert_eq!(clear.apply(&base).cpu_template, None);

@@ -345,6 +345,9 @@ pub struct HttpResponse {
     pub status: u16,
     /// JSON body, if any.
     pub body: Option<String>,
+    /// The request used a deprecated field: a `Deprecation: true` header
+    /// (RFC 9745) says so, as Firecracker's does.
+    pub deprecated: bool,
 }
 
 fn reason(status: u16) -> &'static str {
@@ -380,6 +383,9 @@ impl HttpResponse {
         if let Some(methods) = allow {
             let _ = write!(head, "Allow: {}\r\n", methods.join(", "));
         }
+        if self.deprecated {
+            head.push_str("Deprecation: true\r\n");
+        }
         match &self.body {
             Some(body) => {
                 let _ = write!(
@@ -413,6 +419,7 @@ fn json<T: serde::Serialize>(value: &T) -> HttpResponse {
         Ok(body) => HttpResponse {
             status: 200,
             body: Some(body),
+            deprecated: false,
         },
         Err(e) => error_to_http(&ApiError::internal(format!(
             "cannot serialise the response: {e}"
@@ -425,6 +432,7 @@ pub fn error_to_http(error: &ApiError) -> HttpResponse {
     HttpResponse {
         status: error.status,
         body: Some(serde_json::json!({ "fault_message": error.message }).to_string()),
+        deprecated: false,
     }
 }
 
@@ -436,6 +444,7 @@ pub fn response_to_http(response: &VmmResponse) -> HttpResponse {
         Ok(VmmData::Empty) => HttpResponse {
             status: 204,
             body: None,
+            deprecated: false,
         },
         Ok(VmmData::InstanceInfo(info)) => json(info),
         Ok(VmmData::Version(v)) => json(&serde_json::json!({

@@ -13,7 +13,7 @@ use super::action::{
     ApiError, DriveUpdate, InstanceInfo, InstanceState, SnapshotLoadParams, VmmAction, VmmData,
     VmmResponse, FIRECRACKER_API_VERSION,
 };
-use ember_config::{ConfigError, Drive, NetworkInterface, VmConfig};
+use ember_config::{ConfigError, Drive, NetworkInterface, StaticCpuTemplate, VmConfig};
 use ember_logger::logger;
 use ember_logger::metrics::Metrics;
 
@@ -352,7 +352,17 @@ impl ActionHandler for PreBootResources {
                 Ok(())
             }),
             VmmAction::PutMachineConfig(m) => self.update("Machine config error", |c| {
+                // Firecracker turns the PUT into an update of every field:
+                // an absent `cpu_template` keeps the template set before.
+                let keep = c.machine_config.cpu_template;
+                if m.cpu_template.is_some() {
+                    c.cpu_config = None;
+                }
                 c.machine_config = m;
+                c.machine_config.cpu_template = match c.machine_config.cpu_template {
+                    None => keep,
+                    Some(t) => Some(t).filter(|t| *t != StaticCpuTemplate::None),
+                };
                 Ok(())
             }),
             VmmAction::PatchMachineConfig(u) => {
@@ -360,6 +370,10 @@ impl ActionHandler for PreBootResources {
                     return Err(ApiError::bad_request("Empty PATCH request."));
                 }
                 self.update("Machine config error", |c| {
+                    if u.cpu_template.is_some() {
+                        // One template at a time: a static one replaces a custom one.
+                        c.cpu_config = None;
+                    }
                     c.machine_config = u.apply(&c.machine_config);
                     Ok(())
                 })
@@ -376,6 +390,12 @@ impl ActionHandler for PreBootResources {
             }),
             VmmAction::PutEntropy(e) => self.update("Entropy config error", |c| {
                 c.entropy = Some(e);
+                Ok(())
+            }),
+            VmmAction::PutCpuConfig(t) => self.update("Cpu config error", |c| {
+                // One template at a time: a custom one replaces a static one.
+                c.machine_config.cpu_template = None;
+                c.cpu_config = Some(t);
                 Ok(())
             }),
             VmmAction::PutSerial(serial) => self.update("Serial config error", |c| {
@@ -826,6 +846,64 @@ mod tests {
                 (got, want) => panic!("API {got:?} but config file {want:?}"),
             }
         }
+    }
+
+    #[test]
+    fn one_cpu_template_at_a_time_as_in_firecracker() {
+        use ember_config::{CustomCpuTemplate, StaticCpuTemplate};
+        let mut r = PreBootResources::new("vm");
+        let custom = CustomCpuTemplate::from_json(
+            br#"{"msr_modifiers": [{"addr": "0x277", "bitmap": "0b100"}]}"#,
+        )
+        .unwrap();
+        let m = |t: Option<StaticCpuTemplate>| MachineConfig {
+            cpu_template: t,
+            ..MachineConfig::default()
+        };
+        r.handle(VmmAction::PutMachineConfig(m(Some(StaticCpuTemplate::T2A))))
+            .unwrap();
+        assert_eq!(
+            r.config().machine_config.static_template(),
+            Some(StaticCpuTemplate::T2A)
+        );
+        // A PUT without the field keeps it.
+        r.handle(VmmAction::PutMachineConfig(m(None))).unwrap();
+        assert_eq!(
+            r.config().machine_config.static_template(),
+            Some(StaticCpuTemplate::T2A)
+        );
+        // A custom template replaces it, and is kept by a PUT without the field.
+        r.handle(VmmAction::PutCpuConfig(custom.clone())).unwrap();
+        assert_eq!(r.config().machine_config.cpu_template, None);
+        assert_eq!(r.config().cpu_config.as_ref(), Some(&custom));
+        r.handle(VmmAction::PutMachineConfig(m(None))).unwrap();
+        assert_eq!(r.config().cpu_config.as_ref(), Some(&custom));
+        match r.handle(VmmAction::GetMachineConfig).unwrap() {
+            VmmData::MachineConfig(mc) => assert_eq!(mc.cpu_template, None),
+            other => panic!("{other:?}"),
+        }
+        // A static one replaces the custom one; "None" clears everything.
+        r.handle(VmmAction::PatchMachineConfig(MachineConfigUpdate {
+            cpu_template: Some(StaticCpuTemplate::T2),
+            ..Default::default()
+        }))
+        .unwrap();
+        assert_eq!(r.config().cpu_config, None);
+        assert_eq!(
+            r.config().machine_config.static_template(),
+            Some(StaticCpuTemplate::T2)
+        );
+        r.handle(VmmAction::PutCpuConfig(custom.clone())).unwrap();
+        r.handle(VmmAction::PutMachineConfig(m(Some(
+            StaticCpuTemplate::None,
+        ))))
+        .unwrap();
+        assert_eq!(r.config().cpu_config, None);
+        assert_eq!(r.config().machine_config.cpu_template, None);
+        // Pre-boot only.
+        let e =
+            check_allowed(&VmmAction::PutCpuConfig(custom), InstanceState::Running).unwrap_err();
+        assert_eq!(e.status, 400);
     }
 
     #[test]

@@ -11,7 +11,8 @@ use super::action::{
     VsockOverride,
 };
 use ember_config::{
-    BootSource, Drive, Entropy, Logger, MachineConfig, Metrics, NetworkInterface, Serial, Vsock,
+    BootSource, CustomCpuTemplate, Drive, Entropy, Logger, MachineConfig, Metrics,
+    NetworkInterface, Serial, Vsock,
 };
 use ember_logger::metrics::{ApiRequestMetrics, Counter};
 
@@ -46,6 +47,7 @@ pub const ROUTES: &[Route] = &[
     route("PATCH", "/network-interfaces/{iface_id}"),
     route("PUT", "/vsock"),
     route("PUT", "/entropy"),
+    route("PUT", "/cpu-config"),
     route("PUT", "/actions"),
     route("PATCH", "/vm"),
     route("GET", "/vm/config"),
@@ -64,7 +66,6 @@ pub const NOT_IMPLEMENTED: &[&str] = &[
     "/balloon/hinting/start",
     "/balloon/hinting/status",
     "/balloon/hinting/stop",
-    "/cpu-config",
     "/hotplug/memory",
     "/mmds",
     "/mmds/config",
@@ -84,6 +85,7 @@ enum Resource<'a> {
     NetworkInterfaces(Option<&'a str>),
     Vsock,
     Entropy,
+    CpuConfig,
     Actions,
     Vm,
     VmConfig,
@@ -105,6 +107,7 @@ impl Resource<'_> {
             Resource::BootSource
             | Resource::Vsock
             | Resource::Entropy
+            | Resource::CpuConfig
             | Resource::Actions
             | Resource::Logger
             | Resource::Metrics
@@ -156,13 +159,14 @@ fn resolve(path: &str) -> Option<Resource<'_>> {
         ("network-interfaces", id, None) => Resource::NetworkInterfaces(id),
         ("vsock", None, None) => Resource::Vsock,
         ("entropy", None, None) => Resource::Entropy,
+        ("cpu-config", None, None) => Resource::CpuConfig,
         ("actions", None, None) => Resource::Actions,
         ("vm", None, None) => Resource::Vm,
         ("vm", Some("config"), None) => Resource::VmConfig,
         ("logger", None, None) => Resource::Logger,
         ("metrics", None, None) => Resource::Metrics,
         ("serial", None, None) => Resource::Serial,
-        ("balloon" | "cpu-config" | "mmds", None, None)
+        ("balloon" | "mmds", None, None)
         | ("balloon", Some("statistics"), None)
         | ("balloon", Some("hinting"), Some("start" | "status" | "stop"))
         | ("hotplug", Some("memory"), None)
@@ -309,6 +313,38 @@ fn parse_snapshot_load(body: &[u8]) -> Result<SnapshotLoadParams, ApiError> {
     })
 }
 
+/// `PUT /cpu-config`: a custom template in Firecracker's format. A malformed
+/// one is refused with Firecracker's prefix and a reason that names the
+/// CPUID leaf or MSR.
+fn parse_cpu_config(body: &[u8]) -> Result<CustomCpuTemplate, ApiError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    let why = if first.is_some_and(|b| *b != b'{') {
+        "expected a JSON object".to_string()
+    } else {
+        match CustomCpuTemplate::from_json(body) {
+            Ok(t) => return Ok(t),
+            Err(e) => e.to_string(),
+        }
+    };
+    Err(ApiError::bad_request(format!(
+        "An error occurred when deserializing the json body of a request: {why}."
+    )))
+}
+
+/// The deprecation notice of a request, as Firecracker gives it: logged as
+/// a warning, and a `Deprecation: true` header on the answer.
+pub fn deprecation(action: &VmmAction) -> Option<&'static str> {
+    match action {
+        VmmAction::PutMachineConfig(m) if m.cpu_template.is_some() => {
+            Some("PUT /machine-config: cpu_template field is deprecated.")
+        }
+        VmmAction::PatchMachineConfig(u) if u.cpu_template.is_some() => {
+            Some("PATCH /machine-config: cpu_template field is deprecated.")
+        }
+        _ => None,
+    }
+}
+
 /// Parses one request into the action the VMM thread performs.
 ///
 /// `path` is the request target as sent (a query string is ignored).
@@ -393,6 +429,7 @@ pub fn parse_request(
         }
         ("PUT", Resource::Vsock) => VmmAction::PutVsock(from_body::<Vsock>(body)?),
         ("PUT", Resource::Entropy) => VmmAction::PutEntropy(from_body::<Entropy>(body)?),
+        ("PUT", Resource::CpuConfig) => VmmAction::PutCpuConfig(parse_cpu_config(body)?),
         ("PUT", Resource::Actions) => match from_body::<ActionBody>(body)?.action_type {
             ActionType::InstanceStart => VmmAction::InstanceStart,
             ActionType::SendCtrlAltDel => VmmAction::SendCtrlAltDel,
@@ -444,6 +481,7 @@ pub(crate) fn request_counters<'m>(
         ("PUT", Resource::NetworkInterfaces(_)) => (&p.network_count, Some(&p.network_fails)),
         ("PUT", Resource::Vsock) => (&p.vsock_count, Some(&p.vsock_fails)),
         ("PUT", Resource::Serial) => (&p.serial_count, Some(&p.serial_fails)),
+        ("PUT", Resource::CpuConfig) => (&p.cpu_cfg_count, Some(&p.cpu_cfg_fails)),
         ("PATCH", Resource::Drives(_)) => (&pa.drive_count, Some(&pa.drive_fails)),
         ("PATCH", Resource::NetworkInterfaces(_)) => (&pa.network_count, Some(&pa.network_fails)),
         ("PATCH", Resource::MachineConfig) => (&pa.machine_cfg_count, Some(&pa.machine_cfg_fails)),
@@ -721,6 +759,70 @@ mod tests {
         assert_eq!(l.level, Some(LogLevel::Debug));
         let a = ok("PUT", "/metrics", r#"{"metrics_path": "/m"}"#);
         assert!(matches!(a, VmmAction::PutMetrics(m) if m.metrics_path == Path::new("/m")));
+    }
+
+    #[test]
+    fn put_cpu_config() {
+        let a = ok(
+            "PUT",
+            "/cpu-config",
+            r#"{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0,
+                "modifiers": [{"register": "ecx", "bitmap": "0bx0xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}]}]}"#,
+        );
+        let VmmAction::PutCpuConfig(t) = a else {
+            panic!("{a:?}")
+        };
+        assert_eq!(t.cpuid_modifiers[0].modifiers[0].bitmap.filter, 1 << 30);
+        for (body, says) in [
+            (
+                r#"{"cpuid_modifiers": [{"leaf": "0x7", "subleaf": "0x0", "flags": 1,
+                    "modifiers": [{"register": "exx", "bitmap": "0b1"}]}]}"#,
+                "CPUID leaf 0x7 subleaf 0x0: invalid CPUID register \"exx\"",
+            ),
+            (
+                r#"{"msr_modifiers": [{"addr": "0x10a", "bitmap": "0b1y"}]}"#,
+                "MSR 0x10a: bitmap \"0b1y\" has the character 'y'",
+            ),
+            (r#"{"reg_modifiers": []}"#, "unknown field `reg_modifiers`"),
+            ("[]", "expected a JSON object"),
+        ] {
+            let e = parse_request("PUT", "/cpu-config", body.as_bytes(), MAX).unwrap_err();
+            assert_eq!(e.status, 400);
+            assert!(
+                e.message.starts_with(
+                    "An error occurred when deserializing the json body of a request: "
+                ),
+                "{}",
+                e.message
+            );
+            assert!(e.message.contains(says), "{}", e.message);
+        }
+        let e = parse_request("GET", "/cpu-config", b"", MAX).unwrap_err();
+        assert_eq!(e.status, 405);
+    }
+
+    #[test]
+    fn cpu_template_is_deprecated_as_in_firecracker() {
+        let put = |body: &str| deprecation(&ok("PUT", "/machine-config", body));
+        assert_eq!(put(r#"{"vcpu_count": 1, "mem_size_mib": 128}"#), None);
+        // Even "None" is the deprecated field.
+        for t in ["None", "T2A"] {
+            assert_eq!(
+                put(&format!(
+                    r#"{{"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "{t}"}}"#
+                )),
+                Some("PUT /machine-config: cpu_template field is deprecated.")
+            );
+        }
+        let patch = deprecation(&ok("PATCH", "/machine-config", r#"{"cpu_template": "T2"}"#));
+        assert_eq!(
+            patch,
+            Some("PATCH /machine-config: cpu_template field is deprecated.")
+        );
+        assert_eq!(
+            deprecation(&ok("PATCH", "/machine-config", r#"{"vcpu_count": 2}"#)),
+            None
+        );
     }
 
     #[test]

@@ -340,6 +340,7 @@ impl<V: RuntimeVm> ActionHandler for RuntimeApiController<V> {
             | VmmAction::PutNetworkInterface(_)
             | VmmAction::PutVsock(_)
             | VmmAction::PutEntropy(_)
+            | VmmAction::PutCpuConfig(_)
             | VmmAction::PutLogger(_)
             | VmmAction::PutMetrics(_)
             | VmmAction::PutSerial(_)

@@ -24,7 +24,9 @@ use super::http::{
     error_to_http, response_to_http, Decoded, HttpRequest, RequestDecoder, CONTINUE,
 };
 use super::preboot::ActionHandler;
-use super::request::{allowed_methods, parse_request, request_counters, DEFAULT_MAX_PAYLOAD};
+use super::request::{
+    allowed_methods, deprecation, parse_request, request_counters, DEFAULT_MAX_PAYLOAD,
+};
 use ember_logger::metrics::ApiRequestMetrics;
 
 /// Name of the API server thread.
@@ -341,6 +343,8 @@ enum Slot {
         close: bool,
         method: String,
         path: String,
+        /// The request used a deprecated field: the answer says so.
+        deprecated: bool,
     },
 }
 
@@ -494,6 +498,19 @@ impl Dispatch {
                 }
             };
         log::info!("API request: {} {}", req.method, req.path);
+        let deprecated = match deprecation(&action) {
+            Some(message) => {
+                // Firecracker warns as it answers, once per request.
+                log::warn!("{message}");
+                self.options
+                    .metrics
+                    .deprecated
+                    .deprecated_http_api_calls
+                    .inc();
+                true
+            }
+            None => false,
+        };
         self.next_id = self.next_id.wrapping_add(1);
         let id = self.next_id;
         let responder = Responder {
@@ -519,6 +536,7 @@ impl Dispatch {
             close,
             method: req.method,
             path: req.path,
+            deprecated,
         }
     }
 
@@ -697,6 +715,7 @@ impl Server {
                 close,
                 method,
                 path,
+                deprecated,
                 ..
             } = slot
             else {
@@ -714,10 +733,19 @@ impl Server {
                     e.message
                 );
             }
-            let bytes = match &response {
-                Err(e) => encode_error(e, path, *close),
-                Ok(_) => response_to_http(&response).encode(None, *close),
+            let mut answer = match &response {
+                Err(e) => {
+                    let allow = if e.status == 405 {
+                        allowed_methods(path)
+                    } else {
+                        None
+                    };
+                    (error_to_http(e), allow)
+                }
+                Ok(_) => (response_to_http(&response), None),
             };
+            answer.0.deprecated = *deprecated;
+            let bytes = answer.0.encode(answer.1, *close);
             *slot = Slot::Ready {
                 bytes,
                 close: *close,

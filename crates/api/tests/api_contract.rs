@@ -425,6 +425,12 @@ fn bodies_valid_for_firecracker_are_accepted() {
         let Some(param) = body_param(op) else {
             continue;
         };
+        if r.path == "/cpu-config" {
+            // Its strings are numbers and bitmaps the generator cannot make,
+            // and half its fields are aarch64's, which Firecracker on x86_64
+            // refuses: the documented example and the parser's tests cover it.
+            continue;
+        }
         let schema = &param["schema"];
         let enum_width = 7;
         for full in [false, true] {
@@ -446,6 +452,16 @@ fn bodies_valid_for_firecracker_are_accepted() {
                     }
                 }
                 let path = fill_path(r.path, &body, op);
+                if body.get("cpu_template") == Some(&json!("V1N1")) {
+                    // aarch64's template: Firecracker on x86_64 refuses it too.
+                    let e = parse(r.method, &path, &body).expect_err(&body.to_string());
+                    assert!(
+                        e.message.contains("unknown variant `V1N1`"),
+                        "{}",
+                        e.message
+                    );
+                    continue;
+                }
                 parse(r.method, &path, &body).unwrap_or_else(|e| {
                     panic!("{} {path} {body}: {} {}", r.method, e.status, e.message)
                 });

@@ -261,6 +261,54 @@ fn endpoints_answer_with_firecracker_statuses() {
 }
 
 #[test]
+fn a_deprecated_cpu_template_gets_the_deprecation_header() {
+    let (_dir, path, _vmm) = served();
+    let mut c = Client::connect(&path);
+    let r = c.call(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2A"}"#,
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    assert!(r.head.contains("\r\nDeprecation: true\r\n"), "{r:?}");
+    let r = c.call("GET", "/machine-config", "");
+    assert_eq!(r.json()["cpu_template"], "T2A", "{r:?}");
+    assert!(!r.head.contains("Deprecation"), "{r:?}");
+    // Also on a refused request that used the field.
+    let r = c.call(
+        "PATCH",
+        "/machine-config",
+        r#"{"vcpu_count": 3, "smt": true, "cpu_template": "None"}"#,
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.head.contains("\r\nDeprecation: true\r\n"), "{r:?}");
+    let r = c.call(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 128}"#,
+    );
+    assert!(!r.head.contains("Deprecation"), "{r:?}");
+
+    // A custom template replaces the static one, which is no longer shown.
+    let r = c.call(
+        "PUT",
+        "/cpu-config",
+        r#"{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0,
+            "modifiers": [{"register": "ecx", "bitmap": "0bx0xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}]}]}"#,
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let r = c.call("GET", "/machine-config", "");
+    assert!(r.json().get("cpu_template").is_none(), "{r:?}");
+    let r = c.call(
+        "PUT",
+        "/cpu-config",
+        r#"{"msr_modifiers": [{"addr": "0x10a", "bitmap": "0b2"}]}"#,
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.fault().contains("MSR 0x10a: bitmap \"0b2\""), "{r:?}");
+}
+
+#[test]
 fn pipelined_requests_are_answered_in_order() {
     let (_dir, path, vmm) = served();
     let mut c = Client::connect(&path);
@@ -569,11 +617,17 @@ fn request_counts_reach_the_metrics() {
     );
     c.call("PUT", "/machine-config", "not json");
     c.call("GET", "/", "");
+    c.call("PATCH", "/machine-config", r#"{"cpu_template": "None"}"#);
+    c.call("PUT", "/cpu-config", "{}");
+    c.call("PUT", "/cpu-config", r#"{"msr_modifiers": [{}]}"#);
     let line: serde_json::Value = serde_json::from_str(&metrics.render()).unwrap();
     assert_eq!(line["put_api_requests"]["machine_cfg_count"], 3);
     // One refused by the VMM, one by the parser.
     assert_eq!(line["put_api_requests"]["machine_cfg_fails"], 2);
     assert_eq!(line["get_api_requests"]["instance_info_count"], 1);
+    assert_eq!(line["put_api_requests"]["cpu_cfg_count"], 2);
+    assert_eq!(line["put_api_requests"]["cpu_cfg_fails"], 1);
+    assert_eq!(line["deprecated_api"]["deprecated_http_api_calls"], 1);
 }
 
 #[test]

@@ -125,12 +125,26 @@ pub struct MachineConfig {
     /// Dirty page tracking (KVM_MEM_LOG_DIRTY_PAGES) for diff snapshots.
     #[serde(default)]
     pub track_dirty_pages: bool,
-    /// Firecracker's CPU template; only "None" is supported.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu_template: Option<String>,
+    /// Firecracker's static CPU template (deprecated there in favour of
+    /// `cpu-config`); `"None"` means none. Checked against the host at boot.
+    #[serde(default, skip_serializing_if = "no_static_template")]
+    pub cpu_template: Option<StaticCpuTemplate>,
     /// Huge pages backing guest memory; only "None" is supported.
     #[serde(default)]
     pub huge_pages: HugePages,
+}
+
+/// True when `machine-config.cpu_template` names no template (absent or
+/// `"None"`): Firecracker then leaves the field out of what it shows.
+fn no_static_template(t: &Option<StaticCpuTemplate>) -> bool {
+    matches!(t, None | Some(StaticCpuTemplate::None))
+}
+
+impl MachineConfig {
+    /// The static template set, if any (`"None"` is none).
+    pub fn static_template(&self) -> Option<StaticCpuTemplate> {
+        self.cpu_template.filter(|t| *t != StaticCpuTemplate::None)
+    }
 }
 
 impl Default for MachineConfig {
@@ -147,6 +161,7 @@ impl Default for MachineConfig {
     }
 }
 
+pub use ember_cpu_template::{CustomCpuTemplate, StaticCpuTemplate};
 pub use ember_virtio_blk::{CacheType, IoEngine};
 
 /// `cache_type` of a drive, as the file spells it: the device's own
@@ -460,9 +475,11 @@ pub struct VmConfig {
     /// `boot-source`.
     #[serde(rename = "boot-source", default)]
     pub boot_source: Option<BootSource>,
-    /// `cpu-config` (not supported).
-    #[serde(rename = "cpu-config", default)]
-    pub cpu_config: Option<serde_json::Value>,
+    /// `cpu-config`: a custom CPU template, inline or the path of a JSON
+    /// file holding one (read when the configuration is parsed). It
+    /// replaces `machine-config.cpu_template`.
+    #[serde(rename = "cpu-config", default, deserialize_with = "template_or_path")]
+    pub cpu_config: Option<CustomCpuTemplate>,
     /// `logger`.
     #[serde(default)]
     pub logger: Option<Logger>,
@@ -516,6 +533,43 @@ where
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
+/// `cpu-config`: a template object, or the path of a file holding one.
+fn template_or_path<'de, D>(d: D) -> Result<Option<CustomCpuTemplate>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use std::io::Read;
+
+    use serde::de::Error;
+    let value = serde_json::Value::deserialize(d)?;
+    let template = match value {
+        serde_json::Value::Null => return Ok(None),
+        serde_json::Value::String(path) => {
+            // A template is a few KiB; a device that never ends (/dev/zero)
+            // must not exhaust memory.
+            const MAX_TEMPLATE_FILE: u64 = 16 << 20;
+            let mut text = Vec::new();
+            std::fs::File::open(&path)
+                .and_then(|f| f.take(MAX_TEMPLATE_FILE + 1).read_to_end(&mut text))
+                .map_err(|e| {
+                    D::Error::custom(format!(
+                        "cpu-config: cannot read the template file {path}: {e}"
+                    ))
+                })?;
+            if text.len() as u64 > MAX_TEMPLATE_FILE {
+                return Err(D::Error::custom(format!(
+                    "cpu-config: the template file {path} is larger than {MAX_TEMPLATE_FILE} bytes"
+                )));
+            }
+            CustomCpuTemplate::from_json(&text)
+                .map_err(|e| D::Error::custom(format!("cpu-config: template file {path}: {e}")))?
+        }
+        other => CustomCpuTemplate::from_value(other)
+            .map_err(|e| D::Error::custom(format!("cpu-config: {e}")))?,
+    };
+    Ok(Some(template))
+}
+
 impl VmConfig {
     /// Parses a configuration from JSON text, then validates it.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
@@ -534,6 +588,11 @@ impl VmConfig {
             .map(|(key, _)| key)
             .filter(|key| !SECTIONS.contains(&key.as_str()))
             .collect();
+        if config.cpu_config.is_some() {
+            // Firecracker keeps one template: `cpu-config`, applied after
+            // `machine-config`, replaces a static one.
+            config.machine_config.cpu_template = None;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -578,6 +637,8 @@ impl VmConfig {
             // zero burst.
             value["entropy"] = serde_json::to_value(entropy.as_built()).unwrap_or_default();
         }
+        // Firecracker does not show a custom template back.
+        value["cpu-config"] = serde_json::Value::Null;
         if self.boot_source.is_none() {
             value["boot-source"] = serde_json::json!({
                 "kernel_image_path": "",
@@ -621,9 +682,8 @@ impl VmConfig {
                 )));
             }
         }
-        let unsupported: [(&'static str, bool); 5] = [
+        let unsupported: [(&'static str, bool); 4] = [
             ("balloon", self.balloon.is_some()),
-            ("cpu-config", self.cpu_config.is_some()),
             ("mmds-config", self.mmds_config.is_some()),
             ("memory-hotplug", self.memory_hotplug.is_some()),
             ("pmem", !self.pmem.is_empty()),
@@ -880,13 +940,6 @@ impl MachineConfig {
             return Err(ConfigError::Invalid(
                 "machine-config.mem_size_mib must be greater than 0".into(),
             ));
-        }
-        if let Some(t) = &self.cpu_template {
-            if t != "None" {
-                return Err(ConfigError::Invalid(format!(
-                    "machine-config.cpu_template `{t}` is not supported by Ember (only \"None\")"
-                )));
-            }
         }
         if self.huge_pages != HugePages::None {
             return Err(ConfigError::Invalid(
@@ -1322,7 +1375,6 @@ mod tests {
     fn later_sections_parse_but_are_not_supported_yet() {
         for (section, body) in [
             ("balloon", r#"{"amount_mib": 1, "deflate_on_oom": true}"#),
-            ("cpu-config", r#"{"cpuid_modifiers": []}"#),
             ("mmds-config", r#"{"network_interfaces": ["eth0"]}"#),
             ("memory-hotplug", r#"{"total_size_mib": 1024}"#),
             ("pmem", r#"[{"id": "p", "path_on_host": "/p"}]"#),
@@ -1339,6 +1391,98 @@ mod tests {
                 )
             );
         }
+    }
+
+    const TEMPLATE: &str = r#"{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0,
+        "modifiers": [{"register": "ecx", "bitmap": "0bx0xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}]}]}"#;
+
+    #[test]
+    fn cpu_templates_static_inline_and_from_a_file() {
+        let c = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2A"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.machine_config.static_template(),
+            Some(StaticCpuTemplate::T2A)
+        );
+        assert_eq!(c.to_api_json()["machine-config"]["cpu_template"], "T2A");
+        // "None" is no template, and not shown.
+        let c = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "None"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.machine_config.static_template(), None);
+        assert!(c.to_api_json()["machine-config"]
+            .get("cpu_template")
+            .is_none());
+        let e = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T3"}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown variant `T3`"), "{e}");
+
+        // Inline; it replaces the static template, and is not shown back.
+        let c = VmConfig::from_json(&format!(
+            r#"{{"boot-source": {{"kernel_image_path": "/k"}}, "cpu-config": {TEMPLATE},
+                "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2A"}}}}"#
+        ))
+        .unwrap();
+        let t = c.cpu_config.as_ref().unwrap();
+        assert_eq!(t.cpuid_modifiers[0].leaf, 1);
+        assert_eq!(c.machine_config.static_template(), None);
+        assert!(c.to_api_json()["cpu-config"].is_null());
+        // It survives the round trip a snapshot makes of the configuration.
+        let back: VmConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back.cpu_config, c.cpu_config);
+
+        // From a file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.json");
+        std::fs::write(&path, TEMPLATE).unwrap();
+        let c = VmConfig::from_json(&format!(
+            r#"{{"boot-source": {{"kernel_image_path": "/k"}}, "cpu-config": "{}"}}"#,
+            path.display()
+        ))
+        .unwrap();
+        assert_eq!(c.cpu_config.unwrap().cpuid_modifiers[0].leaf, 1);
+        let e = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "cpu-config": "/nonexistent/t.json"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("cannot read the template file /nonexistent/t.json"),
+            "{e}"
+        );
+        let e = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "cpu-config": "/dev/zero"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("the template file /dev/zero is larger than"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_malformed_cpu_config_names_the_leaf() {
+        let e = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "cpu-config": {"cpuid_modifiers": [
+                {"leaf": "0x7", "subleaf": "0x0", "flags": 1,
+                 "modifiers": [{"register": "ebx", "bitmap": "0b12"}]}]}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("cpu-config: CPUID leaf 0x7 subleaf 0x0 register ebx: bitmap"),
+            "{e}"
+        );
     }
 
     #[test]

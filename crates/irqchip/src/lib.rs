@@ -164,7 +164,17 @@ const REQUIRED_CAPABILITIES: [(Cap, &str); 7] = [
 ///
 /// [`Error::MissingCapability`] naming the first missing capability, e.g. `KVM_CAP_PIT2`.
 pub fn check_capabilities(kvm: &Kvm) -> Result<(), Error> {
-    check_with(|cap| kvm.check_extension(cap))
+    check_capabilities_except(kvm, &[])
+}
+
+/// [`check_capabilities`] without the capabilities numbered in `skip` (a CPU template's
+/// `"!N"` entries: the user takes responsibility for them).
+///
+/// # Errors
+///
+/// As [`check_capabilities`].
+pub fn check_capabilities_except(kvm: &Kvm, skip: &[u32]) -> Result<(), Error> {
+    check_with(|cap| skip.contains(&(cap as u32)) || kvm.check_extension(cap))
 }
 
 fn check_with(mut has: impl FnMut(Cap) -> bool) -> Result<(), Error> {

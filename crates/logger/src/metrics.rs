@@ -189,6 +189,10 @@ metric_group! {
         pub serial_count: Counter,
         /// `PUT /serial` that failed.
         pub serial_fails: Counter,
+        /// `PUT /cpu-config`.
+        pub cpu_cfg_count: Counter,
+        /// `PUT /cpu-config` that failed.
+        pub cpu_cfg_fails: Counter,
     }
 }
 
@@ -211,7 +215,16 @@ metric_group! {
     }
 }
 
-/// The three API request groups, counted by the API server thread.
+metric_group! {
+    /// `deprecated_api`: requests that used a deprecated part of the API.
+    #[derive(Debug, Default)]
+    pub struct DeprecatedApi {
+        /// Requests with a deprecated field (`machine-config.cpu_template`).
+        pub deprecated_http_api_calls: Counter,
+    }
+}
+
+/// The API request groups, counted by the API server thread.
 #[derive(Debug, Default)]
 pub struct ApiRequestMetrics {
     /// `get_api_requests`.
@@ -220,6 +233,8 @@ pub struct ApiRequestMetrics {
     pub put: PutApiRequests,
     /// `patch_api_requests`.
     pub patch: PatchApiRequests,
+    /// `deprecated_api`.
+    pub deprecated: DeprecatedApi,
 }
 
 metric_group! {
@@ -317,7 +332,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Metrics {
     /// A registry holding Ember's own groups (`api_server`,
-    /// `get_api_requests`, `put_api_requests`, `patch_api_requests`, `vcpu`,
+    /// `get_api_requests`, `put_api_requests`, `patch_api_requests`,
+    /// `deprecated_api`, `vcpu`,
     /// `latencies_us`, `vmm`, `logger`), with no destination yet.
     pub fn new() -> Self {
         let m = Metrics {
@@ -345,6 +361,11 @@ impl Metrics {
         m.register(
             "patch_api_requests",
             Arc::new(move |o: &mut dyn MetricWriter| api.patch.report(o)),
+        );
+        let api = m.api_requests.clone();
+        m.register(
+            "deprecated_api",
+            Arc::new(move |o: &mut dyn MetricWriter| api.deprecated.report(o)),
         );
         m.register("vcpu", m.vcpu.clone());
         m.register("latencies_us", m.latencies.clone());

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 
+use ember_cpu_template::{CpuidEntry, CustomCpuTemplate};
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
 /// Errors of the CPUID normalisation.
@@ -137,6 +138,43 @@ fn get_bits(reg: u32, lo: u32, hi: u32) -> u32 {
     } else {
         (reg >> lo) & ((1u32 << width) - 1)
     }
+}
+
+/// Applies a CPU template's CPUID modifiers to `cpuid`, the CPUID KVM supports, before it
+/// is normalised (the order Firecracker follows, so that the topology, APIC ids and
+/// vendor stay the VMM's whatever the template says). On an error `cpuid` is unchanged.
+pub(crate) fn apply_template(
+    cpuid: &mut CpuId,
+    template: &CustomCpuTemplate,
+) -> Result<(), crate::Error> {
+    if template.cpuid_modifiers.is_empty() {
+        return Ok(());
+    }
+    let mut table: BTreeMap<Key, CpuidEntry> = cpuid
+        .as_slice()
+        .iter()
+        .map(|e| {
+            let entry = CpuidEntry {
+                flags: e.flags,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            };
+            ((e.function, e.index), entry)
+        })
+        .collect();
+    template.apply_cpuid(&mut table)?;
+    for e in cpuid.as_mut_slice() {
+        if let Some(t) = table.get(&(e.function, e.index)) {
+            e.flags = t.flags;
+            e.eax = t.eax;
+            e.ebx = t.ebx;
+            e.ecx = t.ecx;
+            e.edx = t.edx;
+        }
+    }
+    Ok(())
 }
 
 /// Normalises `cpuid` for vCPU `cpu_index` of `cpu_count`, with two threads per core when
@@ -779,5 +817,47 @@ mod tests {
         assert_eq!(leaf1.ebx >> 24, 1);
         assert_ne!(leaf1.ecx & (1 << 31), 0);
         assert_eq!(find(&cpuid, 0xb, 0).ebx & 0xffff, 2);
+    }
+
+    #[test]
+    fn template_applies_before_normalisation() {
+        // Leaf 1: hide RDRAND (ECX[30]) and, uselessly, the hypervisor bit (ECX[31]),
+        // which the normalisation sets again; leaf 7: hide EDX[0..4].
+        let template = CustomCpuTemplate::from_json(
+            br#"{"cpuid_modifiers": [
+                {"leaf": "0x1", "subleaf": "0x0", "flags": 0, "modifiers": [
+                    {"register": "ecx", "bitmap": "0b00xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}]},
+                {"leaf": "0x7", "subleaf": "0x0", "flags": 1, "modifiers": [
+                    {"register": "edx", "bitmap": "0b0000"}]}]}"#,
+        )
+        .unwrap();
+        for vendor in [VENDOR_INTEL, VENDOR_AMD] {
+            let mut cpuid = synthetic(vendor);
+            cpuid.as_mut_slice()[1].ecx |= 1 << 30;
+            apply_template(&mut cpuid, &template).unwrap();
+            assert_eq!(find(&cpuid, 1, 0).ecx & (1 << 30), 0);
+            assert_eq!(find(&cpuid, 7, 0).edx, 0xffff_fff0);
+            normalize_with(&mut cpuid, 0, 1, false, &fake_host(vendor)).unwrap();
+            let leaf1 = find(&cpuid, 1, 0);
+            assert_eq!(leaf1.ecx & (1 << 30), 0, "the template's change survives");
+            assert_ne!(leaf1.ecx & (1 << 31), 0, "the hypervisor bit is the VMM's");
+        }
+    }
+
+    #[test]
+    fn template_leaf_kvm_lacks_is_named() {
+        let template = CustomCpuTemplate::from_json(
+            br#"{"cpuid_modifiers": [{"leaf": "0x14", "subleaf": "0x0", "flags": 0,
+                 "modifiers": [{"register": "eax", "bitmap": "0b0"}]}]}"#,
+        )
+        .unwrap();
+        let mut cpuid = synthetic(VENDOR_AMD);
+        let before = cpuid.clone();
+        let err = apply_template(&mut cpuid, &template).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Template changes a CPUID entry not supported by KVM: Leaf: 0x14, Subleaf: 0x0"
+        );
+        assert_eq!(cpuid, before, "nothing is changed on an error");
     }
 }

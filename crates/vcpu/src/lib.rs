@@ -107,6 +107,12 @@ pub enum Error {
     /// The CPUID could not be normalised.
     #[error("failed to normalise the CPUID: {0}")]
     Cpuid(#[from] CpuidError),
+    /// The CPU template cannot be applied to what KVM supports.
+    #[error("{0}")]
+    Template(#[from] ember_cpu_template::ApplyError),
+    /// KVM_GET_MSRS failed while reading the MSRs a CPU template changes.
+    #[error("failed to read the MSRs the CPU template changes (KVM_GET_MSRS): {0}")]
+    GetMsrs(#[source] errno::Error),
     /// KVM_SET_CPUID2 failed.
     #[error("failed to set the vCPU's CPUID (KVM_SET_CPUID2): {0}")]
     SetCpuid(#[source] errno::Error),
@@ -116,8 +122,8 @@ pub enum Error {
     /// KVM_SET_MSRS failed.
     #[error("failed to set the boot MSRs (KVM_SET_MSRS): {0}")]
     SetMsrs(#[source] errno::Error),
-    /// KVM_SET_MSRS refused one of the boot MSRs.
-    #[error("KVM accepted only {written} of the {total} boot MSRs: it refused MSR {refused:#x}")]
+    /// KVM_SET_MSRS refused one of the boot MSRs or of those a CPU template changes.
+    #[error("KVM accepted only {written} of the {total} boot and CPU template MSRs: it refused MSR {refused:#x}")]
     SetMsrsIncomplete {
         /// How many were set.
         written: usize,

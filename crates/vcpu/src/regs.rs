@@ -2,6 +2,8 @@
 //! control registers, FPU and local APIC, as Firecracker's `arch/x86_64/{msr,regs,
 //! interrupts}.rs` set them.
 
+use std::collections::BTreeMap;
+
 use ember_boot::gdt::{
     decode, write_gdt_and_idt, BOOT_GDT_LIMIT, BOOT_IDT_LIMIT, GDT_TABLE, PVH_GDT_TABLE,
 };
@@ -10,6 +12,7 @@ use ember_boot::layout::{
 };
 use ember_boot::paging::setup_identity_page_tables;
 use ember_boot::{BootProtocol, KernelEntry};
+use ember_cpu_template::CustomCpuTemplate;
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Address, GuestMemoryMmap};
@@ -78,9 +81,55 @@ pub(crate) fn boot_msr_entries() -> [kvm_msr_entry; 11] {
     ]
 }
 
-/// Writes the boot MSRs, failing unless KVM accepts every one.
-pub(crate) fn setup_msrs(fd: &VcpuFd) -> Result<(), Error> {
-    let entries = boot_msr_entries();
+/// The MSRs a CPU template changes, read from the vCPU and changed by the template's
+/// bitmaps, in address order.
+pub(crate) fn template_msr_entries(
+    fd: &VcpuFd,
+    template: &CustomCpuTemplate,
+) -> Result<Vec<kvm_msr_entry>, Error> {
+    let mut wanted: Vec<u32> = template.msr_addresses().collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let entries: Vec<kvm_msr_entry> = wanted
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut msrs = Msrs::from_entries(&entries).map_err(Error::MsrList)?;
+    // KVM stops at the first MSR it cannot read: those before it are valid.
+    let read = fd.get_msrs(&mut msrs).map_err(Error::GetMsrs)?;
+    let mut values: BTreeMap<u32, u64> = msrs
+        .as_slice()
+        .iter()
+        .take(read)
+        .map(|e| (e.index, e.data))
+        .collect();
+    template.apply_msrs(&mut values)?;
+    Ok(values
+        .into_iter()
+        .map(|(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect())
+}
+
+/// Writes the boot MSRs and `extra` (a CPU template's) in one KVM_SET_MSRS, failing
+/// unless KVM accepts every one. A boot MSR wins over a template's, as in Firecracker.
+pub(crate) fn setup_msrs(fd: &VcpuFd, extra: &[kvm_msr_entry]) -> Result<(), Error> {
+    let mut all: BTreeMap<u32, u64> = extra.iter().map(|e| (e.index, e.data)).collect();
+    all.extend(boot_msr_entries().iter().map(|e| (e.index, e.data)));
+    let entries: Vec<kvm_msr_entry> = all
+        .into_iter()
+        .map(|(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
     let msrs = Msrs::from_entries(&entries).map_err(Error::MsrList)?;
     let written = fd.set_msrs(&msrs).map_err(Error::SetMsrs)?;
     if written != entries.len() {

@@ -5,6 +5,7 @@ use std::thread::JoinHandle;
 
 use ember_boot::KernelEntry;
 use ember_bus::Bus;
+use ember_cpu_template::CustomCpuTemplate;
 use kvm_bindings::{
     CpuId, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_MAX_CPUID_ENTRIES,
 };
@@ -97,6 +98,25 @@ impl Vcpu {
         entry: &KernelEntry,
         config: &VcpuConfig,
     ) -> Result<(), Error> {
+        self.configure_with_template(kvm, mem, entry, config, None)
+    }
+
+    /// [`Vcpu::configure`] with a CPU template: its CPUID modifiers change the CPUID KVM
+    /// supports before it is normalised, its MSR modifiers change the MSRs' values as
+    /// KVM_GET_MSRS reads them, written with the boot MSRs (which win where both name one).
+    ///
+    /// # Errors
+    ///
+    /// As [`Vcpu::configure`]; [`Error::Template`] naming a leaf KVM does not report or
+    /// an MSR it cannot read; [`Error::SetMsrsIncomplete`] naming an MSR it refuses.
+    pub fn configure_with_template(
+        &mut self,
+        kvm: &Kvm,
+        mem: &GuestMemoryMmap,
+        entry: &KernelEntry,
+        config: &VcpuConfig,
+        template: Option<&CustomCpuTemplate>,
+    ) -> Result<(), Error> {
         if config.vcpu_count == 0
             || config.vcpu_count > MAX_VCPUS
             || self.index >= config.vcpu_count
@@ -111,10 +131,17 @@ impl Vcpu {
             log::warn!("vCPU {}: snapshots will fail: {e}", self.index);
         }
         let mut cpuid = supported_cpuid(kvm)?;
+        if let Some(template) = template {
+            cpuid::apply_template(&mut cpuid, template)?;
+        }
         cpuid::normalize(&mut cpuid, self.index, config.vcpu_count, config.smt)?;
         self.fd.set_cpuid2(&cpuid).map_err(Error::SetCpuid)?;
 
-        regs::setup_msrs(&self.fd)?;
+        let template_msrs = match template {
+            Some(t) if !t.msr_modifiers.is_empty() => regs::template_msr_entries(&self.fd, t)?,
+            _ => Vec::new(),
+        };
+        regs::setup_msrs(&self.fd, &template_msrs)?;
         self.fd
             .set_regs(&regs::boot_regs(entry))
             .map_err(Error::SetRegs)?;
