@@ -12,7 +12,7 @@ use std::sync::Arc;
 use ember_rate_limiter::{BucketUpdate, RateLimiter, RateLimiterConfig, TokenType};
 use ember_virtio::{
     drain_eventfd, needs_interrupt, take_queues, ActivateError, ActiveQueue, InterruptKind,
-    VirtioConfig, VirtioDevice, VirtioInterrupt,
+    Registrations, VirtioConfig, VirtioDevice, VirtioInterrupt,
 };
 use log::{debug, error, warn};
 use virtio_bindings::virtio_blk::{
@@ -490,11 +490,9 @@ pub struct Block {
     pub(crate) control_evt: EventFd,
     /// Whether the device was added to an event loop.
     pub(crate) subscribed: bool,
-    /// The queue descriptor registered with the event loop, if any.
-    pub(crate) registered: Option<RawFd>,
-    /// Notify EventFds of a previous activation, kept open until the event
-    /// loop has unregistered them.
-    pub(crate) retired: Vec<EventFd>,
+    /// What the event loop watches for the current activation, and the
+    /// notify EventFds of a previous one until it has stopped watching them.
+    pub(crate) registrations: Registrations,
     throttled: bool,
     completions: Vec<(u64, io::Result<u32>)>,
 }
@@ -655,8 +653,7 @@ impl Block {
             active: None,
             control_evt,
             subscribed: false,
-            registered: None,
-            retired: Vec::new(),
+            registrations: Registrations::new(),
             throttled: false,
             completions: Vec::new(),
         })
@@ -1058,7 +1055,7 @@ impl VirtioDevice for Block {
             if self.subscribed {
                 // The event loop may be watching it: it stays open until the
                 // event loop has unregistered it.
-                self.retired.push(active.notify);
+                self.registrations.retire(active.notify);
                 if let Err(e) = self.control_evt.write(1) {
                     self.metrics.event_fails.inc();
                     error!("virtio-blk: cannot signal the reset to the event loop: {e}");

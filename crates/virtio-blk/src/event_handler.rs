@@ -31,25 +31,16 @@ impl Block {
     /// the queue of a previous activation, then, when active, watches the
     /// current one.
     fn sync_registrations(&mut self, ops: &mut EventOps) {
-        if let Some(fd) = self.registered.take() {
-            if let Err(e) = ops.remove(Events::empty_raw(fd)) {
-                self.metrics().event_fails.inc();
-                error!("virtio-blk: cannot unregister descriptor {fd} from the event loop: {e}");
-            }
-        }
-        // Unregistered: they can be closed now.
-        self.retired.clear();
-
-        let Some(active) = &self.active else {
-            return;
-        };
-        let fd = active.notify.as_raw_fd();
-        match ops.add(Events::with_data_raw(fd, QUEUE, EventSet::IN)) {
-            Ok(()) => self.registered = Some(fd),
-            Err(e) => {
-                self.metrics().event_fails.inc();
-                error!("virtio-blk: cannot register descriptor {fd} with the event loop: {e}");
-            }
+        let wanted: Vec<_> = self
+            .active
+            .as_ref()
+            .map(|a| a.notify.as_raw_fd())
+            .map(|fd| (fd, QUEUE, EventSet::IN))
+            .into_iter()
+            .collect();
+        for e in self.registrations.sync(ops, &wanted) {
+            self.metrics().event_fails.inc();
+            error!("virtio-blk: {e}");
         }
     }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use ember_rate_limiter::{RateLimiter, TokenType};
 use ember_virtio::{
     drain_eventfd, needs_interrupt, pop_or_enable_notification, take_queues, ActivateError,
-    ActiveQueue, InterruptKind, VirtioConfig, VirtioDevice, VirtioInterrupt,
+    ActiveQueue, InterruptKind, Registrations, VirtioConfig, VirtioDevice, VirtioInterrupt,
 };
 use log::{debug, error};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -237,11 +237,9 @@ pub struct Entropy {
     pub(crate) control_evt: EventFd,
     /// Whether the device was added to an event loop.
     pub(crate) subscribed: bool,
-    /// The queue descriptor registered with the event loop, if any.
-    pub(crate) registered: Option<RawFd>,
-    /// Notify EventFds of a previous activation, kept open until the event
-    /// loop has unregistered them.
-    pub(crate) retired: Vec<EventFd>,
+    /// What the event loop watches for the current activation, and the
+    /// notify EventFds of a previous one until it has stopped watching them.
+    pub(crate) registrations: Registrations,
 }
 
 impl std::fmt::Debug for Entropy {
@@ -274,8 +272,7 @@ impl Entropy {
             active: None,
             control_evt,
             subscribed: false,
-            registered: None,
-            retired: Vec::new(),
+            registrations: Registrations::new(),
         })
     }
 
@@ -474,7 +471,7 @@ impl VirtioDevice for Entropy {
             if self.subscribed {
                 // The event loop may be watching it: it stays open until the
                 // event loop has unregistered it.
-                self.retired.push(active.notify);
+                self.registrations.retire(active.notify);
                 if let Err(e) = self.control_evt.write(1) {
                     self.metrics.entropy_event_fails.inc();
                     error!("virtio-rng: cannot signal the reset to the event loop: {e}");

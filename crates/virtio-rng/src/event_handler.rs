@@ -28,24 +28,15 @@ impl Entropy {
     /// the queue of a previous activation, then, when active, watches the
     /// current one.
     fn sync_registrations(&mut self, ops: &mut EventOps) {
-        if let Some(fd) = self.registered.take() {
-            if let Err(e) = ops.remove(Events::empty_raw(fd)) {
-                self.metrics().entropy_event_fails.inc();
-                error!("virtio-rng: cannot unregister descriptor {fd} from the event loop: {e}");
-            }
-        }
-        // Unregistered: they can be closed now.
-        self.retired.clear();
-
-        let Some(fd) = self.queue_event().map(AsRawFd::as_raw_fd) else {
-            return;
-        };
-        match ops.add(Events::with_data_raw(fd, QUEUE, EventSet::IN)) {
-            Ok(()) => self.registered = Some(fd),
-            Err(e) => {
-                self.metrics().entropy_event_fails.inc();
-                error!("virtio-rng: cannot register descriptor {fd} with the event loop: {e}");
-            }
+        let wanted: Vec<_> = self
+            .queue_event()
+            .map(AsRawFd::as_raw_fd)
+            .map(|fd| (fd, QUEUE, EventSet::IN))
+            .into_iter()
+            .collect();
+        for e in self.registrations.sync(ops, &wanted) {
+            self.metrics().entropy_event_fails.inc();
+            error!("virtio-rng: {e}");
         }
     }
 

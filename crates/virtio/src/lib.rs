@@ -78,8 +78,10 @@ mod config;
 mod device;
 mod persist;
 mod queue;
+mod registrations;
 
 pub use config::{features_page, VirtioConfig};
 pub use device::{ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
 pub use persist::Persist;
 pub use queue::{drain_eventfd, needs_interrupt, pop_or_enable_notification, take_queues};
+pub use registrations::{RegistrationError, Registrations};
