@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ember_virtio::{ActivateError, ActiveQueue, Persist, VirtioDevice};
-use ember_virtio_mmio::test_utils::{MockInterrupt, QueueLayout};
+use ember_virtio_mmio::test_utils::{leaked_memory, DriverQueue, MockInterrupt, QueueLayout};
 use tempfile::NamedTempFile;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -79,22 +79,16 @@ fn pattern(offset: u64, len: usize) -> Vec<u8> {
 
 struct Harness {
     mem: &'static GuestMemoryMmap,
-    vq: MockSplitQueue<'static, GuestMemoryMmap>,
+    q: DriverQueue,
     block: Block,
     interrupt: Arc<MockInterrupt>,
     image: NamedTempFile,
-    next_desc: u16,
-    next_used: u16,
     /// process_queue / handle_completion_event calls so far.
     steps: usize,
 }
 
 fn new_memory() -> &'static GuestMemoryMmap {
-    // Leaked so that MockSplitQueue (which borrows it) can live in the
-    // harness; a few MiB per test.
-    Box::leak(Box::new(
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap(),
-    ))
+    leaked_memory(MEM_SIZE as usize)
 }
 
 fn image(fill: bool) -> NamedTempFile {
@@ -130,19 +124,17 @@ impl Harness {
         let mem = new_memory();
         Harness {
             mem,
-            vq: MockSplitQueue::new(mem, 256),
+            q: DriverQueue::new(mem, 256),
             block,
             interrupt: Arc::new(MockInterrupt::default()),
             image,
-            next_desc: 0,
-            next_used: 0,
             steps: 0,
         }
     }
 
     fn activate(&mut self, features: u64) {
         self.block.ack_features(features);
-        let queue: Queue = self.vq.create_queue().unwrap();
+        let queue: Queue = self.q.vq.create_queue().unwrap();
         self.block
             .activate(
                 self.mem.clone(),
@@ -156,32 +148,6 @@ impl Harness {
             .unwrap();
     }
 
-    /// Adds a chain of `(addr, len, flags)` descriptors (NEXT is added) to
-    /// the descriptor table and the available ring; returns its head.
-    fn add_chain(&mut self, descs: &[(u64, u32, u16)]) -> u16 {
-        let n = descs.len() as u16;
-        if self.next_desc + n > 256 {
-            self.next_desc = 0;
-        }
-        let first = self.next_desc;
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, flags))| {
-                let i = i as u16;
-                let (flags, next) = if i + 1 < n {
-                    (flags | VRING_DESC_F_NEXT as u16, first + i + 1)
-                } else {
-                    (flags, 0)
-                };
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
-            })
-            .collect();
-        self.vq.add_desc_chains(&raw, first).unwrap();
-        self.next_desc += n;
-        first
-    }
-
     /// Adds one chain made of a single INDIRECT descriptor pointing at the
     /// given table (written at TABLE).
     fn add_indirect(&mut self, table: &[RawDescriptor]) -> u16 {
@@ -190,7 +156,8 @@ impl Harness {
                 .write_obj(*desc, GuestAddress(TABLE + 16 * i as u64))
                 .unwrap();
         }
-        self.add_chain(&[(TABLE, 16 * table.len() as u32, VRING_DESC_F_INDIRECT as u16)])
+        self.q
+            .add_chain(&[(TABLE, 16 * table.len() as u32, VRING_DESC_F_INDIRECT as u16)])
     }
 
     fn header(&self, addr: u64, request_type: u32, sector: u64) {
@@ -225,7 +192,8 @@ impl Harness {
         } else {
             R
         };
-        self.add_chain(&[(hdr, 16, R), (data, len, flags), (status, 1, W)]);
+        self.q
+            .add_chain(&[(hdr, 16, R), (data, len, flags), (status, 1, W)]);
         status
     }
 
@@ -233,7 +201,7 @@ impl Harness {
     fn bare(&mut self, slot: u64, request_type: u32) -> u64 {
         let (hdr, status) = self.slot(slot);
         self.header(hdr, request_type, 0);
-        self.add_chain(&[(hdr, 16, R), (status, 1, W)]);
+        self.q.add_chain(&[(hdr, 16, R), (status, 1, W)]);
         status
     }
 
@@ -243,7 +211,8 @@ impl Harness {
         self.header(hdr, request_type, 0);
         let range = hdr + 0x20;
         self.range(range, sector, count, flags);
-        self.add_chain(&[(hdr, 16, R), (range, 16, R), (status, 1, W)]);
+        self.q
+            .add_chain(&[(hdr, 16, R), (range, 16, R), (status, 1, W)]);
         status
     }
 
@@ -266,27 +235,6 @@ impl Harness {
             self.steps += 1;
             self.block.handle_completion_event().unwrap();
         }
-    }
-
-    fn used_idx(&self) -> u16 {
-        self.vq.used().idx().load()
-    }
-
-    /// The used entries added since the last call, as (head, len).
-    fn take_used(&mut self) -> Vec<(u16, u32)> {
-        let mut out = Vec::new();
-        while self.next_used != self.used_idx() {
-            let elem = self
-                .vq
-                .used()
-                .ring()
-                .ref_at(usize::from(self.next_used % 256))
-                .unwrap()
-                .load();
-            out.push((elem.id() as u16, elem.len()));
-            self.next_used = self.next_used.wrapping_add(1);
-        }
-        out
     }
 
     fn status(&self, addr: u64) -> u8 {
@@ -314,7 +262,7 @@ impl Harness {
     /// Runs one request and returns its (used length, status byte).
     fn complete_one(&mut self, status: u64) -> (u32, u8) {
         self.run();
-        let used = self.take_used();
+        let used = self.q.take_used();
         assert_eq!(used.len(), 1, "expected one used entry, got {used:?}");
         (used[0].1, self.status(status))
     }
@@ -371,14 +319,14 @@ fn read_write_round_trip(engine: IoEngine) {
     // A write scattered over two buffers.
     let (hdr, status) = h.slot(0);
     h.header(hdr, VIRTIO_BLK_T_OUT, 3);
-    let head = h.add_chain(&[
+    let head = h.q.add_chain(&[
         (hdr, 16, R),
         (DATA, 512, R),
         (DATA2, 512, R),
         (status, 1, W),
     ]);
     h.run();
-    assert_eq!(h.take_used(), vec![(head, 1)]);
+    assert_eq!(h.q.take_used(), vec![(head, 1)]);
     assert_eq!(h.status(status), VIRTIO_BLK_S_OK as u8);
     assert_eq!(h.file_bytes(3 * 512, 1024), data);
     // Neighbouring sectors untouched.
@@ -412,7 +360,7 @@ fn batch_completes_with_one_interrupt(engine: IoEngine) {
         statuses.push(h.rw(i, VIRTIO_BLK_T_IN, i * 8, DATA + i * 0x1000, 4096));
     }
     h.run();
-    let used = h.take_used();
+    let used = h.q.take_used();
     assert_eq!(used.len(), 8);
     assert!(used.iter().all(|&(_, len)| len == 4097));
     for (i, status) in statuses.iter().enumerate() {
@@ -432,21 +380,21 @@ fn batch_completes_with_one_interrupt(engine: IoEngine) {
         }
     }
     // Notifications are re-enabled once the ring is drained.
-    let used_flags: u16 = h.mem.read_obj(h.vq.used_addr()).unwrap();
+    let used_flags: u16 = h.mem.read_obj(h.q.vq.used_addr()).unwrap();
     assert_eq!(used_flags, 0);
 }
 
 fn no_interrupt_when_driver_suppresses_them(engine: IoEngine) {
     let mut h = Harness::new(Opts::new(engine));
     h.mem
-        .write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, h.vq.avail_addr())
+        .write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, h.q.vq.avail_addr())
         .unwrap();
     let status = h.rw(0, VIRTIO_BLK_T_IN, 0, DATA, 512);
     assert_eq!(h.complete_one(status), (513, VIRTIO_BLK_S_OK as u8));
     assert_eq!(h.interrupt.vring_count(), 0);
     assert_eq!(h.block.metrics().interrupts.count(), 0);
 
-    h.mem.write_obj(0u16, h.vq.avail_addr()).unwrap();
+    h.mem.write_obj(0u16, h.q.vq.avail_addr()).unwrap();
     let status = h.rw(1, VIRTIO_BLK_T_IN, 0, DATA, 512);
     h.complete_one(status);
     assert!(h.interrupt.vring_count() >= 1);
@@ -479,7 +427,7 @@ fn get_id(engine: IoEngine) {
     h.mem.write_slice(&[0xee; 32], GuestAddress(DATA)).unwrap();
     let (hdr, status) = h.slot(0);
     h.header(hdr, VIRTIO_BLK_T_GET_ID, 0);
-    h.add_chain(&[(hdr, 16, R), (DATA, 20, W), (status, 1, W)]);
+    h.q.add_chain(&[(hdr, 16, R), (DATA, 20, W), (status, 1, W)]);
     assert_eq!(h.complete_one(status), (21, VIRTIO_BLK_S_OK as u8));
     assert_eq!(h.guest_bytes(DATA, 20), b"a-drive-id-longer-th");
     assert_eq!(h.guest_bytes(DATA + 20, 1), [0xee]);
@@ -491,7 +439,7 @@ fn get_id(engine: IoEngine) {
     h.mem.write_slice(&[0xee; 32], GuestAddress(DATA)).unwrap();
     let (hdr, status) = h.slot(0);
     h.header(hdr, VIRTIO_BLK_T_GET_ID, 0);
-    h.add_chain(&[(hdr, 16, R), (DATA, 20, W), (status, 1, W)]);
+    h.q.add_chain(&[(hdr, 16, R), (DATA, 20, W), (status, 1, W)]);
     assert_eq!(h.complete_one(status), (21, VIRTIO_BLK_S_OK as u8));
     let mut expected = b"root".to_vec();
     expected.resize(20, 0);
@@ -598,7 +546,7 @@ fn check_malformed(engine: IoEngine, name: &str, expect: Expect, build: impl FnO
     h.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
     build(&mut h);
     h.run();
-    let used = h.take_used();
+    let used = h.q.take_used();
     assert_eq!(used.len(), 1, "{name}: used entries {used:?}");
     let m = h.block.metrics();
     match expect {
@@ -633,7 +581,7 @@ fn malformed_chains(engine: IoEngine) {
             Box::new(|h| {
                 let (hdr, _) = h.slot(0);
                 h.header(hdr, VIRTIO_BLK_T_FLUSH, 0);
-                h.add_chain(&[(hdr, 16, R)]);
+                h.q.add_chain(&[(hdr, 16, R)]);
             }),
         ),
         (
@@ -642,7 +590,7 @@ fn malformed_chains(engine: IoEngine) {
             Box::new(|h| {
                 let (hdr, status) = h.slot(0);
                 h.header(hdr, VIRTIO_BLK_T_IN, 0);
-                h.add_chain(&[(hdr, 16, R), (DATA, 512, W), (status, 1, R)]);
+                h.q.add_chain(&[(hdr, 16, R), (DATA, 512, W), (status, 1, R)]);
             }),
         ),
         (
@@ -651,7 +599,7 @@ fn malformed_chains(engine: IoEngine) {
             Box::new(|h| {
                 let (hdr, status) = h.slot(0);
                 h.header(hdr, VIRTIO_BLK_T_FLUSH, 0);
-                h.add_chain(&[(hdr, 16, R), (status, 0, W)]);
+                h.q.add_chain(&[(hdr, 16, R), (status, 0, W)]);
             }),
         ),
         (
@@ -660,7 +608,7 @@ fn malformed_chains(engine: IoEngine) {
             Box::new(|h| {
                 let (hdr, _) = h.slot(0);
                 h.header(hdr, VIRTIO_BLK_T_FLUSH, 0);
-                h.add_chain(&[(hdr, 16, R), (MEM_SIZE, 1, W)]);
+                h.q.add_chain(&[(hdr, 16, R), (MEM_SIZE, 1, W)]);
             }),
         ),
         (
@@ -669,7 +617,7 @@ fn malformed_chains(engine: IoEngine) {
             Box::new(|h| {
                 let (hdr, status) = h.slot(0);
                 h.header(hdr, VIRTIO_BLK_T_IN, 0);
-                h.add_chain(&[(hdr, 16, R), (DATA, 512, R), (status, 1, W)]);
+                h.q.add_chain(&[(hdr, 16, R), (DATA, 512, R), (status, 1, W)]);
             }),
         ),
         (
@@ -678,7 +626,7 @@ fn malformed_chains(engine: IoEngine) {
             Box::new(|h| {
                 let (hdr, status) = h.slot(0);
                 h.header(hdr, VIRTIO_BLK_T_OUT, 0);
-                h.add_chain(&[(hdr, 16, R), (DATA, 512, W), (status, 1, W)]);
+                h.q.add_chain(&[(hdr, 16, R), (DATA, 512, W), (status, 1, W)]);
             }),
         ),
         (
@@ -729,7 +677,7 @@ fn malformed_chains(engine: IoEngine) {
                     descs.push((DATA + 512 * i, 512, W));
                 }
                 descs.push((status, 1, W));
-                h.add_chain(&descs);
+                h.q.add_chain(&descs);
             }),
         ),
         (
@@ -751,7 +699,7 @@ fn malformed_chains(engine: IoEngine) {
             ioerr,
             Box::new(|h| {
                 let (_, status) = h.slot(0);
-                h.add_chain(&[(MEM_SIZE + 0x1000, 16, R), (status, 1, W)]);
+                h.q.add_chain(&[(MEM_SIZE + 0x1000, 16, R), (status, 1, W)]);
             }),
         ),
         (
@@ -760,7 +708,7 @@ fn malformed_chains(engine: IoEngine) {
             Box::new(|h| {
                 let (hdr, status) = h.slot(0);
                 h.header(hdr, VIRTIO_BLK_T_FLUSH, 0);
-                h.add_chain(&[(hdr, 8, R), (status, 1, W)]);
+                h.q.add_chain(&[(hdr, 8, R), (status, 1, W)]);
             }),
         ),
         (
@@ -769,7 +717,7 @@ fn malformed_chains(engine: IoEngine) {
             Box::new(|h| {
                 let (hdr, status) = h.slot(0);
                 h.header(hdr, VIRTIO_BLK_T_IN, 0);
-                h.add_chain(&[
+                h.q.add_chain(&[
                     (hdr, 16, R),
                     (DATA, 512, W),
                     (DATA + 512, 512, R),
@@ -790,7 +738,7 @@ fn malformed_chains(engine: IoEngine) {
             Box::new(|h| {
                 let (hdr, status) = h.slot(0);
                 h.header(hdr, VIRTIO_BLK_T_GET_ID, 0);
-                h.add_chain(&[(hdr, 16, R), (DATA, 10, W), (status, 1, W)]);
+                h.q.add_chain(&[(hdr, 16, R), (DATA, 10, W), (status, 1, W)]);
             }),
         ),
         (
@@ -836,7 +784,7 @@ fn malformed_chains(engine: IoEngine) {
                 h.header(hdr, VIRTIO_BLK_T_DISCARD, 0);
                 h.range(DATA, 0, 8, 0);
                 h.range(DATA + 16, 16, 8, 0);
-                h.add_chain(&[(hdr, 16, R), (DATA, 32, R), (status, 1, W)]);
+                h.q.add_chain(&[(hdr, 16, R), (DATA, 32, R), (status, 1, W)]);
             }),
         ),
         (
@@ -845,7 +793,7 @@ fn malformed_chains(engine: IoEngine) {
             Box::new(|h| {
                 let (hdr, status) = h.slot(0);
                 h.header(hdr, VIRTIO_BLK_T_DISCARD, 0);
-                h.add_chain(&[(hdr, 16, R), (DATA, 15, R), (status, 1, W)]);
+                h.q.add_chain(&[(hdr, 16, R), (DATA, 15, R), (status, 1, W)]);
             }),
         ),
         (
@@ -899,21 +847,21 @@ fn malformed_chains(engine: IoEngine) {
                     0,
                 ));
                 h.mem.write_obj(entry, GuestAddress(TABLE)).unwrap();
-                h.add_chain(&[(TABLE, 0xFFFF0, VRING_DESC_F_INDIRECT as u16)]);
+                h.q.add_chain(&[(TABLE, 0xFFFF0, VRING_DESC_F_INDIRECT as u16)]);
             }),
         ),
         (
             "indirect table outside guest memory",
             Expect::Dropped,
             Box::new(|h| {
-                h.add_chain(&[(MEM_SIZE, 64, VRING_DESC_F_INDIRECT as u16)]);
+                h.q.add_chain(&[(MEM_SIZE, 64, VRING_DESC_F_INDIRECT as u16)]);
             }),
         ),
         (
             "indirect table of odd length",
             Expect::Dropped,
             Box::new(|h| {
-                h.add_chain(&[(TABLE, 20, VRING_DESC_F_INDIRECT as u16)]);
+                h.q.add_chain(&[(TABLE, 20, VRING_DESC_F_INDIRECT as u16)]);
             }),
         ),
     ];
@@ -932,14 +880,15 @@ fn descriptor_loop_in_the_ring(engine: IoEngine) {
     // with nothing written (its end, where a status byte would be, is never
     // reached).
     h.mem.write_obj(0x77u8, GuestAddress(status)).unwrap();
-    h.vq.add_desc_chains(
-        &[
-            RawDescriptor::from(SplitDescriptor::new(hdr, 16, next, 1)),
-            RawDescriptor::from(SplitDescriptor::new(status, 1, W | next, 0)),
-        ],
-        0,
-    )
-    .unwrap();
+    h.q.vq
+        .add_desc_chains(
+            &[
+                RawDescriptor::from(SplitDescriptor::new(hdr, 16, next, 1)),
+                RawDescriptor::from(SplitDescriptor::new(status, 1, W | next, 0)),
+            ],
+            0,
+        )
+        .unwrap();
     assert_eq!(h.complete_one(status), (0, 0x77));
 }
 
@@ -965,7 +914,7 @@ fn requests_past_a_malformed_one_still_work(engine: IoEngine) {
     let bad = h.rw(0, VIRTIO_BLK_T_IN, CAPACITY, DATA, 512);
     let good = h.rw(1, VIRTIO_BLK_T_IN, 0, DATA2, 512);
     h.run();
-    let used = h.take_used();
+    let used = h.q.take_used();
     assert_eq!(used.len(), 2);
     assert_eq!(h.status(bad), VIRTIO_BLK_S_IOERR as u8);
     assert_eq!(h.status(good), VIRTIO_BLK_S_OK as u8);
@@ -984,7 +933,7 @@ fn full_engine_throttles_and_resumes(engine: IoEngine) {
         h.rw(i, VIRTIO_BLK_T_IN, i, DATA + 512 * i, 512);
     }
     h.run();
-    assert_eq!(h.take_used().len(), 6);
+    assert_eq!(h.q.take_used().len(), 6);
     for i in 0..6u64 {
         assert_eq!(h.status(STATUS + i), VIRTIO_BLK_S_OK as u8, "read {i}");
         assert_eq!(h.guest_bytes(DATA + 512 * i, 512), pattern(512 * i, 512));
@@ -996,7 +945,7 @@ fn full_engine_throttles_and_resumes(engine: IoEngine) {
         h.bare(i, VIRTIO_BLK_T_FLUSH);
     }
     h.run();
-    assert_eq!(h.take_used().len(), 6);
+    assert_eq!(h.q.take_used().len(), 6);
     for i in 0..6u64 {
         assert_eq!(h.status(STATUS + i), VIRTIO_BLK_S_OK as u8, "flush {i}");
     }
@@ -1008,7 +957,7 @@ fn full_engine_throttles_and_resumes(engine: IoEngine) {
         assert!(m.io_engine_throttled_events.count() >= 2);
     }
     // Notifications were turned back on at the end.
-    let used_flags: u16 = h.mem.read_obj(h.vq.used_addr()).unwrap();
+    let used_flags: u16 = h.mem.read_obj(h.q.vq.used_addr()).unwrap();
     assert_eq!(used_flags, 0);
 }
 
@@ -1033,7 +982,7 @@ fn after_rate_limiter_timer(h: &mut Harness) -> Vec<(u16, u32)> {
     assert_eq!(ready, 1, "the timer never fired");
     h.block.handle_rate_limiter_event().unwrap();
     h.run();
-    h.take_used()
+    h.q.take_used()
 }
 
 fn bandwidth_limit_holds_requests_until_the_timer(engine: IoEngine) {
@@ -1046,14 +995,14 @@ fn bandwidth_limit_holds_requests_until_the_timer(engine: IoEngine) {
         h.rw(i, VIRTIO_BLK_T_IN, i, DATA + 512 * i, 512);
     }
     h.run();
-    let mut used = h.take_used();
+    let mut used = h.q.take_used();
     assert_eq!(used.len(), 2, "the bucket holds two reads");
     assert!(h.block.rate_limiter().is_blocked());
     let m = h.block.metrics().clone();
     assert_eq!(m.rate_limiter_throttled_events.count(), 1);
     // A kick while blocked processes nothing and does not spin.
     h.run();
-    assert!(h.take_used().is_empty());
+    assert!(h.q.take_used().is_empty());
     assert_eq!(m.rate_limiter_throttled_events.count(), 2);
     while used.len() < 4 {
         assert!(start.elapsed() < Duration::from_secs(5));
@@ -1088,7 +1037,7 @@ fn ops_limit_counts_every_request(engine: IoEngine) {
     h.bare(2, VIRTIO_BLK_T_FLUSH);
     h.rw(3, VIRTIO_BLK_T_OUT, 8, DATA, 4096);
     h.run();
-    let mut used = h.take_used();
+    let mut used = h.q.take_used();
     assert_eq!(used.len(), 2);
     while used.len() < 4 {
         assert!(start.elapsed() < Duration::from_secs(5));
@@ -1113,7 +1062,7 @@ fn rate_limiter_updates_apply_live(engine: IoEngine) {
         h.rw(i, VIRTIO_BLK_T_IN, i, DATA + 512 * i, 512);
     }
     h.run();
-    assert_eq!(h.take_used().len(), 1);
+    assert_eq!(h.q.take_used().len(), 1);
     assert!(h.block.rate_limiter().is_blocked());
     // A new, larger bucket: the device goes on at once, not in 10 s.
     let start = Instant::now();
@@ -1140,7 +1089,7 @@ fn rate_limiter_updates_apply_live(engine: IoEngine) {
         h.rw(i, VIRTIO_BLK_T_IN, i, DATA + 512 * i, 512);
     }
     h.run();
-    assert_eq!(h.take_used().len(), 8);
+    assert_eq!(h.q.take_used().len(), 8);
 }
 
 /// An image of `size` bytes whose every byte is `byte`.
@@ -1172,7 +1121,7 @@ fn backing_file_update_changes_capacity_and_interrupts(engine: IoEngine) {
 
     // The request in flight was completed to the driver before the switch.
     assert_eq!(h.block.pending_requests(), 0);
-    assert_eq!(h.take_used().len(), 1);
+    assert_eq!(h.q.take_used().len(), 1);
     assert_eq!(h.status(flush), VIRTIO_BLK_S_OK as u8);
     if engine == IoEngine::Async {
         assert!(h.interrupt.vring_count() > vring_before);
@@ -1285,13 +1234,13 @@ fn random_chains_never_panic(engine: IoEngine) {
             if next() % 4 != 0 {
                 descs.push((status, 1, W));
             }
-            h.add_chain(&descs);
+            h.q.add_chain(&descs);
             added = added.wrapping_add(1);
         }
         h.run();
         // Every chain came back, valid or not.
-        assert_eq!(h.used_idx(), added, "round {round}");
-        h.next_desc = 0;
+        assert_eq!(h.q.used_idx(), added, "round {round}");
+        h.q.rewind_table();
     }
 }
 
@@ -1388,7 +1337,7 @@ fn missing_backing_file_is_a_clear_error() {
 #[test]
 fn activation_needs_exactly_queue_zero() {
     let mut h = Harness::inactive(Opts::new(IoEngine::Sync));
-    let queue = |h: &Harness| -> Queue { h.vq.create_queue().unwrap() };
+    let queue = |h: &Harness| -> Queue { h.q.vq.create_queue().unwrap() };
     let two = vec![
         ActiveQueue {
             index: 0,
@@ -1444,7 +1393,7 @@ fn reset_stops_processing() {
         // A request left in the ring is not touched any more.
         let status = h.rw(1, VIRTIO_BLK_T_IN, 0, DATA2, 512);
         h.block.process_queue().unwrap();
-        assert_eq!(h.take_used(), vec![]);
+        assert_eq!(h.q.take_used(), vec![]);
         assert_eq!(h.status(status), 0xff);
     }
 }
@@ -1592,10 +1541,10 @@ fn through_the_mmio_transport() {
 fn queue_index_past_the_ring_size_is_an_error_not_a_hang() {
     let mut h = Harness::new(Opts::new(IoEngine::Sync));
     // The driver claims 1000 new entries in a 256-entry ring.
-    h.vq.avail().idx().store(1000);
+    h.q.vq.avail().idx().store(1000);
     let err = h.block.process_queue().unwrap_err();
     assert!(matches!(err, Error::Queue(_)), "{err}");
-    assert_eq!(h.take_used(), vec![]);
+    assert_eq!(h.q.take_used(), vec![]);
     assert_eq!(h.block.metrics().event_fails.count(), 1);
 }
 
@@ -1700,7 +1649,7 @@ fn event_idx_suppresses_interrupts_and_publishes_avail_event() {
     let features = h.block.features();
     assert_ne!(features & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
     h.block.ack_features(features);
-    let mut queue: Queue = h.vq.create_queue().unwrap();
+    let mut queue: Queue = h.q.vq.create_queue().unwrap();
     // What the transport does when the driver accepted EVENT_IDX.
     queue.set_event_idx(true);
     h.block
@@ -1716,13 +1665,13 @@ fn event_idx_suppresses_interrupts_and_publishes_avail_event() {
         .unwrap();
     // used_event (after the 256 ring entries of the available ring) = 1:
     // the driver wants an interrupt once the used index passes 1.
-    let used_event = GuestAddress(h.vq.avail_addr().raw_value() + 4 + 2 * 256);
-    let avail_event = GuestAddress(h.vq.used_addr().raw_value() + 4 + 8 * 256);
+    let used_event = GuestAddress(h.q.vq.avail_addr().raw_value() + 4 + 2 * 256);
+    let avail_event = GuestAddress(h.q.vq.used_addr().raw_value() + 4 + 8 * 256);
     h.mem.write_obj(1u16.to_le(), used_event).unwrap();
 
     h.rw(0, VIRTIO_BLK_T_IN, 0, DATA, 512);
     h.block.process_queue().unwrap();
-    assert_eq!(h.take_used().len(), 1);
+    assert_eq!(h.q.take_used().len(), 1);
     // Used index 0 -> 1 does not pass used_event 1: no interrupt.
     assert_eq!(h.interrupt.vring_count(), 0);
     // The device published how far it read: kick me at avail index 1.
@@ -1730,7 +1679,7 @@ fn event_idx_suppresses_interrupts_and_publishes_avail_event() {
 
     h.rw(1, VIRTIO_BLK_T_IN, 0, DATA, 512);
     h.block.process_queue().unwrap();
-    assert_eq!(h.take_used().len(), 1);
+    assert_eq!(h.q.take_used().len(), 1);
     // 1 -> 2 passes used_event 1.
     assert_eq!(h.interrupt.vring_count(), 1);
     assert_eq!(u16::from_le(h.mem.read_obj(avail_event).unwrap()), 2);
@@ -1739,7 +1688,7 @@ fn event_idx_suppresses_interrupts_and_publishes_avail_event() {
 /// Activates `h` with its block device's features as they stand (after a
 /// restore), as the transport does.
 fn activate_as_restored(h: &mut Harness) {
-    let queue: Queue = h.vq.create_queue().unwrap();
+    let queue: Queue = h.q.vq.create_queue().unwrap();
     h.block
         .activate(
             h.mem.clone(),

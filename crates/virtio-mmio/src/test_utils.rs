@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 
 //! Test helpers shared by device crates: a scriptable [`MockDevice`], a
-//! counting [`MockInterrupt`], and register-level driver steps that walk a
-//! transport through the virtio 1.2 §3.1.1 initialization sequence.
+//! counting [`MockInterrupt`], register-level driver steps that walk a
+//! transport through the virtio 1.2 §3.1.1 initialization sequence, and a
+//! [`DriverQueue`] that plays the driver's side of one split queue.
 //!
 //! Compiled for this crate's tests and, for other crates, behind the
 //! `test-utils` feature.
@@ -22,7 +23,11 @@ use virtio_bindings::virtio_mmio::{
     VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_QUEUE_SEL,
     VIRTIO_MMIO_QUEUE_USED_HIGH, VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_STATUS,
 };
-use vm_memory::GuestMemoryMmap;
+use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::transport::MmioTransport;
 use ember_virtio::{ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
@@ -285,4 +290,93 @@ pub fn initialize(transport: &mut MmioTransport, features: u64, queues: &[QueueL
             | VIRTIO_CONFIG_S_DRIVER_OK,
     );
     read_reg(transport, status)
+}
+
+/// `size` bytes of guest memory from address 0, leaked so that a
+/// [`DriverQueue`] (which borrows it) can live as long as the test.
+pub fn leaked_memory(size: usize) -> &'static GuestMemoryMmap {
+    Box::leak(Box::new(
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).expect("test guest memory"),
+    ))
+}
+
+/// The driver's side of one split queue in test memory (virtio-queue's
+/// `MockSplitQueue` underneath): chains go into the descriptor table and
+/// the available ring, used entries come back out.
+pub struct DriverQueue {
+    /// The queue's rings and table; `create_queue` gives the device's side.
+    pub vq: MockSplitQueue<'static, GuestMemoryMmap>,
+    size: u16,
+    next_desc: u16,
+    next_used: u16,
+}
+
+impl DriverQueue {
+    /// A queue of `size` entries placed by `MockSplitQueue` in `mem`.
+    pub fn new(mem: &'static GuestMemoryMmap, size: u16) -> Self {
+        DriverQueue {
+            vq: MockSplitQueue::new(mem, size),
+            size,
+            next_desc: 0,
+            next_used: 0,
+        }
+    }
+
+    /// Adds a chain of `(addr, len, flags)` descriptors (NEXT is added
+    /// between them) to the descriptor table and the available ring;
+    /// returns its head. Descriptors are taken in order, from the start of
+    /// the table again when the chain would not fit.
+    pub fn add_chain(&mut self, descs: &[(u64, u32, u16)]) -> u16 {
+        let n = descs.len() as u16;
+        if self.next_desc + n > self.size {
+            self.next_desc = 0;
+        }
+        let first = self.next_desc;
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, flags))| {
+                let i = i as u16;
+                let (flags, next) = if i + 1 < n {
+                    (flags | VRING_DESC_F_NEXT as u16, first + i + 1)
+                } else {
+                    (flags, 0)
+                };
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+            })
+            .collect();
+        self.vq
+            .add_desc_chains(&raw, first)
+            .expect("the chain fits the descriptor table");
+        self.next_desc += n;
+        first
+    }
+
+    /// Starts the next chain at the first descriptor of the table again
+    /// (for chains the device has used).
+    pub fn rewind_table(&mut self) {
+        self.next_desc = 0;
+    }
+
+    /// The used ring's index.
+    pub fn used_idx(&self) -> u16 {
+        self.vq.used().idx().load()
+    }
+
+    /// The used entries added since the last call, as (head, length).
+    pub fn take_used(&mut self) -> Vec<(u16, u32)> {
+        let mut out = Vec::new();
+        while self.next_used != self.used_idx() {
+            let elem = self
+                .vq
+                .used()
+                .ring()
+                .ref_at(usize::from(self.next_used % self.size))
+                .expect("a used ring entry")
+                .load();
+            out.push((elem.id() as u16, elem.len()));
+            self.next_used = self.next_used.wrapping_add(1);
+        }
+        out
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ember_virtio::{ActivateError, ActiveQueue, Persist, VirtioDevice};
-use ember_virtio_mmio::test_utils::MockInterrupt;
+use ember_virtio_mmio::test_utils::{leaked_memory, DriverQueue, MockInterrupt};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
@@ -35,19 +35,13 @@ const W: u16 = VRING_DESC_F_WRITE as u16;
 
 struct Harness {
     mem: &'static GuestMemoryMmap,
-    vq: MockSplitQueue<'static, GuestMemoryMmap>,
+    q: DriverQueue,
     rng: Entropy,
     interrupt: Arc<MockInterrupt>,
-    next_desc: u16,
-    next_used: u16,
 }
 
 fn new_memory() -> &'static GuestMemoryMmap {
-    // Leaked so that MockSplitQueue (which borrows it) can live in the
-    // harness; a few MiB per test.
-    Box::leak(Box::new(
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap(),
-    ))
+    leaked_memory(MEM_SIZE as usize)
 }
 
 impl Harness {
@@ -62,17 +56,15 @@ impl Harness {
         let mem = new_memory();
         Harness {
             mem,
-            vq: MockSplitQueue::new(mem, 256),
+            q: DriverQueue::new(mem, 256),
             rng: Entropy::new(&EntropyConfig { rate_limiter }).unwrap(),
             interrupt: Arc::new(MockInterrupt::default()),
-            next_desc: 0,
-            next_used: 0,
         }
     }
 
     fn activate(&mut self, features: u64) {
         self.rng.ack_features(features);
-        let queue: Queue = self.vq.create_queue().unwrap();
+        let queue: Queue = self.q.vq.create_queue().unwrap();
         self.rng
             .activate(
                 self.mem.clone(),
@@ -84,49 +76,6 @@ impl Harness {
                 self.interrupt.clone(),
             )
             .unwrap();
-    }
-
-    /// Adds a chain of `(addr, len, flags)` descriptors (NEXT is added) to
-    /// the descriptor table and the available ring; returns its head.
-    fn add_chain(&mut self, descs: &[(u64, u32, u16)]) -> u16 {
-        let n = descs.len() as u16;
-        if self.next_desc + n > 256 {
-            self.next_desc = 0;
-        }
-        let first = self.next_desc;
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, flags))| {
-                let i = i as u16;
-                let (flags, next) = if i + 1 < n {
-                    (flags | VRING_DESC_F_NEXT as u16, first + i + 1)
-                } else {
-                    (flags, 0)
-                };
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
-            })
-            .collect();
-        self.vq.add_desc_chains(&raw, first).unwrap();
-        self.next_desc += n;
-        first
-    }
-
-    /// The used entries added since the last call, as (head, len).
-    fn take_used(&mut self) -> Vec<(u16, u32)> {
-        let mut out = Vec::new();
-        while self.next_used != self.vq.used().idx().load() {
-            let elem = self
-                .vq
-                .used()
-                .ring()
-                .ref_at(usize::from(self.next_used % 256))
-                .unwrap()
-                .load();
-            out.push((elem.id() as u16, elem.len()));
-            self.next_used = self.next_used.wrapping_add(1);
-        }
-        out
     }
 
     fn bytes(&self, addr: u64, len: usize) -> Vec<u8> {
@@ -171,15 +120,15 @@ fn features_type_and_config() {
 #[test]
 fn fills_writable_buffers_with_random_bytes() {
     let mut h = Harness::new(RateLimiterConfig::default());
-    let a = h.add_chain(&[(DATA, 4096, W)]);
+    let a = h.q.add_chain(&[(DATA, 4096, W)]);
     // One request spread over three buffers.
-    let b = h.add_chain(&[
+    let b = h.q.add_chain(&[
         (DATA + 0x1_0000, 100, W),
         (DATA + 0x2_0000, 0, W),
         (DATA + 0x3_0000, 3996, W),
     ]);
     h.rng.process_queue().unwrap();
-    assert_eq!(h.take_used(), [(a, 4096), (b, 4096)]);
+    assert_eq!(h.q.take_used(), [(a, 4096), (b, 4096)]);
     let first = h.bytes(DATA, 4096);
     let second = [
         h.bytes(DATA + 0x1_0000, 100),
@@ -205,12 +154,13 @@ fn fills_writable_buffers_with_random_bytes() {
 fn device_readable_chains_come_back_empty_and_counted() {
     let mut h = Harness::new(RateLimiterConfig::default());
     h.fill(DATA, 8192, 0xaa);
-    let a = h.add_chain(&[(DATA, 64, R)]);
+    let a = h.q.add_chain(&[(DATA, 64, R)]);
     // A writable buffer followed by a readable one: nothing is written.
-    let b = h.add_chain(&[(DATA + 4096, 64, W), (DATA + 4096 + 64, 64, R)]);
-    let c = h.add_chain(&[(DATA + 0x2_0000, 32, W)]);
+    let b =
+        h.q.add_chain(&[(DATA + 4096, 64, W), (DATA + 4096 + 64, 64, R)]);
+    let c = h.q.add_chain(&[(DATA + 0x2_0000, 32, W)]);
     h.rng.process_queue().unwrap();
-    assert_eq!(h.take_used(), [(a, 0), (b, 0), (c, 32)]);
+    assert_eq!(h.q.take_used(), [(a, 0), (b, 0), (c, 32)]);
     assert_eq!(h.bytes(DATA, 8192), vec![0xaa; 8192]);
     let m = h.rng.metrics();
     assert_eq!(m.entropy_event_fails.count(), 2);
@@ -222,11 +172,11 @@ fn device_readable_chains_come_back_empty_and_counted() {
 fn buffers_outside_guest_memory_come_back_empty() {
     let mut h = Harness::new(RateLimiterConfig::default());
     h.fill(DATA, 64, 0x55);
-    let a = h.add_chain(&[(DATA, 64, W), (MEM_SIZE - 16, 32, W)]);
-    let b = h.add_chain(&[(u64::MAX - 8, 64, W)]);
-    let c = h.add_chain(&[(MEM_SIZE + 0x1000, 1, W)]);
+    let a = h.q.add_chain(&[(DATA, 64, W), (MEM_SIZE - 16, 32, W)]);
+    let b = h.q.add_chain(&[(u64::MAX - 8, 64, W)]);
+    let c = h.q.add_chain(&[(MEM_SIZE + 0x1000, 1, W)]);
     h.rng.process_queue().unwrap();
-    assert_eq!(h.take_used(), [(a, 0), (b, 0), (c, 0)]);
+    assert_eq!(h.q.take_used(), [(a, 0), (b, 0), (c, 0)]);
     assert_eq!(h.bytes(DATA, 64), [0x55; 64]);
     assert_eq!(h.rng.metrics().entropy_event_fails.count(), 3);
     assert_eq!(h.rng.metrics().entropy_bytes.count(), 0);
@@ -235,9 +185,9 @@ fn buffers_outside_guest_memory_come_back_empty() {
 #[test]
 fn parse_names_the_offending_descriptor() {
     let mut h = Harness::inactive(RateLimiterConfig::default());
-    h.add_chain(&[(DATA, 8, W), (DATA + 8, 8, R)]);
-    h.add_chain(&[(DATA, 8, W), (MEM_SIZE, 8, W)]);
-    let mut q: Queue = h.vq.create_queue().unwrap();
+    h.q.add_chain(&[(DATA, 8, W), (DATA + 8, 8, R)]);
+    h.q.add_chain(&[(DATA, 8, W), (MEM_SIZE, 8, W)]);
+    let mut q: Queue = h.q.vq.create_queue().unwrap();
     let mut iter = virtio_queue::QueueOwnedT::iter(&mut q, h.mem).unwrap();
     assert_eq!(
         Request::parse(iter.next().unwrap(), h.mem),
@@ -262,9 +212,9 @@ fn requests_are_capped_at_64_kib() {
     let mut h = Harness::new(RateLimiterConfig::default());
     // 32 buffers of 4 KiB: 128 KiB asked for.
     let descs: Vec<(u64, u32, u16)> = (0..32).map(|i| (DATA + 4096 * i, 4096, W)).collect();
-    let head = h.add_chain(&descs);
+    let head = h.q.add_chain(&descs);
     h.rng.process_queue().unwrap();
-    assert_eq!(h.take_used(), [(head, MAX_REQUEST_BYTES)]);
+    assert_eq!(h.q.take_used(), [(head, MAX_REQUEST_BYTES)]);
     let served = h.bytes(DATA, MAX_REQUEST_BYTES as usize);
     assert!(zeroes(&served) < 1024, "{}", zeroes(&served));
     // The second half is untouched.
@@ -281,9 +231,9 @@ fn requests_are_capped_at_64_kib() {
 #[test]
 fn empty_buffers_are_served_with_nothing() {
     let mut h = Harness::new(RateLimiterConfig::default());
-    let head = h.add_chain(&[(DATA, 0, W)]);
+    let head = h.q.add_chain(&[(DATA, 0, W)]);
     h.rng.process_queue().unwrap();
-    assert_eq!(h.take_used(), [(head, 0)]);
+    assert_eq!(h.q.take_used(), [(head, 0)]);
     assert_eq!(h.rng.metrics().entropy_event_fails.count(), 0);
 }
 
@@ -304,20 +254,20 @@ fn indirect_tables_are_followed() {
             .write_obj(*d, GuestAddress(TABLE + 16 * i as u64))
             .unwrap();
     }
-    let head = h.add_chain(&[(TABLE, 32, VRING_DESC_F_INDIRECT as u16)]);
+    let head = h.q.add_chain(&[(TABLE, 32, VRING_DESC_F_INDIRECT as u16)]);
     h.rng.process_queue().unwrap();
-    assert_eq!(h.take_used(), [(head, 32)]);
+    assert_eq!(h.q.take_used(), [(head, 32)]);
 }
 
 #[test]
 fn no_interrupt_when_the_driver_suppresses_them() {
     let mut h = Harness::new(RateLimiterConfig::default());
     h.mem
-        .write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, h.vq.avail_addr())
+        .write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, h.q.vq.avail_addr())
         .unwrap();
-    h.add_chain(&[(DATA, 16, W)]);
+    h.q.add_chain(&[(DATA, 16, W)]);
     h.rng.process_queue().unwrap();
-    assert_eq!(h.take_used().len(), 1);
+    assert_eq!(h.q.take_used().len(), 1);
     assert_eq!(h.interrupt.vring_count(), 0);
 }
 
@@ -333,7 +283,7 @@ fn after_rate_limiter_timer(h: &mut Harness) -> Vec<(u16, u32)> {
     let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
     assert_eq!(ready, 1, "the timer never fired");
     h.rng.handle_rate_limiter_event().unwrap();
-    h.take_used()
+    h.q.take_used()
 }
 
 #[test]
@@ -345,17 +295,17 @@ fn bandwidth_limit_holds_requests_until_the_timer() {
     });
     let start = Instant::now();
     let heads: Vec<u16> = (0..4)
-        .map(|i| h.add_chain(&[(DATA + 4096 * i, 4096, W)]))
+        .map(|i| h.q.add_chain(&[(DATA + 4096 * i, 4096, W)]))
         .collect();
     h.rng.process_queue().unwrap();
-    let mut used = h.take_used();
+    let mut used = h.q.take_used();
     assert_eq!(used, [(heads[0], 4096)], "the bucket holds one request");
     assert!(h.rng.rate_limiter().is_blocked());
     let m = h.rng.metrics().clone();
     assert_eq!(m.entropy_rate_limiter_throttled.count(), 1);
     // A kick while blocked serves nothing.
     h.rng.handle_queue_event().unwrap();
-    assert!(h.take_used().is_empty());
+    assert!(h.q.take_used().is_empty());
     while used.len() < 4 {
         assert!(start.elapsed() < Duration::from_secs(5));
         used.extend(after_rate_limiter_timer(&mut h));
@@ -387,11 +337,11 @@ fn ops_limit_counts_every_request() {
         ops: bucket(2, 100),
     });
     let start = Instant::now();
-    h.add_chain(&[(DATA, 0, W)]);
-    h.add_chain(&[(DATA, 8, W)]);
-    h.add_chain(&[(DATA + 8, 8, W)]);
+    h.q.add_chain(&[(DATA, 0, W)]);
+    h.q.add_chain(&[(DATA, 8, W)]);
+    h.q.add_chain(&[(DATA + 8, 8, W)]);
     h.rng.process_queue().unwrap();
-    let mut used = h.take_used();
+    let mut used = h.q.take_used();
     assert_eq!(used.len(), 2);
     while used.len() < 3 {
         assert!(start.elapsed() < Duration::from_secs(5));
@@ -432,30 +382,28 @@ fn activation_is_guarded() {
     );
     assert_eq!(h.rng.metrics().activate_fails.count(), 2);
     // After a reset the device serves a new queue.
-    h.vq = MockSplitQueue::new(h.mem, 256);
-    h.next_desc = 0;
-    h.next_used = 0;
+    h.q = DriverQueue::new(h.mem, 256);
     h.activate(1 << VIRTIO_F_VERSION_1);
-    let head = h.add_chain(&[(DATA, 8, W)]);
+    let head = h.q.add_chain(&[(DATA, 8, W)]);
     h.rng.process_queue().unwrap();
-    assert_eq!(h.take_used(), [(head, 8)]);
+    assert_eq!(h.q.take_used(), [(head, 8)]);
 }
 
 #[test]
 fn queue_is_left_alone_before_activation() {
     let mut h = Harness::inactive(RateLimiterConfig::default());
-    h.add_chain(&[(DATA, 8, W)]);
+    h.q.add_chain(&[(DATA, 8, W)]);
     h.rng.process_queue().unwrap();
-    assert_eq!(h.vq.used().idx().load(), 0);
+    assert_eq!(h.q.vq.used().idx().load(), 0);
 }
 
 #[test]
 fn published_count_larger_than_the_queue_is_an_error() {
     let mut h = Harness::new(RateLimiterConfig::default());
-    h.add_chain(&[(DATA, 8, W)]);
-    h.vq.avail().idx().store(1000);
+    h.q.add_chain(&[(DATA, 8, W)]);
+    h.q.vq.avail().idx().store(1000);
     assert!(h.rng.process_queue().is_err());
-    assert_eq!(h.vq.used().idx().load(), 0);
+    assert_eq!(h.q.vq.used().idx().load(), 0);
     assert_eq!(h.rng.metrics().entropy_event_fails.count(), 1);
 }
 
@@ -532,7 +480,8 @@ fn random_chains_never_panic() {
             let len = (r >> 32) as u32 % 0x2_0000;
             let flags = (r >> 16) as u16 & 0x7;
             let next_idx = (r >> 48) as u16 % 20;
-            h.vq.desc_table()
+            h.q.vq
+                .desc_table()
                 .store(
                     i,
                     RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next_idx)),
@@ -540,15 +489,16 @@ fn random_chains_never_panic() {
                 .unwrap();
         }
         for i in 0..8u16 {
-            h.vq.avail()
+            h.q.vq
+                .avail()
                 .ring()
                 .ref_at(usize::from(i))
                 .unwrap()
                 .store(u16::to_le((next() % 20) as u16));
         }
-        h.vq.avail().idx().store(8);
+        h.q.vq.avail().idx().store(8);
         let _ = h.rng.process_queue();
-        let used = h.take_used();
+        let used = h.q.take_used();
         assert!(used.len() <= 8);
         assert!(used.iter().all(|u| u.1 <= MAX_REQUEST_BYTES));
     }
@@ -635,7 +585,7 @@ fn event_idx_suppresses_interrupts_and_publishes_avail_event() {
     assert_ne!(features & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
     // The transport sets the queue's event index mode from the features.
     h.rng.ack_features(features);
-    let mut queue: Queue = h.vq.create_queue().unwrap();
+    let mut queue: Queue = h.q.vq.create_queue().unwrap();
     virtio_queue::QueueT::set_event_idx(&mut queue, true);
     h.rng
         .activate(
@@ -650,19 +600,19 @@ fn event_idx_suppresses_interrupts_and_publishes_avail_event() {
         .unwrap();
     // used_event (after the available ring's 256 entries): interrupt only
     // once the used index passes 2.
-    let used_event = GuestAddress(h.vq.avail_addr().0 + 4 + 2 * 256);
+    let used_event = GuestAddress(h.q.vq.avail_addr().0 + 4 + 2 * 256);
     h.mem.write_obj(2u16.to_le(), used_event).unwrap();
-    h.add_chain(&[(DATA, 8, W)]);
+    h.q.add_chain(&[(DATA, 8, W)]);
     h.rng.process_queue().unwrap();
-    assert_eq!(h.take_used().len(), 1);
+    assert_eq!(h.q.take_used().len(), 1);
     assert_eq!(h.interrupt.vring_count(), 0);
     // avail_event (after the used ring's 256 entries) asks for the next
     // kick at the next entry.
-    let avail_event = GuestAddress(h.vq.used_addr().0 + 4 + 8 * 256);
+    let avail_event = GuestAddress(h.q.vq.used_addr().0 + 4 + 8 * 256);
     assert_eq!(u16::from_le(h.mem.read_obj(avail_event).unwrap()), 1);
-    h.add_chain(&[(DATA, 8, W)]);
-    h.add_chain(&[(DATA, 8, W)]);
+    h.q.add_chain(&[(DATA, 8, W)]);
+    h.q.add_chain(&[(DATA, 8, W)]);
     h.rng.process_queue().unwrap();
-    assert_eq!(h.take_used().len(), 2);
+    assert_eq!(h.q.take_used().len(), 2);
     assert_eq!(h.interrupt.vring_count(), 1);
 }
