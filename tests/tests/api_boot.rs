@@ -350,9 +350,7 @@ fn a_socket_path_in_use_is_refused_with_a_clear_error() {
 }
 
 fn sigterm(vm: &ApiVm) {
-    let pid = libc::pid_t::try_from(vm.pid()).unwrap();
-    // SAFETY: kill(2) has no memory effects; the pid is our unreaped child.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    signal(vm, libc::SIGTERM);
 }
 
 #[test]
@@ -373,36 +371,13 @@ fn sigterm_while_running_stops_the_vm_and_writes_the_last_metrics() {
     use std::os::unix::process::ExitStatusExt;
 
     let dir = tempfile::tempdir().unwrap();
-    let metrics = dir.path().join("metrics.json");
-    let mut vm = ApiVm::spawn::<&str>(&[]).unwrap();
+    let (vm, _api, metrics) = running_with_metrics(dir.path());
     let socket = vm.socket().to_path_buf();
-    let mut api = vm.client().unwrap();
-    ok(
-        &mut api,
-        "PUT",
-        "/metrics",
-        &json!({"metrics_path": metrics}),
-    );
-    ok(
-        &mut api,
-        "PUT",
-        "/boot-source",
-        &json!({"kernel_image_path": guest_path("counter")}),
-    );
-    ok(
-        &mut api,
-        "PUT",
-        "/actions",
-        &json!({"action_type": "InstanceStart"}),
-    );
-    vm.wait_for_output(|o| o.contains("count 20\n"), EXIT_TIMEOUT)
-        .unwrap();
     sigterm(&vm);
     let out = vm.wait(EXIT_TIMEOUT).unwrap();
     assert_eq!(out.status.signal(), Some(libc::SIGTERM), "{out:?}");
     assert!(!socket.exists(), "{} left behind", socket.display());
-    let lines = fs::read_to_string(&metrics).unwrap();
-    let last: Value = serde_json::from_str(lines.lines().last().unwrap()).unwrap();
+    let last = last_metrics(&metrics);
     assert!(last["uart"]["write_count"].as_u64().unwrap() > 0, "{last}");
 }
 
