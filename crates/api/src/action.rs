@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use ember_config::{
-    BootSource, Drive, Entropy, HugePages, Logger, MachineConfig, Metrics, NetworkInterface,
-    RateLimiter, Serial, VmConfig, Vsock,
+    BootSource, Drive, Entropy, HugePages, Logger, MachineConfig, Metrics, MmdsConfig,
+    NetworkInterface, RateLimiter, Serial, VmConfig, Vsock,
 };
 
 /// The `app_name` of `GET /`.
@@ -55,6 +55,14 @@ pub enum VmmAction {
     PutVsock(Vsock),
     /// `PUT /entropy`: adds the entropy device, or replaces its settings.
     PutEntropy(Entropy),
+    /// `GET /mmds`: the metadata store.
+    GetMmds,
+    /// `PUT /mmds`: replaces the metadata store.
+    PutMmds(serde_json::Value),
+    /// `PATCH /mmds`: merges into the metadata store (RFC 7396).
+    PatchMmds(serde_json::Value),
+    /// `PUT /mmds/config`: the service's version, address and interfaces.
+    PutMmdsConfig(MmdsConfig),
     /// `PUT /logger`.
     PutLogger(Logger),
     /// `PUT /metrics`.
@@ -86,6 +94,7 @@ impl VmmAction {
                 | VmmAction::GetVersion
                 | VmmAction::GetVmConfig
                 | VmmAction::GetMachineConfig
+                | VmmAction::GetMmds
         )
     }
 }
@@ -321,6 +330,8 @@ pub enum VmmData {
     VmConfig(VmConfig),
     /// `GET /machine-config`.
     MachineConfig(MachineConfig),
+    /// `GET /mmds`: the store (`{}` when empty).
+    MmdsValue(serde_json::Value),
 }
 
 /// A failed request: an HTTP status and the `fault_message` of Firecracker's
