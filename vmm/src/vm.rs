@@ -193,6 +193,13 @@ fn assemble(
         devices.attach_net(&vm_fd, iface)?;
     }
     if let Some(mmds) = &config.mmds_config {
+        // The configuration file's version and compatibility mode (the API
+        // set them already).
+        {
+            let mut store = opts.mmds.lock().unwrap_or_else(|e| e.into_inner());
+            store.set_version(mmds.version);
+            store.set_imds_compat(mmds.imds_compat);
+        }
         for n in devices.nets() {
             if mmds.network_interfaces.contains(&n.id) {
                 n.net
