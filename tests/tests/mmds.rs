@@ -154,3 +154,139 @@ fn imds_compat_answers_text_whatever_the_accept_header() {
     assert_eq!(answer(&out, "get"), (200, "ami-12345678"));
     assert_eq!(answer(&out, "get-json"), (200, "ami-12345678"));
 }
+
+mod api {
+    use ember_tests::api::ApiVm;
+    use ember_tests::guest_path;
+    use serde_json::json;
+
+    #[test]
+    fn the_api_configures_and_fills_the_store_before_boot() {
+        let vm = ApiVm::spawn(&["--id", "mmds-api", "--mmds-size-limit", "64"]).unwrap();
+        let mut api = vm.client().unwrap();
+        // Firecracker's answer before anything: an empty store.
+        let r = api.get("/mmds").unwrap();
+        assert_eq!((r.status, r.json()), (200, json!({})));
+        let r = api
+            .put("/mmds/config", &json!({"network_interfaces": ["eth0"]}))
+            .unwrap();
+        assert_eq!(r.status, 400);
+        assert_eq!(
+            r.fault_message(),
+            "MMMDS config error: The list of network interface IDs provided contains at least one ID that does not correspond to any existing network interface."
+        );
+        let r = api.patch("/mmds", &json!({"a": 1})).unwrap();
+        assert_eq!(
+            (r.status, r.fault_message().as_str()),
+            (400, "MMDS error: The MMDS data store is not initialized.")
+        );
+        let r = api
+            .put(
+                "/network-interfaces/eth0",
+                &json!({"iface_id": "eth0", "host_dev_name": "embmapi0"}),
+            )
+            .unwrap();
+        assert_eq!(r.status, 204, "{}", r.body);
+        let r = api
+            .put(
+                "/mmds/config",
+                &json!({"version": "V2", "network_interfaces": ["eth0"], "ipv4_address": "169.254.0.9"}),
+            )
+            .unwrap();
+        assert_eq!(
+            (r.status, r.fault_message().as_str()),
+            (
+                400,
+                "MMMDS config error: The MMDS IPv4 address is not link local."
+            )
+        );
+        let r = api
+            .put(
+                "/mmds/config",
+                &json!({"version": "V2", "network_interfaces": ["eth0"]}),
+            )
+            .unwrap();
+        assert_eq!(r.status, 204, "{}", r.body);
+        let config = api.get("/vm/config").unwrap().json();
+        assert_eq!(
+            config["mmds-config"],
+            json!({"version": "V2", "network_interfaces": ["eth0"],
+                   "ipv4_address": "169.254.169.254", "imds_compat": false})
+        );
+        assert_eq!(
+            api.put("/mmds", &json!({"a": {"b": "c"}})).unwrap().status,
+            204
+        );
+        assert_eq!(
+            api.patch("/mmds", &json!({"a": {"d": "e"}}))
+                .unwrap()
+                .status,
+            204
+        );
+        let r = api.get("/mmds").unwrap();
+        assert_eq!(r.json(), json!({"a": {"b": "c", "d": "e"}}));
+        // Over --mmds-size-limit: 413, and the store is unchanged.
+        let r = api.patch("/mmds", &json!({"big": "x".repeat(64)})).unwrap();
+        assert_eq!(
+            (r.status, r.fault_message().as_str()),
+            (
+                413,
+                "MMDS limit exceeded error: The MMDS patch request doesn't fit."
+            )
+        );
+        assert_eq!(
+            api.get("/mmds").unwrap().json(),
+            json!({"a": {"b": "c", "d": "e"}})
+        );
+        vm.kill();
+    }
+
+    #[test]
+    fn after_boot_the_store_is_served_only_if_mmds_was_set_up() {
+        let boot = |args: &[&str]| {
+            let vm = ApiVm::spawn(args).unwrap();
+            let mut api = vm.client().unwrap();
+            let r = api
+                .put(
+                    "/boot-source",
+                    &json!({"kernel_image_path": guest_path("counter"), "boot_args": "console=ttyS0"}),
+                )
+                .unwrap();
+            assert_eq!(r.status, 204);
+            let r = api
+                .put("/actions", &json!({"action_type": "InstanceStart"}))
+                .unwrap();
+            assert_eq!(r.status, 204, "{}", r.body);
+            (vm, api)
+        };
+        let (vm, mut api) = boot(&["--id", "mmds-none"]);
+        let r = api.get("/mmds").unwrap();
+        assert_eq!(
+            (r.status, r.fault_message().as_str()),
+            (400, "MMDS error: The MMDS data store is not initialized.")
+        );
+        assert_eq!(
+            api.put("/mmds/config", &json!({"network_interfaces": []}))
+                .unwrap()
+                .status,
+            400
+        );
+        vm.kill();
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        std::fs::write(&path, r#"{"k": "v"}"#).unwrap();
+        let (vm, mut api) = boot(&["--id", "mmds-file", "--metadata", path.to_str().unwrap()]);
+        assert_eq!(api.get("/mmds").unwrap().json(), json!({"k": "v"}));
+        assert_eq!(
+            api.patch("/mmds", &json!({"k": null, "n": 1}))
+                .unwrap()
+                .status,
+            204
+        );
+        assert_eq!(api.get("/mmds").unwrap().json(), json!({"n": 1}));
+        assert_eq!(api.put("/mmds", &json!({"m": 2})).unwrap().status, 204);
+        assert_eq!(api.get("/mmds").unwrap().json(), json!({"m": 2}));
+        vm.kill();
+    }
+}
