@@ -52,6 +52,8 @@ fn run_once(binary: &Path, metadata: &Path, requests: u64) -> Option<(u64, f64)>
             "boot-source": {"boot_args": format!(
                 "console=ttyS0 net.ip=10.201.0.2 net.host_ip={HOST_IP} mmds.bench={requests}"
             )},
+            // Firecracker's parser needs the list.
+            "drives": [],
             "network-interfaces": [{"iface_id": "eth0", "host_dev_name": TAP, "guest_mac": "06:00:0a:c9:00:02"}],
             "mmds-config": {"version": "V1", "network_interfaces": ["eth0"]},
         }),
