@@ -2180,3 +2180,38 @@ fn mmds_frames_are_not_charged_to_the_transmit_limiter() {
     assert_eq!(metrics.rx_accepted.count(), 3);
     assert_eq!(net.metrics().tx_rate_limiter_throttled.count(), 0);
 }
+
+#[test]
+fn mmds_answers_go_through_the_receive_limiter() {
+    isolate_network();
+    let mut cfg = config(&tap_name(), Some(GUEST_MAC), None);
+    // One frame for the guest, then nothing for a long time.
+    cfg.rx_rate_limiter = RateLimiterConfig {
+        bandwidth: None,
+        ops: Some(BucketSpec {
+            size: 1,
+            one_time_burst: 0,
+            refill_time_ms: 1_000_000,
+        }),
+    };
+    let mut net = Net::new(cfg).expect("device");
+    let metrics = Arc::new(ember_mmds::MmdsMetrics::default());
+    net.set_mmds_stack(Some(ember_mmds::MmdsNetworkStack::new(
+        None,
+        Arc::new(Mutex::new(ember_mmds::Mmds::default())),
+        metrics.clone(),
+    )));
+    let mut guest = Guest::new(SMALL_QUEUE);
+    activate(&mut net, &guest, BASE_FEATURES);
+    for _ in 0..4 {
+        guest.post_rx(&[2048]);
+    }
+    guest.send(&mmds_arp_request());
+    guest.send(&mmds_syn());
+    net.handle_tx_queue_event();
+    // The ARP reply got the one token; the SYN-ACK waits for the limiter.
+    assert_eq!(guest.take_used(Q::Rx).len(), 1);
+    assert!(net.metrics().rx_rate_limiter_throttled.count() > 0);
+    assert_eq!(metrics.rx_accepted.count(), 2);
+    assert_eq!(net.metrics().rx_packets_count.count(), 1);
+}
