@@ -20,6 +20,7 @@ const GUESTS: &[&str] = &[
     "emulation_failure",
     "virtio_blk",
     "virtio_net",
+    "virtio_mmds",
     "virtio_vsock",
     "virtio_rng",
     "counter",

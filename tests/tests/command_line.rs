@@ -138,14 +138,6 @@ fn assert_refused(args: &[&str], needles: &[&str]) {
 }
 
 #[test]
-fn metadata_is_refused_naming_mmds() {
-    assert_refused(
-        &["--no-api", "--metadata", "/srv/metadata.json"],
-        &["--metadata", "/srv/metadata.json", "MMDS", "not supported"],
-    );
-}
-
-#[test]
 fn enable_pci_is_refused_naming_virtio_mmio() {
     assert_refused(&["--enable-pci"], &["--enable-pci", "PCI", "virtio-mmio"]);
 }
@@ -196,23 +188,44 @@ fn every_firecracker_flag_is_known() {
 }
 
 #[test]
-fn mmds_size_limit_is_accepted_and_said_to_bound_nothing() {
+fn metadata_fills_the_store_within_the_mmds_size_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("vmm.log");
-    fs::write(&log, "").unwrap();
+    let metadata = dir.path().join("metadata.json");
+    fs::write(
+        &metadata,
+        r#"{"latest": {"meta-data": {"instance-id": "i-0123456789abcdef"}}}"#,
+    )
+    .unwrap();
+    let launch = |limit: &str| {
+        Launch::new(&default_config(&guest_path("hello")))
+            .arg("--metadata")
+            .arg(&metadata)
+            .arg("--mmds-size-limit")
+            .arg(limit)
+            .run()
+            .unwrap()
+    };
+    // The serialized store is 61 bytes.
+    let out = launch("60");
+    assert_eq!(out.status.code(), Some(152), "{out}");
+    assert!(
+        out.stderr.contains("The MMDS patch request doesn't fit."),
+        "{out}"
+    );
+    let out = launch("61");
+    assert!(out.status.success(), "{out}");
+}
+
+#[test]
+fn metadata_that_is_not_json_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let metadata = dir.path().join("metadata.json");
+    fs::write(&metadata, "{not json").unwrap();
     let out = Launch::new(&default_config(&guest_path("hello")))
-        .arg("--mmds-size-limit")
-        .arg("4096")
-        .arg("--level")
-        .arg("Info")
-        .arg("--log-path")
-        .arg(&log)
+        .arg("--metadata")
+        .arg(&metadata)
         .run()
         .unwrap();
-    assert!(out.status.success(), "{out}");
-    let log = fs::read_to_string(&log).unwrap();
-    assert!(
-        log.contains("--mmds-size-limit 4096: Ember has no MMDS data store to bound"),
-        "{log}"
-    );
+    assert_eq!(out.status.code(), Some(152), "{out}");
+    assert!(out.stderr.contains("not valid json"), "{out}");
 }

@@ -5,7 +5,7 @@
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use clap::Parser;
@@ -15,12 +15,13 @@ use ember::socket_reaper::SocketReaper;
 use ember::{terminal, vm};
 use ember_api::{
     start_api_server_with, ApiError, ApiServerHandle, PrebootApiController, PrebootOutcome,
-    Responder, ServerOptions, VmmAction, FIRECRACKER_API_VERSION,
+    Responder, ServerOptions, SharedMmds, VmmAction, FIRECRACKER_API_VERSION,
 };
 use ember_config::{self as config, LogLevel, VmConfig};
 use ember_devices::boot_timer;
 use ember_logger::logger;
 use ember_logger::metrics::{MetricWriter, Metrics};
+use ember_mmds::{Mmds, MmdsMetrics};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Exit codes, Firecracker's values.
@@ -155,11 +156,11 @@ struct Cli {
     /// Largest API request body in bytes.
     #[arg(long, default_value_t = 51_200)]
     http_api_max_payload_size: usize,
-    /// Largest MMDS data store in bytes (Ember has no MMDS: nothing to
-    /// bound).
+    /// Largest MMDS data store in bytes, serialized (default: the
+    /// `--http-api-max-payload-size`, as in Firecracker).
     #[arg(long)]
     mmds_size_limit: Option<usize>,
-    /// JSON file of MMDS metadata: refused, Ember has no MMDS yet.
+    /// JSON file loaded into the MMDS data store at start.
     #[arg(long, value_name = "FILE")]
     metadata: Option<PathBuf>,
     /// Virtio devices on PCI: refused, Ember's virtio transport is
@@ -172,6 +173,27 @@ struct Cli {
     /// Print the format version of the snapshot state file FILE, and exit.
     #[arg(long, value_name = "FILE")]
     describe_snapshot: Option<PathBuf>,
+}
+
+/// The metadata store, bounded by `--mmds-size-limit` (default: the API's
+/// payload limit, as in Firecracker) and filled from `--metadata`.
+fn mmds_store(cli: &Cli) -> Result<SharedMmds, String> {
+    let limit = cli.mmds_size_limit.unwrap_or(cli.http_api_max_payload_size);
+    let mut mmds = Mmds::new(limit);
+    if let Some(path) = &cli.metadata {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--metadata {}: {e}", path.display()))?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            format!(
+                "--metadata {}: MMDS error: metadata provided not valid json: {e}",
+                path.display()
+            )
+        })?;
+        mmds.put_data(value)
+            .map_err(|e| format!("--metadata {}: MMDS error: {e}", path.display()))?;
+        log::info!("Successfully added metadata to mmds from file");
+    }
+    Ok(Arc::new(Mutex::new(mmds)))
 }
 
 /// `--snapshot-version` and `--describe-snapshot`: what Firecracker
@@ -205,12 +227,6 @@ impl Cli {
     /// Firecracker flags Ember knows but cannot honour, and flag
     /// combinations Firecracker's parser refuses: the one-line reason.
     fn refusal(&self) -> Option<String> {
-        if let Some(path) = &self.metadata {
-            return Some(format!(
-                "--metadata {}: MMDS (the microVM metadata service) is not supported by Ember",
-                path.display()
-            ));
-        }
         if self.enable_pci {
             return Some(
                 "--enable-pci: PCI is not supported by Ember, whose virtio devices use virtio-mmio"
@@ -433,9 +449,10 @@ fn run(personality: Personality) -> u8 {
         return fail(exit_code::BAD_CONFIGURATION, e);
     }
     log::info!("{}", personality.start_line());
-    if let Some(limit) = cli.mmds_size_limit {
-        log::info!("--mmds-size-limit {limit}: Ember has no MMDS data store to bound");
-    }
+    let mmds = match mmds_store(&cli) {
+        Ok(store) => store,
+        Err(e) => return fail(exit_code::BAD_CONFIGURATION, e),
+    };
     // Firecracker ignores them without a word; a typo deserves one.
     for key in config.iter().flat_map(|c| &c.unknown_keys) {
         log::warn!("config file: unknown top-level key `{key}` ignored");
@@ -531,7 +548,10 @@ fn run(personality: Personality) -> u8 {
         boot_timer: cli.boot_timer,
         start: Some(start),
         start_cpu_us: cli.start_time_cpu_us.unwrap_or(start_cpu_us),
+        mmds,
+        mmds_metrics: Arc::new(MmdsMetrics::default()),
     };
+    metrics.register("mmds", run_opts.mmds_metrics.clone());
     let (vm, start_responder) = match (config, &api) {
         (Some(config), _) => match vm::Vm::build(&config, &run_opts) {
             Ok(vm) => (vm, None),
@@ -674,7 +694,7 @@ fn serve_until_start(
     metrics: &Metrics,
     run_opts: &vm::RunOptions,
 ) -> PreBoot {
-    let mut controller = PrebootApiController::new(id, metrics);
+    let mut controller = PrebootApiController::new(id, metrics).with_mmds(run_opts.mmds.clone());
     loop {
         let (action, responder) = match next_request(api, stop) {
             Ok(request) => request,
@@ -787,11 +807,7 @@ mod tests {
             argv.extend_from_slice(args);
             Cli::try_parse_from(argv).unwrap().refusal()
         };
-        let r = refusal(&["--metadata", "/m.json"]).unwrap();
-        assert!(
-            r.contains("--metadata /m.json") && r.contains("MMDS"),
-            "{r}"
-        );
+        assert_eq!(refusal(&["--metadata", "/m.json"]), None);
         let r = refusal(&["--enable-pci"]).unwrap();
         assert!(
             r.contains("--enable-pci") && r.contains("virtio-mmio"),

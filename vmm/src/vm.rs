@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ember_api::{
-    ApiError, ApiServerHandle, Responder, RuntimeApiController, RuntimeVm, SnapshotCreateParams,
-    SnapshotLoadParams, VmActionError, VmmData,
+    ApiError, ApiServerHandle, Responder, RuntimeApiController, RuntimeVm, SharedMmds,
+    SnapshotCreateParams, SnapshotLoadParams, VmActionError, VmmData,
 };
 use ember_boot::{KernelEntry, VirtioMmioDeviceInfo};
 use ember_config::{drives_in_attach_order, VmConfig};
@@ -22,6 +22,7 @@ use ember_cpu_template::{CustomCpuTemplate, HostCpu, KvmCapability, StaticTempla
 use ember_devices::{Devices, I8042};
 use ember_legacy_devices::serial::SerialDeviceState;
 use ember_logger::metrics::Metrics;
+use ember_mmds::{MmdsMetrics, MmdsNetworkStack};
 use ember_rate_limiter::TokenBucket;
 use ember_vcpu::{ExitReason, Vcpu, VcpuConfig, VcpuHandle, VmControl};
 use ember_virtio_blk::{Block, BucketSpec, BucketUpdate};
@@ -113,6 +114,11 @@ pub struct RunOptions {
     pub start: Option<Instant>,
     /// Process CPU time at start, microseconds.
     pub start_cpu_us: u64,
+    /// The metadata store the interfaces of `mmds-config` answer from, and
+    /// that `/mmds` reads and writes.
+    pub mmds: SharedMmds,
+    /// The metadata service's counters (the `mmds` metrics group).
+    pub mmds_metrics: Arc<MmdsMetrics>,
 }
 
 /// What serves a VM while it runs, besides its devices.
@@ -152,6 +158,8 @@ pub struct Vm {
     config: VmConfig,
     /// Restored from a snapshot without `resume_vm`.
     start_paused: bool,
+    /// The metadata store, for `/mmds` while the VM runs.
+    mmds: SharedMmds,
     /// Kept open for the VM's lifetime: the userfaultfd that serves guest
     /// memory (Uffd memory backend).
     _uffd: Option<crate::uffd::UffdBackend>,
@@ -237,6 +245,27 @@ fn assemble(
     }
     for iface in &config.network_interfaces {
         devices.attach_net(&vm_fd, iface)?;
+    }
+    if let Some(mmds) = &config.mmds_config {
+        // The configuration file's version and compatibility mode (the API
+        // set them already).
+        {
+            let mut store = opts.mmds.lock().unwrap_or_else(|e| e.into_inner());
+            store.set_version(mmds.version);
+            store.set_imds_compat(mmds.imds_compat);
+        }
+        for n in devices.nets() {
+            if mmds.network_interfaces.contains(&n.id) {
+                n.net
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .set_mmds_stack(Some(MmdsNetworkStack::new(
+                        Some(mmds.ipv4_addr()),
+                        opts.mmds.clone(),
+                        opts.mmds_metrics.clone(),
+                    )));
+            }
+        }
     }
     if let Some(vsock) = &config.vsock {
         devices.attach_vsock(&vm_fd, vsock)?;
@@ -416,6 +445,7 @@ impl Vm {
             vcpus,
             config: config.clone(),
             start_paused: false,
+            mmds: opts.mmds.clone(),
             _uffd: None,
         })
     }
@@ -461,6 +491,7 @@ impl Vm {
             vcpus,
             config,
             start_paused: !params.resume_vm,
+            mmds: opts.mmds.clone(),
             _uffd: uffd,
         })
     }
@@ -596,7 +627,8 @@ impl Vm {
                 self.config.clone(),
                 running,
                 ctx.metrics.clone(),
-            );
+            )
+            .with_mmds(self.mmds.clone());
             if self.start_paused {
                 controller = controller.paused();
             }

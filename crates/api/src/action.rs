@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use ember_config::{
     BootSource, CustomCpuTemplate, Drive, Entropy, HugePages, Logger, MachineConfig, Metrics,
-    NetworkInterface, RateLimiter, Serial, StaticCpuTemplate, VmConfig, Vsock,
+    MmdsConfig, NetworkInterface, RateLimiter, Serial, StaticCpuTemplate, VmConfig, Vsock,
 };
 
 /// The `app_name` of `GET /`.
@@ -58,6 +58,14 @@ pub enum VmmAction {
     /// `PUT /cpu-config`: a custom CPU template, replacing any template set
     /// before (static or custom).
     PutCpuConfig(CustomCpuTemplate),
+    /// `GET /mmds`: the metadata store.
+    GetMmds,
+    /// `PUT /mmds`: replaces the metadata store.
+    PutMmds(serde_json::Value),
+    /// `PATCH /mmds`: merges into the metadata store (RFC 7396).
+    PatchMmds(serde_json::Value),
+    /// `PUT /mmds/config`: the service's version, address and interfaces.
+    PutMmdsConfig(MmdsConfig),
     /// `PUT /logger`.
     PutLogger(Logger),
     /// `PUT /metrics`.
@@ -89,6 +97,7 @@ impl VmmAction {
                 | VmmAction::GetVersion
                 | VmmAction::GetVmConfig
                 | VmmAction::GetMachineConfig
+                | VmmAction::GetMmds
         )
     }
 }
@@ -325,6 +334,8 @@ pub enum VmmData {
     VmConfig(VmConfig),
     /// `GET /machine-config`.
     MachineConfig(MachineConfig),
+    /// `GET /mmds`: the store (`{}` when empty).
+    MmdsValue(serde_json::Value),
 }
 
 /// A failed request: an HTTP status and the `fault_message` of Firecracker's

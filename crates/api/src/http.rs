@@ -453,6 +453,7 @@ pub fn response_to_http(response: &VmmResponse) -> HttpResponse {
         })),
         Ok(VmmData::VmConfig(c)) => json(&c.to_api_json()),
         Ok(VmmData::MachineConfig(m)) => json(m),
+        Ok(VmmData::MmdsValue(v)) => json(v),
         Err(e) => error_to_http(e),
     }
 }

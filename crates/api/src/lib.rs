@@ -56,6 +56,7 @@
 
 mod action;
 pub mod http;
+mod mmds;
 mod preboot;
 mod request;
 mod runtime;
@@ -68,6 +69,7 @@ pub use action::{
     VsockOverride, APP_NAME, EMBER_VERSION, FIRECRACKER_API_VERSION,
 };
 pub use http::{error_to_http, response_to_http, HttpResponse};
+pub use mmds::SharedMmds;
 pub use preboot::{
     check_allowed, patch_drive, ActionHandler, PreBootResources, PrebootApiController,
     PrebootOutcome,

@@ -13,6 +13,7 @@ use super::action::{
     ApiError, DriveUpdate, InstanceInfo, InstanceState, SnapshotLoadParams, VmmAction, VmmData,
     VmmResponse, FIRECRACKER_API_VERSION,
 };
+use crate::mmds::SharedMmds;
 use ember_config::{ConfigError, Drive, NetworkInterface, StaticCpuTemplate, VmConfig};
 use ember_logger::logger;
 use ember_logger::metrics::Metrics;
@@ -69,6 +70,13 @@ impl<'a> PrebootApiController<'a> {
     /// The configuration so far.
     pub fn config(&self) -> &VmConfig {
         self.resources.config()
+    }
+
+    /// Serves `/mmds` from `store` (the one the VM's devices will answer
+    /// from) instead of a store of its own.
+    pub fn with_mmds(mut self, store: SharedMmds) -> Self {
+        self.resources.mmds = store;
+        self
     }
 
     /// Handles one request.
@@ -144,8 +152,10 @@ pub fn check_allowed(action: &VmmAction, state: InstanceState) -> Result<(), Api
             | Resume
             | CreateSnapshot(_)
     );
+    // The metadata store may be read and written at any time.
+    let any_time = matches!(action, GetMmds | PutMmds(_) | PatchMmds(_));
     match state {
-        _ if action.is_get() => Ok(()),
+        _ if action.is_get() || any_time => Ok(()),
         InstanceState::NotStarted if runtime_only => Err(ApiError::not_supported_pre_boot()),
         InstanceState::NotStarted => Ok(()),
         InstanceState::Running | InstanceState::Paused if runtime_only => Ok(()),
@@ -163,6 +173,8 @@ pub fn check_allowed(action: &VmmAction, state: InstanceState) -> Result<(), Api
 pub struct PreBootResources {
     instance_id: String,
     config: VmConfig,
+    /// The metadata store (shared, not copied, by clones).
+    mmds: SharedMmds,
 }
 
 /// The fault message for a configuration error, without the file-oriented
@@ -191,6 +203,7 @@ impl PreBootResources {
         PreBootResources {
             instance_id: instance_id.into(),
             config,
+            mmds: SharedMmds::default(),
         }
     }
 
@@ -388,6 +401,21 @@ impl ActionHandler for PreBootResources {
                 c.vsock = Some(v);
                 Ok(())
             }),
+            VmmAction::PutMmdsConfig(m) => {
+                let (version, imds_compat) = (m.version, m.imds_compat);
+                // Firecracker's message prefix (sic).
+                self.update("MMMDS config error", |c| {
+                    c.mmds_config = Some(m);
+                    Ok(())
+                })?;
+                let mut store = crate::mmds::lock(&self.mmds);
+                store.set_version(version);
+                store.set_imds_compat(imds_compat);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::GetMmds => crate::mmds::get(&self.mmds),
+            VmmAction::PutMmds(value) => crate::mmds::put(&self.mmds, value),
+            VmmAction::PatchMmds(value) => crate::mmds::patch(&self.mmds, &value),
             VmmAction::PutEntropy(e) => self.update("Entropy config error", |c| {
                 c.entropy = Some(e);
                 Ok(())
@@ -488,6 +516,106 @@ mod tests {
 
     fn kernel() -> tempfile::NamedTempFile {
         tempfile::NamedTempFile::new().unwrap()
+    }
+
+    fn answer(outcome: PrebootOutcome) -> VmmResponse {
+        match outcome {
+            PrebootOutcome::Answer(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_preboot_controller_serves_the_metadata_store() {
+        let registry = ember_logger::metrics::Metrics::new();
+        let store = SharedMmds::new(std::sync::Mutex::new(ember_mmds::Mmds::new(40)));
+        let mut c = PrebootApiController::new("vm-9", &registry).with_mmds(store.clone());
+        use serde_json::json;
+        assert_eq!(
+            answer(c.handle(VmmAction::GetMmds)),
+            Ok(VmmData::MmdsValue(json!({})))
+        );
+        let e = answer(c.handle(VmmAction::PatchMmds(json!({"a": 1})))).unwrap_err();
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (400, "MMDS error: The MMDS data store is not initialized.")
+        );
+        answer(c.handle(VmmAction::PutMmds(json!({"a": {"b": "c"}})))).unwrap();
+        answer(c.handle(VmmAction::PatchMmds(json!({"a": {"d": 1}})))).unwrap();
+        assert_eq!(
+            answer(c.handle(VmmAction::GetMmds)),
+            Ok(VmmData::MmdsValue(json!({"a": {"b": "c", "d": 1}})))
+        );
+        let e = answer(c.handle(VmmAction::PutMmds(json!({"a": "x".repeat(40)})))).unwrap_err();
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (
+                413,
+                "MMDS limit exceeded error: The MMDS patch request doesn't fit."
+            )
+        );
+        // The store the devices answer from is the one written.
+        assert_eq!(
+            store.lock().unwrap().data_store_value(),
+            &json!({"a": {"b": "c", "d": 1}})
+        );
+    }
+
+    #[test]
+    fn mmds_config_needs_existing_interfaces_and_sets_the_store() {
+        let registry = ember_logger::metrics::Metrics::new();
+        let store = SharedMmds::default();
+        let mut c = PrebootApiController::new("vm-9", &registry).with_mmds(store.clone());
+        let cfg = ember_config::MmdsConfig {
+            version: ember_config::MmdsVersion::V2,
+            network_interfaces: vec!["eth0".into()],
+            ipv4_address: None,
+            imds_compat: true,
+        };
+        let e = answer(c.handle(VmmAction::PutMmdsConfig(cfg.clone()))).unwrap_err();
+        assert_eq!(
+            e.message,
+            "MMMDS config error: The list of network interface IDs provided contains at least one ID that does not correspond to any existing network interface."
+        );
+        assert_eq!(
+            store.lock().unwrap().version(),
+            ember_config::MmdsVersion::V1
+        );
+        answer(c.handle(VmmAction::PutNetworkInterface(
+            serde_json::from_str(r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#).unwrap(),
+        )))
+        .unwrap();
+        let bad = ember_config::MmdsConfig {
+            ipv4_address: Some(std::net::Ipv4Addr::new(10, 0, 0, 1)),
+            ..cfg.clone()
+        };
+        let e = answer(c.handle(VmmAction::PutMmdsConfig(bad))).unwrap_err();
+        assert_eq!(
+            e.message,
+            "MMMDS config error: The MMDS IPv4 address is not link local."
+        );
+        answer(c.handle(VmmAction::PutMmdsConfig(cfg.clone()))).unwrap();
+        assert_eq!(c.config().mmds_config, Some(cfg));
+        let m = store.lock().unwrap();
+        assert_eq!(
+            (m.version(), m.imds_compat()),
+            (ember_config::MmdsVersion::V2, true)
+        );
+        drop(m);
+        // Configuration only before boot; the store at any time.
+        assert!(check_allowed(
+            &VmmAction::PutMmdsConfig(Default::default()),
+            InstanceState::Running
+        )
+        .is_err());
+        for a in [
+            VmmAction::GetMmds,
+            VmmAction::PutMmds(serde_json::json!({})),
+            VmmAction::PatchMmds(serde_json::json!({})),
+        ] {
+            assert!(check_allowed(&a, InstanceState::Running).is_ok());
+            assert!(check_allowed(&a, InstanceState::Paused).is_ok());
+        }
     }
 
     #[test]

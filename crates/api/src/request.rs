@@ -11,7 +11,7 @@ use super::action::{
     VsockOverride,
 };
 use ember_config::{
-    BootSource, CustomCpuTemplate, Drive, Entropy, Logger, MachineConfig, Metrics,
+    BootSource, CustomCpuTemplate, Drive, Entropy, Logger, MachineConfig, Metrics, MmdsConfig,
     NetworkInterface, Serial, Vsock,
 };
 use ember_logger::metrics::{ApiRequestMetrics, Counter};
@@ -48,6 +48,10 @@ pub const ROUTES: &[Route] = &[
     route("PUT", "/vsock"),
     route("PUT", "/entropy"),
     route("PUT", "/cpu-config"),
+    route("GET", "/mmds"),
+    route("PUT", "/mmds"),
+    route("PATCH", "/mmds"),
+    route("PUT", "/mmds/config"),
     route("PUT", "/actions"),
     route("PATCH", "/vm"),
     route("GET", "/vm/config"),
@@ -67,8 +71,6 @@ pub const NOT_IMPLEMENTED: &[&str] = &[
     "/balloon/hinting/status",
     "/balloon/hinting/stop",
     "/hotplug/memory",
-    "/mmds",
-    "/mmds/config",
     "/pmem/{id}",
 ];
 
@@ -86,6 +88,8 @@ enum Resource<'a> {
     Vsock,
     Entropy,
     CpuConfig,
+    Mmds,
+    MmdsConfig,
     Actions,
     Vm,
     VmConfig,
@@ -102,7 +106,8 @@ impl Resource<'_> {
     fn methods(self) -> &'static [&'static str] {
         match self {
             Resource::Root | Resource::Version | Resource::VmConfig => &["GET"],
-            Resource::MachineConfig => &["GET", "PUT", "PATCH"],
+            Resource::MachineConfig | Resource::Mmds => &["GET", "PUT", "PATCH"],
+            Resource::MmdsConfig => &["PUT"],
             Resource::Drives(_) | Resource::NetworkInterfaces(_) => &["PUT", "PATCH"],
             Resource::BootSource
             | Resource::Vsock
@@ -166,11 +171,12 @@ fn resolve(path: &str) -> Option<Resource<'_>> {
         ("logger", None, None) => Resource::Logger,
         ("metrics", None, None) => Resource::Metrics,
         ("serial", None, None) => Resource::Serial,
-        ("balloon" | "mmds", None, None)
+        ("mmds", None, None) => Resource::Mmds,
+        ("mmds", Some("config"), None) => Resource::MmdsConfig,
+        ("balloon", None, None)
         | ("balloon", Some("statistics"), None)
         | ("balloon", Some("hinting"), Some("start" | "status" | "stop"))
         | ("hotplug", Some("memory"), None)
-        | ("mmds", Some("config"), None)
         | ("pmem", Some(_), None) => Resource::NotImplemented,
         ("snapshot", Some("create"), None) => Resource::SnapshotCreate,
         ("snapshot", Some("load"), None) => Resource::SnapshotLoad,
@@ -212,6 +218,15 @@ fn from_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         return Err(fail("expected a JSON object".to_string()));
     }
     serde_json::from_slice(body).map_err(|e| fail(e.to_string()))
+}
+
+/// Any JSON value (the MMDS store need not be an object).
+fn json_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "An error occurred when deserializing the json body of a request: {e}."
+        ))
+    })
 }
 
 fn id_mismatch() -> ApiError {
@@ -430,6 +445,10 @@ pub fn parse_request(
         ("PUT", Resource::Vsock) => VmmAction::PutVsock(from_body::<Vsock>(body)?),
         ("PUT", Resource::Entropy) => VmmAction::PutEntropy(from_body::<Entropy>(body)?),
         ("PUT", Resource::CpuConfig) => VmmAction::PutCpuConfig(parse_cpu_config(body)?),
+        ("GET", Resource::Mmds) => VmmAction::GetMmds,
+        ("PUT", Resource::Mmds) => VmmAction::PutMmds(json_body(body)?),
+        ("PATCH", Resource::Mmds) => VmmAction::PatchMmds(json_body(body)?),
+        ("PUT", Resource::MmdsConfig) => VmmAction::PutMmdsConfig(from_body::<MmdsConfig>(body)?),
         ("PUT", Resource::Actions) => match from_body::<ActionBody>(body)?.action_type {
             ActionType::InstanceStart => VmmAction::InstanceStart,
             ActionType::SendCtrlAltDel => VmmAction::SendCtrlAltDel,
@@ -472,6 +491,9 @@ pub(crate) fn request_counters<'m>(
         ("GET", Resource::Root) => (&g.instance_info_count, None),
         ("GET", Resource::Version) => (&g.vmm_version_count, None),
         ("GET", Resource::MachineConfig) => (&g.machine_cfg_count, None),
+        ("GET", Resource::Mmds) => (&g.mmds_count, None),
+        ("PUT", Resource::Mmds | Resource::MmdsConfig) => (&p.mmds_count, Some(&p.mmds_fails)),
+        ("PATCH", Resource::Mmds) => (&pa.mmds_count, Some(&pa.mmds_fails)),
         ("PUT", Resource::Actions) => (&p.actions_count, Some(&p.actions_fails)),
         ("PUT", Resource::BootSource) => (&p.boot_source_count, Some(&p.boot_source_fails)),
         ("PUT", Resource::Drives(_)) => (&p.drive_count, Some(&p.drive_fails)),
@@ -1028,10 +1050,54 @@ mod tests {
     }
 
     #[test]
+    fn mmds_requests() {
+        assert_eq!(
+            parse_request("GET", "/mmds", b"", 100).unwrap(),
+            VmmAction::GetMmds
+        );
+        assert_eq!(
+            parse_request("PUT", "/mmds", br#"{"a": {"b": 1}}"#, 100).unwrap(),
+            VmmAction::PutMmds(serde_json::json!({"a": {"b": 1}}))
+        );
+        assert_eq!(
+            parse_request("PATCH", "/mmds", br#"{"a": null}"#, 100).unwrap(),
+            VmmAction::PatchMmds(serde_json::json!({"a": null}))
+        );
+        let VmmAction::PutMmdsConfig(c) = parse_request(
+            "PUT",
+            "/mmds/config",
+            br#"{"version": "V2", "network_interfaces": ["eth0"], "ipv4_address": "169.254.170.2"}"#,
+            200,
+        )
+        .unwrap() else {
+            panic!("not PutMmdsConfig");
+        };
+        assert_eq!(c.version, ember_config::MmdsVersion::V2);
+        assert_eq!(
+            c.ipv4_address,
+            Some(std::net::Ipv4Addr::new(169, 254, 170, 2))
+        );
+        let e = err("PUT", "/mmds", "{oops");
+        assert!(
+            e.message
+                .starts_with("An error occurred when deserializing the json body"),
+            "{}",
+            e.message
+        );
+        let e = err(
+            "PUT",
+            "/mmds/config",
+            r#"{"network_interfaces": ["eth0"], "x": 1}"#,
+        );
+        assert!(e.message.contains("unknown field `x`"), "{}", e.message);
+        assert_eq!(err("GET", "/mmds/config", "").status, 405);
+        assert_eq!(allowed_methods("/mmds"), Some(&["GET", "PUT", "PATCH"][..]));
+    }
+
+    #[test]
     fn firecracker_endpoints_ember_lacks_say_so() {
         for (m, p) in [
             ("GET", "/balloon"),
-            ("PUT", "/mmds"),
             ("PATCH", "/balloon/hinting/start"),
             ("PUT", "/pmem/p0"),
         ] {

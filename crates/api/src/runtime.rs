@@ -16,6 +16,7 @@ use crate::action::{
     ApiError, DriveUpdate, InstanceInfo, InstanceState, NetworkInterfaceUpdate,
     SnapshotCreateParams, SnapshotType, VmmAction, VmmData, VmmResponse, FIRECRACKER_API_VERSION,
 };
+use crate::mmds::SharedMmds;
 use crate::preboot::{check_allowed, patch_drive, ActionHandler};
 
 /// Why a running VM refused an action.
@@ -80,6 +81,7 @@ pub struct RuntimeApiController<V> {
     vm: V,
     metrics: Option<Arc<Metrics>>,
     state: InstanceState,
+    mmds: Option<SharedMmds>,
 }
 
 impl<V: RuntimeVm> RuntimeApiController<V> {
@@ -96,6 +98,7 @@ impl<V: RuntimeVm> RuntimeApiController<V> {
             vm,
             metrics,
             state: InstanceState::Running,
+            mmds: None,
         }
     }
 
@@ -113,6 +116,21 @@ impl<V: RuntimeVm> RuntimeApiController<V> {
     /// The configuration the VM runs with, as `GET /vm/config` shows it.
     pub fn config(&self) -> &VmConfig {
         &self.config
+    }
+
+    /// Serves `/mmds` from `store`, the store the devices answer from.
+    pub fn with_mmds(mut self, store: SharedMmds) -> Self {
+        self.mmds = Some(store);
+        self
+    }
+
+    /// The store, if the VM has one: as in Firecracker, only when MMDS was
+    /// configured or filled before boot.
+    fn mmds(&self) -> Result<&SharedMmds, ApiError> {
+        self.mmds
+            .as_ref()
+            .filter(|m| self.config.mmds_config.is_some() || crate::mmds::lock(m).is_initialized())
+            .ok_or_else(|| crate::mmds::error(ember_mmds::MmdsError::NotInitialized))
     }
 
     fn pause(&mut self) -> VmmResponse {
@@ -312,6 +330,9 @@ impl<V: RuntimeVm> ActionHandler for RuntimeApiController<V> {
             VmmAction::GetMachineConfig => {
                 Ok(VmmData::MachineConfig(self.config.machine_config.clone()))
             }
+            VmmAction::GetMmds => crate::mmds::get(self.mmds()?),
+            VmmAction::PutMmds(value) => crate::mmds::put(self.mmds()?, value),
+            VmmAction::PatchMmds(value) => crate::mmds::patch(self.mmds()?, &value),
             VmmAction::Pause => self.pause(),
             VmmAction::Resume => self.resume(),
             VmmAction::SendCtrlAltDel => {
@@ -341,6 +362,7 @@ impl<V: RuntimeVm> ActionHandler for RuntimeApiController<V> {
             | VmmAction::PutVsock(_)
             | VmmAction::PutEntropy(_)
             | VmmAction::PutCpuConfig(_)
+            | VmmAction::PutMmdsConfig(_)
             | VmmAction::PutLogger(_)
             | VmmAction::PutMetrics(_)
             | VmmAction::PutSerial(_)
@@ -494,6 +516,38 @@ mod tests {
         };
         let api = RuntimeApiController::new("vm-7", config, vm, Some(metrics.clone()));
         Setup { dir, api, metrics }
+    }
+
+    #[test]
+    fn the_store_is_served_at_runtime_only_if_mmds_was_set_up() {
+        use serde_json::json;
+        let store = SharedMmds::default();
+        let mut api = setup().api.with_mmds(store.clone());
+        for a in [
+            VmmAction::GetMmds,
+            VmmAction::PutMmds(json!({"a": 1})),
+            VmmAction::PatchMmds(json!({"a": 1})),
+        ] {
+            let e = api.handle(a).unwrap_err();
+            assert_eq!(
+                (e.status, e.message.as_str()),
+                (400, "MMDS error: The MMDS data store is not initialized.")
+            );
+        }
+        store.lock().unwrap().put_data(json!({"a": 1})).unwrap();
+        api.handle(VmmAction::PatchMmds(json!({"b": 2}))).unwrap();
+        assert_eq!(
+            api.handle(VmmAction::GetMmds).unwrap(),
+            VmmData::MmdsValue(json!({"a": 1, "b": 2}))
+        );
+        api.handle(VmmAction::PutMmds(json!({"c": 3}))).unwrap();
+        assert_eq!(store.lock().unwrap().data_store_value(), &json!({"c": 3}));
+        assert_eq!(
+            api.handle(VmmAction::PutMmdsConfig(Default::default()))
+                .unwrap_err()
+                .message,
+            "The requested operation is not supported after starting the microVM."
+        );
     }
 
     fn state(api: &mut RuntimeApiController<FakeVm>) -> InstanceState {

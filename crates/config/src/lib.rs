@@ -37,8 +37,10 @@
 
 #![deny(missing_docs)]
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
+pub use ember_mmds::MmdsVersion;
 use ember_virtio_blk::{BlockConfig, BucketSpec, RateLimiterConfig};
 use ember_virtio_net::NetConfig;
 use ember_virtio_rng::EntropyConfig;
@@ -436,6 +438,74 @@ pub struct Serial {
     pub rate_limiter: Option<TokenBucket>,
 }
 
+/// `mmds-config`: Firecracker's `MmdsConfig`, also the body of
+/// `PUT /mmds/config`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MmdsConfig {
+    /// `V1` (tokens optional, the default) or `V2` (tokens required).
+    #[serde(default)]
+    pub version: MmdsVersion,
+    /// The interfaces (`iface_id`s) the service answers on.
+    pub network_interfaces: Vec<String>,
+    /// The service's address (default 169.254.169.254): link-local, not in
+    /// 169.254.0.0/24 or 169.254.255.0/24.
+    #[serde(default)]
+    pub ipv4_address: Option<Ipv4Addr>,
+    /// Answer IMDS text whatever a request's `Accept` header says.
+    #[serde(default)]
+    pub imds_compat: bool,
+}
+
+impl MmdsConfig {
+    /// Firecracker's checks, with its messages: at least one interface,
+    /// each one configured, a usable link-local address.
+    pub fn validate(&self, interfaces: &[NetworkInterface]) -> Result<(), ConfigError> {
+        if let Some(addr) = self.ipv4_address {
+            if !is_link_local_valid(addr) {
+                return Err(ConfigError::Invalid(
+                    "The MMDS IPv4 address is not link local.".into(),
+                ));
+            }
+        }
+        if self.network_interfaces.is_empty() {
+            return Err(ConfigError::Invalid(
+                "The list of network interface IDs that allow forwarding MMDS requests is empty."
+                    .into(),
+            ));
+        }
+        if !self
+            .network_interfaces
+            .iter()
+            .all(|id| interfaces.iter().any(|i| &i.iface_id == id))
+        {
+            return Err(ConfigError::Invalid(
+                "The list of network interface IDs provided contains at least one ID that does not correspond to any existing network interface.".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The address the service answers at.
+    pub fn ipv4_addr(&self) -> Ipv4Addr {
+        self.ipv4_address.unwrap_or(ember_mmds::DEFAULT_IPV4_ADDR)
+    }
+
+    /// As Firecracker's `GET /vm/config` shows it: the address filled in.
+    pub fn as_built(&self) -> MmdsConfig {
+        MmdsConfig {
+            ipv4_address: Some(self.ipv4_addr()),
+            ..self.clone()
+        }
+    }
+}
+
+/// Firecracker's rule for the service's address: 169.254.0.0/16 less its
+/// first and last /24 (RFC 3927 §2.1 reserves them).
+pub fn is_link_local_valid(addr: Ipv4Addr) -> bool {
+    matches!(addr.octets(), [169, 254, 1..=254, _])
+}
+
 /// The sections of Firecracker's `VmmConfig`, the keys a configuration
 /// file may have at its top level.
 pub const SECTIONS: &[&str] = &[
@@ -493,9 +563,9 @@ pub struct VmConfig {
     /// `metrics`.
     #[serde(default)]
     pub metrics: Option<Metrics>,
-    /// `mmds-config` (not supported).
+    /// `mmds-config`: where the metadata service answers.
     #[serde(rename = "mmds-config", default)]
-    pub mmds_config: Option<serde_json::Value>,
+    pub mmds_config: Option<MmdsConfig>,
     /// `network-interfaces`.
     #[serde(
         rename = "network-interfaces",
@@ -639,6 +709,10 @@ impl VmConfig {
         }
         // Firecracker does not show a custom template back.
         value["cpu-config"] = serde_json::Value::Null;
+        if let Some(mmds) = &self.mmds_config {
+            // Firecracker shows the address in use, the default included.
+            value["mmds-config"] = serde_json::to_value(mmds.as_built()).unwrap_or_default();
+        }
         if self.boot_source.is_none() {
             value["boot-source"] = serde_json::json!({
                 "kernel_image_path": "",
@@ -682,9 +756,11 @@ impl VmConfig {
                 )));
             }
         }
-        let unsupported: [(&'static str, bool); 4] = [
+        if let Some(mmds) = &self.mmds_config {
+            mmds.validate(&self.network_interfaces)?;
+        }
+        let unsupported: [(&'static str, bool); 3] = [
             ("balloon", self.balloon.is_some()),
-            ("mmds-config", self.mmds_config.is_some()),
             ("memory-hotplug", self.memory_hotplug.is_some()),
             ("pmem", !self.pmem.is_empty()),
         ];
@@ -1372,10 +1448,66 @@ mod tests {
     }
 
     #[test]
+    fn mmds_config_section() {
+        let with = |mmds: &str| {
+            VmConfig::from_json(&format!(
+                r#"{{"boot-source": {{"kernel_image_path": "/k"}},
+                    "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "t0"}}],
+                    "mmds-config": {mmds}}}"#
+            ))
+        };
+        let c = with(r#"{"network_interfaces": ["eth0"]}"#).unwrap();
+        let m = c.mmds_config.clone().unwrap();
+        assert_eq!(m.version, MmdsVersion::V1);
+        assert_eq!(m.ipv4_addr(), Ipv4Addr::new(169, 254, 169, 254));
+        assert_eq!(
+            c.to_api_json()["mmds-config"],
+            serde_json::json!({"version": "V1", "network_interfaces": ["eth0"],
+                               "ipv4_address": "169.254.169.254", "imds_compat": false})
+        );
+        let c = with(
+            r#"{"version": "V2", "network_interfaces": ["eth0"], "ipv4_address": "169.254.1.2", "imds_compat": true}"#,
+        )
+        .unwrap();
+        let m = c.mmds_config.unwrap();
+        assert_eq!((m.version, m.imds_compat), (MmdsVersion::V2, true));
+        assert_eq!(m.ipv4_addr(), Ipv4Addr::new(169, 254, 1, 2));
+        for (body, needle) in [
+            (r#"{"network_interfaces": []}"#, "is empty"),
+            (
+                r#"{"network_interfaces": ["eth1"]}"#,
+                "does not correspond to any existing network interface",
+            ),
+            (
+                r#"{"network_interfaces": ["eth0"], "ipv4_address": "10.0.0.1"}"#,
+                "not link local",
+            ),
+            (
+                r#"{"network_interfaces": ["eth0"], "ipv4_address": "169.254.0.1"}"#,
+                "not link local",
+            ),
+            (
+                r#"{"network_interfaces": ["eth0"], "ipv4_address": "169.254.255.1"}"#,
+                "not link local",
+            ),
+            (
+                r#"{"network_interfaces": ["eth0"], "version": "V3"}"#,
+                "unknown variant `V3`",
+            ),
+            (
+                r#"{"network_interfaces": ["eth0"], "port": 80}"#,
+                "unknown field `port`",
+            ),
+        ] {
+            let e = with(body).unwrap_err().to_string();
+            assert!(e.contains(needle), "{body}: {e}");
+        }
+    }
+
+    #[test]
     fn later_sections_parse_but_are_not_supported_yet() {
         for (section, body) in [
             ("balloon", r#"{"amount_mib": 1, "deflate_on_oom": true}"#),
-            ("mmds-config", r#"{"network_interfaces": ["eth0"]}"#),
             ("memory-hotplug", r#"{"total_size_mib": 1024}"#),
             ("pmem", r#"[{"id": "p", "path_on_host": "/p"}]"#),
         ] {

@@ -12,7 +12,7 @@
 //! Groups and fields carry Firecracker's names for what Ember has
 //! (`api_server`, `get_api_requests`, `put_api_requests`,
 //! `patch_api_requests`, `vcpu`, `uart`, `i8042`, `block`, `net`, `vsock`, `entropy`,
-//! `latencies_us`, `vmm`, `logger`, and `seccomp`, which `main` registers).
+//! `latencies_us`, `vmm`, `logger`, and `seccomp` and `mmds`, which `main` registers).
 //! Counters report the change since the
 //! previous line, as Firecracker's `SharedIncMetric` does; gauges (times,
 //! sizes) report their value.
@@ -144,6 +144,8 @@ metric_group! {
         pub instance_info_count: Counter,
         /// `GET /machine-config`.
         pub machine_cfg_count: Counter,
+        /// `GET /mmds`.
+        pub mmds_count: Counter,
         /// `GET /version`.
         pub vmm_version_count: Counter,
     }
@@ -181,6 +183,10 @@ metric_group! {
         pub network_count: Counter,
         /// `PUT /network-interfaces/{id}` that failed.
         pub network_fails: Counter,
+        /// `PUT /mmds` and `PUT /mmds/config`.
+        pub mmds_count: Counter,
+        /// `PUT /mmds` and `PUT /mmds/config` that failed.
+        pub mmds_fails: Counter,
         /// `PUT /vsock`.
         pub vsock_count: Counter,
         /// `PUT /vsock` that failed.
@@ -212,6 +218,10 @@ metric_group! {
         pub machine_cfg_count: Counter,
         /// `PATCH /machine-config` that failed.
         pub machine_cfg_fails: Counter,
+        /// `PATCH /mmds`.
+        pub mmds_count: Counter,
+        /// `PATCH /mmds` that failed.
+        pub mmds_fails: Counter,
     }
 }
 

@@ -6,7 +6,9 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::Instant;
 
+use ember_mmds::MmdsNetworkStack;
 use ember_rate_limiter::{BucketUpdate, RateLimiter, RateLimiterConfig, TokenType};
 use ember_virtio::{
     drain_eventfd, needs_interrupt, pop_or_enable_notification, take_queues, ActivateError,
@@ -233,6 +235,26 @@ fn read_frame(tap: &Tap, buf: &mut [u8], metrics: &NetMetrics) -> Option<usize> 
     }
 }
 
+/// Largest frame the metadata service writes: an Ethernet frame with a
+/// 1500-byte payload.
+const MMDS_FRAME_MAX: usize = ETH_HLEN + 1500;
+
+/// Writes the metadata service's next frame for the guest, behind a
+/// virtio-net header with no offload (its checksums are complete), into
+/// `buf`; returns the length, header included. The service's frames come
+/// before the TAP's, as in Firecracker.
+fn mmds_frame(mmds: Option<&mut MmdsNetworkStack>, buf: &mut [u8]) -> Option<usize> {
+    let mmds = mmds?;
+    let end = buf.len().min(VNET_HDR_LEN + MMDS_FRAME_MAX);
+    let (header, frame) = buf.get_mut(..end)?.split_at_mut(VNET_HDR_LEN);
+    let len = mmds.write_next_frame(frame, Instant::now())?;
+    header.fill(0);
+    let metrics = mmds.metrics();
+    metrics.tx_frames.inc();
+    metrics.tx_bytes.add(len as u64);
+    Some(VNET_HDR_LEN + len)
+}
+
 fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32, metrics: &NetMetrics) {
     if let Err(e) = queue.add_used(mem, head, len) {
         metrics.event_fails.inc();
@@ -313,6 +335,10 @@ pub struct Net {
     tx_buf: Box<[u8]>,
     rx_limiter: RateLimiter,
     tx_limiter: RateLimiter,
+    /// The metadata service, on an interface it answers on.
+    mmds: Option<MmdsNetworkStack>,
+    /// Whether the last transmit pass gave the metadata service a frame.
+    mmds_took_frames: bool,
 }
 
 /// Takes one operation and `len` bytes from `limiter`, as Firecracker does
@@ -421,7 +447,28 @@ impl Net {
             tx_buf: vec![0u8; MAX_BUFFER_SIZE].into_boxed_slice(),
             rx_limiter,
             tx_limiter,
+            mmds: None,
+            mmds_took_frames: false,
         })
+    }
+
+    /// Makes the metadata service answer on this interface (or stop, with
+    /// `None`): frames the guest sends to its address go to `stack`
+    /// instead of the TAP, and its answers reach the guest before the
+    /// TAP's frames.
+    pub fn set_mmds_stack(&mut self, stack: Option<MmdsNetworkStack>) {
+        self.mmds = stack;
+    }
+
+    /// The metadata service's stack on this interface, if it answers here.
+    pub fn mmds_stack(&self) -> Option<&MmdsNetworkStack> {
+        self.mmds.as_ref()
+    }
+
+    /// The metadata service's stack on this interface, to change its
+    /// address.
+    pub fn mmds_stack_mut(&mut self) -> Option<&mut MmdsNetworkStack> {
+        self.mmds.as_mut()
     }
 
     /// The receive rate limiter's timerfd, readable when a block ends.
@@ -568,6 +615,10 @@ impl Net {
         if self.process_tx() {
             self.signal(TX_INDEX);
         }
+        // Frames the metadata service took may have answers: deliver them.
+        if std::mem::take(&mut self.mmds_took_frames) && self.process_rx() {
+            self.signal(RX_INDEX);
+        }
     }
 
     fn signal(&mut self, index: u16) {
@@ -637,7 +688,10 @@ impl Net {
             let frame_len = loop {
                 let read = match self.rx_pending.take() {
                     Some(len) => Ok(len),
-                    None => self.tap.read_frame(&mut self.rx_buf),
+                    None => match mmds_frame(self.mmds.as_mut(), &mut self.rx_buf) {
+                        Some(len) => Ok(len),
+                        None => self.tap.read_frame(&mut self.rx_buf),
+                    },
                 };
                 match read {
                     Ok(len) if len > capacity || len > self.rx_buf.len() => {
@@ -793,7 +847,11 @@ impl Net {
                     }
                 }
                 if self.rx_pending.is_none() {
-                    match read_frame(&self.tap, &mut self.rx_buf, metrics) {
+                    let read = match mmds_frame(self.mmds.as_mut(), &mut self.rx_buf) {
+                        Some(len) => Some(len),
+                        None => read_frame(&self.tap, &mut self.rx_buf, metrics),
+                    };
+                    match read {
                         Some(len) => self.rx_pending = Some(len),
                         None => {
                             // Nothing to receive: the chains go back to the
@@ -899,6 +957,23 @@ impl Net {
                     metrics.tx_rate_limiter_throttled.inc();
                     tx.go_to_previous_position();
                     break;
+                }
+                Ok(len)
+                    if self
+                        .mmds
+                        .as_ref()
+                        .is_some_and(|m| m.is_mmds_frame(&self.tx_buf[VNET_HDR_LEN..len])) =>
+                {
+                    // For the metadata service, never for the TAP; not
+                    // charged to the limiter, as in Firecracker.
+                    if let Some(mmds) = self.mmds.as_mut() {
+                        mmds.metrics().rx_accepted.inc();
+                        mmds.detour_frame(&self.tx_buf[VNET_HDR_LEN..len], Instant::now());
+                    }
+                    self.mmds_took_frames = true;
+                    self.tx_limiter.manual_replenish(1, TokenType::Ops);
+                    self.tx_limiter
+                        .manual_replenish(len as u64, TokenType::Bytes);
                 }
                 Ok(len) => {
                     let frame = &self.tx_buf[..len];

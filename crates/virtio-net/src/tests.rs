@@ -2015,3 +2015,203 @@ fn rate_limiter_updates_reach_a_live_device() {
     assert!(net.tx_rate_limiter().is_unlimited());
     assert_eq!(net.config().rx_rate_limiter, RateLimiterConfig::default());
 }
+
+// ---------------------------------------------------------------------------
+// The metadata service.
+
+/// A frame to the metadata service: ARP for its address, then a TCP SYN.
+fn mmds_arp_request() -> Vec<u8> {
+    let mut arp = Vec::new();
+    arp.extend_from_slice(&1u16.to_be_bytes());
+    arp.extend_from_slice(&0x0800u16.to_be_bytes());
+    arp.extend_from_slice(&[6, 4]);
+    arp.extend_from_slice(&1u16.to_be_bytes());
+    arp.extend_from_slice(&GUEST_MAC);
+    arp.extend_from_slice(&[172, 16, 0, 2]);
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&[169, 254, 169, 254]);
+    eth_frame([0xff; 6], GUEST_MAC, ETHERTYPE_ARP, &arp)
+}
+
+fn mmds_syn() -> Vec<u8> {
+    use ember_mmds::pdu::{write_ipv4_header, TcpSegment, PROTOCOL_TCP, SYN};
+    let src = std::net::Ipv4Addr::new(172, 16, 0, 2);
+    let dst = ember_mmds::DEFAULT_IPV4_ADDR;
+    let mut ip = vec![0u8; 60];
+    let seg = TcpSegment {
+        src_port: 40000,
+        dst_port: 80,
+        seq: 100,
+        ack: 0,
+        flags: SYN,
+        window: 8192,
+        mss: Some(1460),
+        payload: &[],
+    };
+    let len = seg.write(&mut ip[20..], src, dst).unwrap();
+    write_ipv4_header(&mut ip, src, dst, PROTOCOL_TCP, len).unwrap();
+    ip.truncate(20 + len);
+    eth_frame(ember_mmds::DEFAULT_MAC_ADDR, GUEST_MAC, 0x0800, &ip)
+}
+
+fn mmds_frames_are_answered_in_guest_memory(features: u64) {
+    let mut net = new_net();
+    bring_up(net.tap_name(), true);
+    let host = PacketSocket::new(if_index(net.tap_name()));
+    let mmds = Arc::new(Mutex::new(ember_mmds::Mmds::default()));
+    let metrics = Arc::new(ember_mmds::MmdsMetrics::default());
+    net.set_mmds_stack(Some(ember_mmds::MmdsNetworkStack::new(
+        None,
+        mmds,
+        metrics.clone(),
+    )));
+    let mut guest = Guest::new(SMALL_QUEUE);
+    let act = activate(&mut net, &guest, features);
+    let buffers: Vec<RxBuffer> = (0..4).map(|_| guest.post_rx(&[2048])).collect();
+    let reply_of = |guest: &Guest, (id, len): (u32, u32)| {
+        let b = buffers
+            .iter()
+            .find(|b| u32::from(b.head) == id)
+            .expect("a posted buffer");
+        b.contents(guest, len as usize)
+    };
+
+    // ARP: answered by the device, before any TAP read.
+    guest.send(&mmds_arp_request());
+    act.kick(Q::Tx);
+    net.handle_tx_queue_event();
+    let used = guest.take_used(Q::Rx);
+    assert_eq!(used.len(), 1, "one ARP reply delivered");
+    let reply = reply_of(&guest, used[0]);
+    assert_eq!(&reply[..VNET_HDR_LEN - 2], &[0u8; 10], "no offload flags");
+    assert_eq!(num_buffers(&reply), 1);
+    let reply = &reply[VNET_HDR_LEN..];
+    assert_eq!(reply.len(), 42);
+    assert_eq!(&reply[0..6], &GUEST_MAC);
+    assert_eq!(&reply[6..12], &ember_mmds::DEFAULT_MAC_ADDR);
+    assert_eq!(&reply[20..22], &2u16.to_be_bytes(), "an ARP reply");
+    assert_eq!(&reply[28..32], &[169, 254, 169, 254]);
+    assert!(act.irq.vring_count() >= 2, "TX and RX interrupts");
+
+    // A SYN: the SYN-ACK comes back.
+    guest.send(&mmds_syn());
+    net.handle_tx_queue_event();
+    let used = guest.take_used(Q::Rx);
+    assert_eq!(used.len(), 1);
+    let synack = &reply_of(&guest, used[0])[VNET_HDR_LEN..];
+    assert_eq!(&synack[12..14], &0x0800u16.to_be_bytes());
+    let tcp = ember_mmds::pdu::TcpSegment::parse(&synack[34..]).unwrap();
+    assert_eq!((tcp.src_port, tcp.dst_port, tcp.ack), (80, 40000, 101));
+    assert_eq!(tcp.flags, ember_mmds::pdu::SYN | ember_mmds::pdu::ACK);
+
+    // Neither reached the TAP; other traffic still does.
+    assert_eq!(net.metrics().tx_packets_count.count(), 0);
+    let other = eth_frame(HOST_MAC, GUEST_MAC, TEST_ETHERTYPE, &pattern(100, 3));
+    guest.send(&other);
+    net.handle_tx_queue_event();
+    assert_eq!(
+        host.recv(TEST_ETHERTYPE, TIMEOUT).as_deref(),
+        Some(&other[..])
+    );
+    assert_eq!(host.recv(ETHERTYPE_ARP, Duration::from_millis(50)), None);
+    assert_eq!(host.recv(0x0800, Duration::from_millis(50)), None);
+    assert_eq!(net.metrics().tx_packets_count.count(), 1);
+    assert_eq!(metrics.rx_accepted.count(), 2);
+    assert_eq!(metrics.tx_frames.count(), 2);
+    assert_eq!(metrics.tx_bytes.count(), 42 + synack.len() as u64);
+    assert_eq!(metrics.connections_created.count(), 1);
+    assert_eq!(net.metrics().rx_packets_count.count(), 2);
+}
+
+#[test]
+fn mmds_frames_are_answered_and_never_reach_the_tap() {
+    mmds_frames_are_answered_in_guest_memory(BASE_FEATURES);
+}
+
+#[test]
+fn mmds_frames_are_answered_with_mergeable_buffers() {
+    mmds_frames_are_answered_in_guest_memory(BASE_FEATURES | MRG_RXBUF | EVENT_IDX);
+}
+
+#[test]
+fn without_mmds_frames_to_its_address_go_to_the_tap() {
+    let mut net = new_net();
+    bring_up(net.tap_name(), true);
+    let host = PacketSocket::new(if_index(net.tap_name()));
+    let mut guest = Guest::new(SMALL_QUEUE);
+    let act = activate(&mut net, &guest, BASE_FEATURES);
+    guest.send(&mmds_arp_request());
+    act.kick(Q::Tx);
+    net.handle_tx_queue_event();
+    assert_eq!(
+        host.recv(ETHERTYPE_ARP, TIMEOUT).as_deref(),
+        Some(&mmds_arp_request()[..])
+    );
+}
+
+#[test]
+fn mmds_frames_are_not_charged_to_the_transmit_limiter() {
+    isolate_network();
+    let mut cfg = config(&tap_name(), Some(GUEST_MAC), None);
+    // One frame, then nothing for a long time.
+    cfg.tx_rate_limiter = RateLimiterConfig {
+        bandwidth: None,
+        ops: Some(BucketSpec {
+            size: 1,
+            one_time_burst: 0,
+            refill_time_ms: 1_000_000,
+        }),
+    };
+    let mut net = Net::new(cfg).expect("device");
+    let metrics = Arc::new(ember_mmds::MmdsMetrics::default());
+    net.set_mmds_stack(Some(ember_mmds::MmdsNetworkStack::new(
+        None,
+        Arc::new(Mutex::new(ember_mmds::Mmds::default())),
+        metrics.clone(),
+    )));
+    let mut guest = Guest::new(SMALL_QUEUE);
+    activate(&mut net, &guest, BASE_FEATURES);
+    for _ in 0..3 {
+        guest.post_rx(&[2048]);
+        guest.send(&mmds_arp_request());
+    }
+    net.handle_tx_queue_event();
+    assert_eq!(guest.take_used(Q::Tx).len(), 3);
+    assert_eq!(metrics.rx_accepted.count(), 3);
+    assert_eq!(net.metrics().tx_rate_limiter_throttled.count(), 0);
+}
+
+#[test]
+fn mmds_answers_go_through_the_receive_limiter() {
+    isolate_network();
+    let mut cfg = config(&tap_name(), Some(GUEST_MAC), None);
+    // One frame for the guest, then nothing for a long time.
+    cfg.rx_rate_limiter = RateLimiterConfig {
+        bandwidth: None,
+        ops: Some(BucketSpec {
+            size: 1,
+            one_time_burst: 0,
+            refill_time_ms: 1_000_000,
+        }),
+    };
+    let mut net = Net::new(cfg).expect("device");
+    let metrics = Arc::new(ember_mmds::MmdsMetrics::default());
+    net.set_mmds_stack(Some(ember_mmds::MmdsNetworkStack::new(
+        None,
+        Arc::new(Mutex::new(ember_mmds::Mmds::default())),
+        metrics.clone(),
+    )));
+    let mut guest = Guest::new(SMALL_QUEUE);
+    activate(&mut net, &guest, BASE_FEATURES);
+    for _ in 0..4 {
+        guest.post_rx(&[2048]);
+    }
+    guest.send(&mmds_arp_request());
+    guest.send(&mmds_syn());
+    net.handle_tx_queue_event();
+    // The ARP reply got the one token; the SYN-ACK waits for the limiter.
+    assert_eq!(guest.take_used(Q::Rx).len(), 1);
+    assert!(net.metrics().rx_rate_limiter_throttled.count() > 0);
+    assert_eq!(metrics.rx_accepted.count(), 2);
+    assert_eq!(net.metrics().rx_packets_count.count(), 1);
+}
