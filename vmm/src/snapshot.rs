@@ -38,6 +38,9 @@ pub enum CreateError {
     /// The VM has an entropy device, whose state snapshots do not hold yet.
     #[error("snapshots of a VM with an entropy device are not supported by Ember yet")]
     EntropyDevice,
+    /// The VM has a balloon, whose state snapshots do not hold yet.
+    #[error("snapshots of a VM with a balloon device are not supported by Ember yet")]
+    BalloonDevice,
     /// The vCPUs could not save their state.
     #[error("Cannot save the microVM state: {0}")]
     Vcpus(#[source] ember_vcpu::Error),
@@ -274,6 +277,9 @@ impl SnapshotSource {
     ) -> Result<(), CreateError> {
         if config.entropy.is_some() {
             return Err(CreateError::EntropyDevice);
+        }
+        if config.balloon.is_some() {
+            return Err(CreateError::BalloonDevice);
         }
         let state = self.save(config)?;
         let bytes = ember_snapshot::encode(&state).map_err(CreateError::Encode)?;

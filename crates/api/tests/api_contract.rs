@@ -512,20 +512,20 @@ fn get_responses_fit_the_documented_schemas() {
         // The balloon's statistics and hinting state exist once it runs:
         // their answers are built from the device's types.
         let answer = match action {
-            ember_api::VmmAction::GetBalloonStats => Ok(ember_api::VmmData::BalloonStats(
-                ember_api::BalloonStats {
+            ember_api::VmmAction::GetBalloonStats => {
+                Ok(ember_api::VmmData::BalloonStats(ember_api::BalloonStats {
                     target_pages: 4096,
                     target_mib: 16,
                     free_memory: Some(1 << 20),
                     ..Default::default()
-                },
-            )),
-            ember_api::VmmAction::GetBalloonHintingStatus => Ok(
-                ember_api::VmmData::HintingStatus(ember_api::HintingStatus {
+                }))
+            }
+            ember_api::VmmAction::GetBalloonHintingStatus => Ok(ember_api::VmmData::HintingStatus(
+                ember_api::HintingStatus {
                     host_cmd: 2,
                     guest_cmd: Some(2),
-                }),
-            ),
+                },
+            )),
             action => vm.handle(action),
         };
         let http = response_to_http(&answer);

@@ -40,8 +40,8 @@
 
 use std::path::{Path, PathBuf};
 
-use ember_virtio_blk::{BlockConfig, BucketSpec, RateLimiterConfig};
 use ember_virtio_balloon::BalloonConfig;
+use ember_virtio_blk::{BlockConfig, BucketSpec, RateLimiterConfig};
 use ember_virtio_net::NetConfig;
 use ember_virtio_rng::EntropyConfig;
 use ember_vsock::VsockConfig;
@@ -1415,7 +1415,10 @@ mod tests {
                 "balloon": {"amount_mib": 65, "deflate_on_oom": false}}"#,
         )
         .unwrap_err();
-        assert_eq!(e.to_string(), format!("invalid config file: {BALLOON_TOO_LARGE}"));
+        assert_eq!(
+            e.to_string(),
+            format!("invalid config file: {BALLOON_TOO_LARGE}")
+        );
     }
 
     #[test]
