@@ -22,6 +22,7 @@ const GUESTS: &[&str] = &[
     "virtio_net",
     "virtio_vsock",
     "virtio_rng",
+    "virtio_balloon",
     "counter",
     "ctrl_alt_del",
     "echo",

@@ -313,6 +313,19 @@ impl Balloon {
         Ok(())
     }
 
+    /// Arms the statistics timer while the device runs with statistics,
+    /// stops it otherwise. Called by the event loop after activation and
+    /// reset.
+    pub fn sync_stats_timer(&mut self) -> Result<(), Error> {
+        if self.active.is_some() && self.stats_enabled() {
+            self.arm_stats_timer()
+        } else {
+            self.stats_timer
+                .clear()
+                .map_err(|e| Error::EventFd(e.into()))
+        }
+    }
+
     fn arm_stats_timer(&mut self) -> Result<(), Error> {
         let every = Duration::from_secs(u64::from(self.stats_polling_interval_s));
         self.stats_timer
@@ -777,13 +790,8 @@ impl VirtioDevice for Balloon {
             notify,
             interrupt,
         });
-        if self.stats_enabled() {
-            if let Err(Error::EventFd(e)) = self.arm_stats_timer() {
-                self.metrics.activate_fails.inc();
-                self.active = None;
-                return Err(ActivateError::Io(e));
-            }
-        }
+        // The event loop arms the statistics timer when it picks up the
+        // activation: this runs on a vCPU thread.
         Ok(())
     }
 
@@ -799,10 +807,8 @@ impl VirtioDevice for Balloon {
                 }
             }
         }
-        if let Err(e) = self.stats_timer.clear() {
-            self.metrics.event_fails.inc();
-            error!("virtio-balloon: cannot stop the statistics timer: {e}");
-        }
+        // The event loop stops the statistics timer when it picks up the
+        // reset; until then a tick finds no device to poll.
         self.stats_desc = None;
         // A new driver starts with an empty balloon and no hinting run.
         self.set_config_u32(ACTUAL, 0);

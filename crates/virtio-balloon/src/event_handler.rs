@@ -3,7 +3,9 @@
 //! How the balloon joins an event-manager event loop, the same way the
 //! other virtio devices do.
 //!
-//! The statistics timer is watched for the device's lifetime. The queues'
+//! The statistics timer is watched for the device's lifetime, and armed
+//! or stopped here when the device starts or stops (activation and reset
+//! run on a vCPU thread, which does not touch timers). The queues'
 //! notify EventFds are watched only while the device is active: the
 //! transport activates and resets the device from a vCPU thread, which
 //! cannot touch the event loop's registrations, so both signal the control
@@ -62,6 +64,10 @@ impl Balloon {
             error!("virtio-balloon: failed to read the control EventFd: {e}");
         }
         self.sync_registrations(ops);
+        if let Err(e) = self.sync_stats_timer() {
+            self.metrics().event_fails.inc();
+            error!("virtio-balloon: cannot set the statistics timer: {e}");
+        }
     }
 }
 
@@ -108,6 +114,10 @@ impl MutEventSubscriber for Balloon {
         // Added to the event loop after activation: start watching now.
         if self.is_activated() {
             self.sync_registrations(ops);
+            if let Err(e) = self.sync_stats_timer() {
+                self.metrics().event_fails.inc();
+                error!("virtio-balloon: cannot set the statistics timer: {e}");
+            }
         }
     }
 }

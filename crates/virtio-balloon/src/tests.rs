@@ -340,6 +340,33 @@ fn statistics_are_held_and_returned_at_each_poll() {
 }
 
 #[test]
+fn the_statistics_timer_runs_only_while_the_device_does() {
+    let mut h = Harness::new(stats_config());
+    let armed = |b: &Balloon| {
+        let mut spec = std::mem::MaybeUninit::<libc::itimerspec>::uninit();
+        // SAFETY: the timer descriptor is the device's; the kernel writes
+        // one itimerspec.
+        assert_eq!(
+            unsafe { libc::timerfd_gettime(b.stats_timer_fd(), spec.as_mut_ptr()) },
+            0
+        );
+        // SAFETY: initialized by the successful call above.
+        let spec = unsafe { spec.assume_init() };
+        (
+            spec.it_interval.tv_sec,
+            spec.it_value.tv_sec > 0 || spec.it_value.tv_nsec > 0,
+        )
+    };
+    h.dev.sync_stats_timer().unwrap();
+    assert_eq!(armed(&h.dev), (1, true));
+    h.dev.update_stats_polling_interval(3).unwrap();
+    assert_eq!(armed(&h.dev).0, 3);
+    h.dev.reset();
+    h.dev.sync_stats_timer().unwrap();
+    assert_eq!(armed(&h.dev), (0, false));
+}
+
+#[test]
 fn the_polling_interval_changes_but_stats_stay_on_or_off() {
     let mut h = Harness::new(stats_config());
     let len = write_stats(&h, LIST, &[(4, 1)]);
