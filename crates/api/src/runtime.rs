@@ -57,6 +57,9 @@ pub enum BalloonRequest {
 }
 
 /// The balloon's answer to a [`BalloonRequest`].
+// One value per API request: boxing the statistics would only add an
+// allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BalloonAnswer {
     /// Done; nothing to return.

@@ -346,10 +346,8 @@ fn the_statistics_timer_runs_only_while_the_device_does() {
         let mut spec = std::mem::MaybeUninit::<libc::itimerspec>::uninit();
         // SAFETY: the timer descriptor is the device's; the kernel writes
         // one itimerspec.
-        assert_eq!(
-            unsafe { libc::timerfd_gettime(b.stats_timer_fd(), spec.as_mut_ptr()) },
-            0
-        );
+        let ret = unsafe { libc::timerfd_gettime(b.stats_timer_fd(), spec.as_mut_ptr()) };
+        assert_eq!(ret, 0);
         // SAFETY: initialized by the successful call above.
         let spec = unsafe { spec.assume_init() };
         (
