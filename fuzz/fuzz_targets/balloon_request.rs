@@ -91,9 +91,9 @@ fn guest_pages(addr: u64, len: u64) -> bool {
     len > 0
         && addr % PAGE == 0
         && len % PAGE == 0
-        && REGIONS
-            .iter()
-            .any(|&(base, size)| addr >= base && addr.checked_add(len).is_some_and(|e| e <= base + size))
+        && REGIONS.iter().any(|&(base, size)| {
+            addr >= base && addr.checked_add(len).is_some_and(|e| e <= base + size)
+        })
 }
 
 #[derive(Default)]
@@ -189,7 +189,8 @@ fuzz_target!(|data: &[u8]| {
         mem.write_obj(flags.to_le(), GuestAddress(at + 12)).unwrap();
         mem.write_obj(next.to_le(), GuestAddress(at + 14)).unwrap();
     }
-    mem.write_slice(&[0u8; 0x1000], GuestAddress(AVAIL)).unwrap();
+    mem.write_slice(&[0u8; 0x1000], GuestAddress(AVAIL))
+        .unwrap();
     mem.write_slice(&[0u8; 0xc00], GuestAddress(USED)).unwrap();
     let navail = input.u8();
     for i in 0..u64::from(navail) {

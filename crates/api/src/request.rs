@@ -1040,7 +1040,7 @@ mod tests {
         for (m, p) in [
             ("PUT", "/mmds"),
             ("PUT", "/pmem/p0"),
-            ("GET", "/cpu-config"),
+            ("PUT", "/cpu-config"),
         ] {
             let e = err(m, p, "{}");
             assert_eq!(e.status, 400, "{m} {p}");
