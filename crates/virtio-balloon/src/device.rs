@@ -28,10 +28,14 @@ use crate::parse::{
 };
 use crate::release::release;
 use crate::{
-    mib_to_pages, pages_to_mib, BalloonConfig, Error, CONFIG_SPACE_SIZE, PAGE_SHIFT, QUEUE_SIZE,
-    VIRTIO_BALLOON_F_DEFLATE_ON_OOM, VIRTIO_BALLOON_F_FREE_PAGE_HINT, VIRTIO_BALLOON_F_REPORTING,
-    VIRTIO_BALLOON_F_STATS_VQ,
+    mib_to_pages, pages_to_mib, BalloonConfig, Error, CONFIG_SPACE_SIZE, MAX_PFNS_PER_CHAIN,
+    PAGE_SHIFT, QUEUE_SIZE, VIRTIO_BALLOON_F_DEFLATE_ON_OOM, VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+    VIRTIO_BALLOON_F_REPORTING, VIRTIO_BALLOON_F_STATS_VQ,
 };
+
+/// Most PFNs gathered from inflate chains before they are released: 32
+/// chains of Linux's 256 (32 MiB of pages), in a bounded buffer (32 KiB).
+pub const INFLATE_BATCH_PFNS: usize = 32 * MAX_PFNS_PER_CHAIN;
 
 /// Index of the inflate queue.
 pub(crate) const INFLATE: usize = 0;
@@ -112,6 +116,8 @@ pub struct Balloon {
     pub(crate) latest_stats: BalloonStats,
     pub(crate) hinting: HintingState,
     pfns: Vec<u32>,
+    /// PFNs of inflate chains gathered for one release.
+    batch: Vec<u32>,
     ranges: Vec<(GuestAddress, u64)>,
     pub(crate) active: Option<Active>,
     /// Signalled at activation and reset, so that the event loop starts or
@@ -196,7 +202,8 @@ impl Balloon {
             stats_desc: None,
             latest_stats: BalloonStats::default(),
             hinting: HintingState::default(),
-            pfns: Vec::with_capacity(crate::MAX_PFNS_PER_CHAIN),
+            pfns: Vec::with_capacity(MAX_PFNS_PER_CHAIN),
+            batch: Vec::new(),
             ranges: Vec::new(),
             active: None,
             control_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?,
@@ -461,28 +468,75 @@ impl Balloon {
 
     /// Processes the inflate queue: every valid chain's pages are released
     /// to the host; every chain goes back with length 0.
+    ///
+    /// The PFNs of up to [`INFLATE_BATCH_PFNS`] pages are gathered across
+    /// chains, sorted and merged, and released with one call per run of
+    /// consecutive pages (each call is a TLB shootdown and a KVM MMU
+    /// notifier round); the chains go back only after their pages are
+    /// released, so the driver never sees a page acknowledged that the host
+    /// still holds.
     pub fn process_inflate_queue(&mut self) -> Result<(), Error> {
         self.metrics.inflate_count.inc();
         let Some(active) = self.active.as_mut() else {
             return Ok(());
         };
-        let (metrics, pfns) = (&self.metrics, &mut self.pfns);
+        let metrics = &self.metrics;
+        let (pfns, batch) = (&mut self.pfns, &mut self.batch);
         let mem = &active.mem;
-        drain_queue(&mut active.queues[INFLATE], mem, metrics, |chain| {
-            if let Err(e) = parse_pfns(chain, mem, pfns) {
-                metrics.event_fails.inc();
-                debug!("virtio-balloon: invalid inflate chain: {e}");
-                return;
+        let queue = &mut active.queues[INFLATE];
+        queue
+            .disable_notification(mem)
+            .map_err(|e| metrics.event_fails.inc_and(Error::Queue(e)))?;
+        let mut heads: Vec<u16> = Vec::new();
+        let mut used_any = false;
+        let mut result = Ok(());
+        loop {
+            let chain = match pop_or_enable_notification(queue, mem) {
+                Ok(chain) => chain,
+                Err(e) => {
+                    // The driver published more entries than the queue holds.
+                    metrics.event_fails.inc();
+                    result = Err(Error::Queue(e));
+                    None
+                }
+            };
+            if let Some(chain) = &chain {
+                heads.push(chain.head_index());
             }
-            for (pfn, count) in pfn_ranges(pfns) {
+            if let Some(chain) = chain.clone() {
+                match parse_pfns(chain, mem, pfns) {
+                    Ok(()) => batch.extend_from_slice(pfns),
+                    Err(e) => {
+                        metrics.event_fails.inc();
+                        debug!("virtio-balloon: invalid inflate chain: {e}");
+                    }
+                }
+            }
+            let more = chain.is_some();
+            if more && batch.len() + MAX_PFNS_PER_CHAIN <= INFLATE_BATCH_PFNS {
+                continue;
+            }
+            for (pfn, count) in pfn_ranges(batch) {
                 let addr = GuestAddress(pfn << PAGE_SHIFT);
                 if let Err(e) = release(mem, addr, count << PAGE_SHIFT) {
                     metrics.event_fails.inc();
                     error!("virtio-balloon: {e}");
                 }
             }
-        })
-        .map(|used| self.signal_if(used, INFLATE))
+            batch.clear();
+            for head in heads.drain(..) {
+                if let Err(e) = queue.add_used(mem, head, 0) {
+                    metrics.event_fails.inc();
+                    error!("virtio-balloon: failed to add head {head} to the used ring: {e}");
+                }
+                used_any = true;
+            }
+            if !more {
+                break;
+            }
+        }
+        self.signal_if(used_any, INFLATE);
+        result
     }
 
     /// Processes the deflate queue. The guest takes pages back simply by

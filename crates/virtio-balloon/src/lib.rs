@@ -87,7 +87,7 @@ mod tests;
 
 use std::io;
 
-pub use device::{Balloon, HintingState, HintingStatus, StartHintingCmd};
+pub use device::{Balloon, HintingState, HintingStatus, StartHintingCmd, INFLATE_BATCH_PFNS};
 pub use metrics::BalloonMetrics;
 pub use parse::{
     parse_pfns, parse_ranges, parse_stats, pfn_ranges, BalloonStats, ChainError, HintChain,

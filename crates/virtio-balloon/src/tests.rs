@@ -238,6 +238,33 @@ fn inflate_releases_exactly_the_listed_pages() {
 }
 
 #[test]
+fn inflate_batches_span_many_chains_and_every_chain_comes_back() {
+    let mut h = Harness::new(BalloonConfig::default());
+    h.fill(DATA, 0x40_000, 0xaa);
+    // More chains than one batch holds: 48 lists of 256 PFNs over the 64
+    // pages at DATA, and a bad list in the middle.
+    let chains = crate::INFLATE_BATCH_PFNS / MAX_PFNS_PER_CHAIN + 16;
+    let mut heads = Vec::new();
+    for c in 0..chains {
+        if c == chains / 2 {
+            heads.push(h.post_pfns(0, LIST + 0x400 * c as u64, &[pfn(LOW)]));
+            continue;
+        }
+        let pfns: Vec<u32> = (0..256u64)
+            .map(|i| pfn(DATA + ((c as u64 * 256 + i) % 64) * 0x1000))
+            .collect();
+        heads.push(h.post_pfns(0, LIST + 0x400 * c as u64, &pfns));
+    }
+    h.dev.process_inflate_queue().unwrap();
+    let used: Vec<u16> = h.take_used(0).into_iter().map(|(head, _)| head).collect();
+    assert_eq!(used, heads);
+    assert_eq!(h.byte(DATA), 0);
+    assert_eq!(h.byte(DATA + 0x3_ffff), 0);
+    assert_eq!(h.dev.metrics().event_fails.count(), 1);
+    assert_eq!(h.interrupt.vring_count(), 1);
+}
+
+#[test]
 fn hostile_pfn_lists_release_nothing() {
     let mut h = Harness::new(BalloonConfig::default());
     h.fill(DATA, 0x2000, 0xaa);
