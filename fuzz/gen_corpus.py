@@ -842,6 +842,12 @@ BALLOON_REQUEST = {
         [0, 9, 0xFFFF], pfns(0x20)),
     "avail_overflow": balloon_input(
         1, B_INFLATE, [blk_desc(IN_DATA1, 0x0, 4)], [0], pfns(0x20), avail_idx=5),
+    # A looping list naming its own page (0x2), posted twice with a bad head
+    # between: the second reading finds zeroes.
+    "list_releases_its_own_page": balloon_input(
+        2, B_INFLATE,
+        [blk_desc(IN_DATA1, 0x1, 0, F_NEXT, 1), blk_desc(IN_DATA1, 0x0, 4, F_NEXT, 0)],
+        [0, 0x2000, 0], pfns(0x2)),
 }
 
 

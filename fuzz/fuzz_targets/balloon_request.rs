@@ -13,10 +13,10 @@
 //! Checked: no panic and no hang; every PFN a parser accepts names a page
 //! of guest memory, at most 256 per chain; every accepted range is whole
 //! 4 KiB pages inside one region; at most 256 statistics per chain; and,
-//! when the pages released overlap no ring or table the device reads, guest
-//! memory changes only in the used ring and in the pages the parsers named
-//! (which then read zero), so that no list, however hostile, makes the
-//! device release anything else.
+//! when the pages released overlap no ring, table or buffer the device
+//! reads, guest memory changes only in the used ring and in the pages the
+//! parsers named (which then read zero), so that no list, however hostile,
+//! makes the device release anything else.
 //!
 //! Input format (little-endian; missing bytes read as 0):
 //! - `cfg: u8`: bits 0-3 log2 of the queue size (at most 8), bits 4-6 the
@@ -228,6 +228,11 @@ fuzz_target!(|data: &[u8]| {
     let mut pre = make_queue(size, 0);
     if let Ok(iter) = pre.iter(mem) {
         for chain in iter {
+            // The buffers are read too: a list may name its own page, and
+            // a later chain then reads zeroes there.
+            for d in chain.clone() {
+                reads.add(d.addr().0, u64::from(d.len()));
+            }
             match kind {
                 2 => {
                     if let Ok(stats) = parse_stats(chain, mem) {
