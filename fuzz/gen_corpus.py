@@ -799,6 +799,77 @@ CPU_TEMPLATE = {
 }
 
 
+# --- balloon_request --------------------------------------------------------
+# Raw format, described in fuzz_targets/balloon_request.rs (descriptors as
+# for blk_request; sel 3 is a page number).
+B_INFLATE, B_DEFLATE, B_STATS, B_REPORT, B_HINT = 0, 1, 2, 3, 4
+B_AVAIL_IDX = 0x80
+PAGE_NR = 3
+
+
+def balloon_input(log2_size, kind, descs, heads, data=b"", avail_idx=None):
+    out = u8(log2_size | kind << 4 | (B_AVAIL_IDX if avail_idx is not None else 0))
+    if avail_idx is not None:
+        out += u16(avail_idx)
+    out += u8(len(descs)) + b"".join(descs)
+    out += u8(len(heads)) + b"".join(u16(h) for h in heads)
+    return out + data
+
+
+def pfns(*numbers):
+    return b"".join(struct.pack("<I", n) for n in numbers)
+
+
+BALLOON_REQUEST = {
+    # Pages 0x20, 0x21 (second region) and 0x3 (first region).
+    "inflate": balloon_input(
+        2, B_INFLATE, [blk_desc(IN_DATA1, 0x0, 12)], [0], pfns(0x20, 0x21, 0x3)),
+    # A page in the hole, one past the end, the largest PFN, a length that
+    # is not whole PFNs, a device-writable list.
+    "inflate_hostile": balloon_input(
+        3, B_INFLATE,
+        [blk_desc(IN_DATA1, 0x0, 8), blk_desc(IN_DATA1, 0x8, 4),
+         blk_desc(IN_DATA1, 0xc, 4), blk_desc(IN_DATA1, 0x0, 6),
+         blk_desc(IN_DATA1, 0x0, 4, F_WRITE)],
+        [0, 1, 2, 3, 4], pfns(0x20, 0x18, 0x40, 0xFFFFFFFF)),
+    "deflate": balloon_input(
+        1, B_DEFLATE, [blk_desc(IN_DATA1, 0x0, 8)], [0], pfns(0x22, 0x23)),
+    "stats": balloon_input(
+        1, B_STATS, [blk_desc(IN_DATA1, 0x0, 30)], [0],
+        struct.pack("<HQHQHQ", 4, 0x1234000, 5, 0x8000000, 99, 1)),
+    "stats_two_and_odd": balloon_input(
+        2, B_STATS, [blk_desc(IN_DATA1, 0x0, 10), blk_desc(IN_DATA1, 0x0, 7)],
+        [0, 1], struct.pack("<HQ", 3, 7)),
+    "report": balloon_input(
+        2, B_REPORT,
+        [blk_desc(PAGE_NR, 0x21, 0x2000, F_WRITE | F_NEXT, 1),
+         blk_desc(PAGE_NR, 0x3, 0x1000, F_WRITE),
+         blk_desc(PAGE_NR, 0xf, 0x2000, F_WRITE),
+         blk_desc(RAW, 0x20800, 0x1000, F_WRITE)],
+        [0, 2, 3]),
+    "hint_run": balloon_input(
+        2, B_HINT,
+        [blk_desc(IN_DATA1, 0x0, 4), blk_desc(PAGE_NR, 0x24, 0x2000, F_WRITE),
+         blk_desc(IN_DATA1, 0x4, 4), blk_desc(PAGE_NR, 0x26, 0x1000, F_WRITE)],
+        [0, 1, 2, 3], struct.pack("<II", 2, 0)),
+    "indirect": balloon_input(
+        2, B_INFLATE, [blk_desc(IN_DATA1, 0x0, 16, F_INDIRECT)], [0],
+        struct.pack("<QIHH", 0x2100, 8, 0, 0) + b"\0" * (0x100 - 16) + pfns(0x25, 0x3)),
+    "loops_and_bad_heads": balloon_input(
+        2, B_INFLATE,
+        [blk_desc(IN_DATA1, 0x0, 4, F_NEXT, 1), blk_desc(IN_DATA1, 0x0, 4, F_NEXT, 0)],
+        [0, 9, 0xFFFF], pfns(0x20)),
+    "avail_overflow": balloon_input(
+        1, B_INFLATE, [blk_desc(IN_DATA1, 0x0, 4)], [0], pfns(0x20), avail_idx=5),
+    # A looping list naming its own page (0x2), posted twice with a bad head
+    # between: the second reading finds zeroes.
+    "list_releases_its_own_page": balloon_input(
+        2, B_INFLATE,
+        [blk_desc(IN_DATA1, 0x1, 0, F_NEXT, 1), blk_desc(IN_DATA1, 0x0, 4, F_NEXT, 0)],
+        [0, 0x2000, 0], pfns(0x2)),
+}
+
+
 def write_corpus(target, seeds):
     directory = os.path.join(HERE, "corpus", target)
     os.makedirs(directory, exist_ok=True)
@@ -817,6 +888,7 @@ def main():
     write_corpus("blk_request", BLK_REQUEST)
     write_corpus("rng_request", RNG_REQUEST)
     write_corpus("cpu_template", CPU_TEMPLATE)
+    write_corpus("balloon_request", BALLOON_REQUEST)
 
 
 if __name__ == "__main__":

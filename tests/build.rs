@@ -23,6 +23,7 @@ const GUESTS: &[&str] = &[
     "virtio_mmds",
     "virtio_vsock",
     "virtio_rng",
+    "virtio_balloon",
     "counter",
     "ctrl_alt_del",
     "echo",

@@ -75,7 +75,6 @@ fn every_firecracker_section_is_accepted_empty() {
 #[test]
 fn a_section_for_a_device_ember_lacks_is_refused_by_name() {
     for (section, body) in [
-        ("balloon", json!({"amount_mib": 1, "deflate_on_oom": false})),
         (
             "pmem",
             json!([{"id": "p0", "path_on_host": "/p", "root_device": false}]),

@@ -36,6 +36,9 @@ use crate::uffd::UffdBackend;
 /// Why a snapshot could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum CreateError {
+    /// The VM has a balloon, whose state snapshots do not hold yet.
+    #[error("snapshots of a VM with a balloon device are not supported by Ember yet")]
+    BalloonDevice,
     /// The vCPUs could not save their state.
     #[error("Cannot save the microVM state: {0}")]
     Vcpus(#[source] ember_vcpu::Error),
@@ -278,6 +281,9 @@ impl SnapshotSource {
         config: &VmConfig,
         params: &SnapshotCreateParams,
     ) -> Result<(), CreateError> {
+        if config.balloon.is_some() {
+            return Err(CreateError::BalloonDevice);
+        }
         let state = self.save(config)?;
         let bytes = ember_snapshot::encode(&state).map_err(CreateError::Encode)?;
         let snap_err = |op, source| CreateError::SnapshotFile {

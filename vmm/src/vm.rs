@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ember_api::{
-    ApiError, ApiServerHandle, Responder, RuntimeApiController, RuntimeVm, SharedMmds,
-    SnapshotCreateParams, SnapshotLoadParams, VmActionError, VmmData,
+    ApiError, ApiServerHandle, BalloonAnswer, BalloonRequest, Responder, RuntimeApiController,
+    RuntimeVm, SharedMmds, SnapshotCreateParams, SnapshotLoadParams, VmActionError, VmmData,
 };
 use ember_boot::{KernelEntry, VirtioMmioDeviceInfo};
 use ember_config::{drives_in_attach_order, VmConfig};
@@ -25,6 +25,7 @@ use ember_logger::metrics::Metrics;
 use ember_mmds::{MmdsMetrics, MmdsNetworkStack};
 use ember_rate_limiter::TokenBucket;
 use ember_vcpu::{ExitReason, Vcpu, VcpuConfig, VcpuHandle, VmControl};
+use ember_virtio_balloon::Balloon;
 use ember_virtio_blk::{Block, BucketSpec, BucketUpdate};
 use ember_virtio_net::Net;
 use kvm_ioctls::{Kvm, VmFd};
@@ -238,8 +239,11 @@ fn assemble(
             .set_output_limit(Some(limit));
     }
     devices.attach_i8042(&vm_fd, control.clone())?;
-    // virtio-mmio slots in Firecracker's order: drives (root first),
-    // network interfaces, vsock, entropy.
+    // virtio-mmio slots in Firecracker's order: the balloon, drives (root
+    // first), network interfaces, vsock, entropy.
+    if let Some(balloon) = &config.balloon {
+        devices.attach_balloon(&vm_fd, balloon)?;
+    }
     for drive in drives_in_attach_order(&config.drives) {
         devices.attach_block(&vm_fd, drive)?;
     }
@@ -615,6 +619,7 @@ impl Vm {
                     .iter()
                     .map(|n| (n.id.clone(), n.net.clone()))
                     .collect(),
+                balloon: self.devices.balloon().cloned(),
                 snapshot: SnapshotSource::new(
                     self.vm_fd.clone(),
                     self.mem.clone(),
@@ -668,6 +673,7 @@ struct RunningVm {
     i8042: Option<I8042>,
     drives: Vec<(String, Arc<Mutex<Block>>)>,
     nets: Vec<(String, Arc<Mutex<Net>>)>,
+    balloon: Option<Arc<Mutex<Balloon>>>,
     snapshot: SnapshotSource,
 }
 
@@ -741,6 +747,37 @@ impl RuntimeVm for RunningVm {
         lock(block)
             .update_rate_limiter(bucket_update(&update.bandwidth), bucket_update(&update.ops));
         Ok(())
+    }
+
+    fn balloon(&mut self, request: BalloonRequest) -> Result<BalloonAnswer, VmActionError> {
+        let balloon = self.balloon.as_ref().ok_or(VmActionError::NoBalloon)?;
+        let mut b = lock(balloon);
+        // Firecracker's VMM error wraps the device's as "Balloon: ...".
+        let failed =
+            |e: ember_virtio_balloon::Error| VmActionError::Failed(format!("Balloon: {e}").into());
+        Ok(match request {
+            BalloonRequest::Config => BalloonAnswer::Config(b.config().into()),
+            BalloonRequest::Stats => BalloonAnswer::Stats(b.latest_stats().map_err(failed)?),
+            BalloonRequest::SetTarget(mib) => {
+                b.update_size(mib).map_err(failed)?;
+                BalloonAnswer::Done
+            }
+            BalloonRequest::SetStatsInterval(s) => {
+                b.update_stats_polling_interval(s).map_err(failed)?;
+                BalloonAnswer::Done
+            }
+            BalloonRequest::StartHinting(cmd) => {
+                b.start_hinting(cmd).map_err(failed)?;
+                BalloonAnswer::Done
+            }
+            BalloonRequest::HintingStatus => {
+                BalloonAnswer::Hinting(b.hinting_status().map_err(failed)?)
+            }
+            BalloonRequest::StopHinting => {
+                b.stop_hinting().map_err(failed)?;
+                BalloonAnswer::Done
+            }
+        })
     }
 
     fn create_snapshot(

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use ember_config::{
-    BootSource, CustomCpuTemplate, Drive, Entropy, HugePages, Logger, MachineConfig, Metrics,
-    MmdsConfig, NetworkInterface, RateLimiter, Serial, StaticCpuTemplate, VmConfig, Vsock,
+    Balloon, BootSource, CustomCpuTemplate, Drive, Entropy, HugePages, Logger, MachineConfig,
+    Metrics, MmdsConfig, NetworkInterface, RateLimiter, Serial, StaticCpuTemplate, VmConfig, Vsock,
 };
+pub use ember_virtio_balloon::{BalloonStats, HintingStatus, StartHintingCmd};
 
 /// The `app_name` of `GET /`.
 pub const APP_NAME: &str = "Ember";
@@ -66,6 +67,23 @@ pub enum VmmAction {
     PatchMmds(serde_json::Value),
     /// `PUT /mmds/config`: the service's version, address and interfaces.
     PutMmdsConfig(MmdsConfig),
+    /// `PUT /balloon`: adds the balloon, or replaces its settings, before
+    /// boot.
+    PutBalloon(Balloon),
+    /// `GET /balloon`.
+    GetBalloon,
+    /// `PATCH /balloon`: a new target for the running balloon.
+    PatchBalloon(BalloonUpdate),
+    /// `GET /balloon/statistics`.
+    GetBalloonStats,
+    /// `PATCH /balloon/statistics`: a new polling interval.
+    PatchBalloonStats(BalloonStatsUpdate),
+    /// `PATCH /balloon/hinting/start`.
+    StartBalloonHinting(StartHintingCmd),
+    /// `GET /balloon/hinting/status`.
+    GetBalloonHintingStatus,
+    /// `PATCH /balloon/hinting/stop`.
+    StopBalloonHinting,
     /// `PUT /logger`.
     PutLogger(Logger),
     /// `PUT /metrics`.
@@ -98,6 +116,7 @@ impl VmmAction {
                 | VmmAction::GetVmConfig
                 | VmmAction::GetMachineConfig
                 | VmmAction::GetMmds
+                | VmmAction::GetBalloon
         )
     }
 }
@@ -280,6 +299,22 @@ pub struct NetworkInterfaceUpdate {
     pub tx_rate_limiter: Option<RateLimiter>,
 }
 
+/// `PATCH /balloon`: Firecracker's `BalloonUpdateConfig`.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonUpdate {
+    /// New target, in MiB.
+    pub amount_mib: u32,
+}
+
+/// `PATCH /balloon/statistics`: Firecracker's `BalloonUpdateStatsConfig`.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStatsUpdate {
+    /// New polling interval, in seconds.
+    pub stats_polling_interval_s: u16,
+}
+
 /// `state` of `GET /`, Firecracker's strings.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 pub enum InstanceState {
@@ -336,6 +371,12 @@ pub enum VmmData {
     MachineConfig(MachineConfig),
     /// `GET /mmds`: the store (`{}` when empty).
     MmdsValue(serde_json::Value),
+    /// `GET /balloon`.
+    Balloon(Balloon),
+    /// `GET /balloon/statistics`.
+    BalloonStats(BalloonStats),
+    /// `GET /balloon/hinting/status`.
+    HintingStatus(HintingStatus),
 }
 
 /// A failed request: an HTTP status and the `fault_message` of Firecracker's

@@ -454,6 +454,9 @@ pub fn response_to_http(response: &VmmResponse) -> HttpResponse {
         Ok(VmmData::VmConfig(c)) => json(&c.to_api_json()),
         Ok(VmmData::MachineConfig(m)) => json(m),
         Ok(VmmData::MmdsValue(v)) => json(v),
+        Ok(VmmData::Balloon(b)) => json(b),
+        Ok(VmmData::BalloonStats(s)) => json(s),
+        Ok(VmmData::HintingStatus(h)) => json(h),
         Err(e) => error_to_http(e),
     }
 }

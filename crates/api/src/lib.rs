@@ -63,9 +63,10 @@ mod runtime;
 mod server;
 
 pub use action::{
-    ApiError, DriveUpdate, InstanceInfo, InstanceState, MachineConfigUpdate, MemBackend,
-    MemBackendType, NetworkInterfaceUpdate, NetworkOverride, SnapshotCreateParams,
-    SnapshotHugePages, SnapshotLoadParams, SnapshotType, VmmAction, VmmData, VmmResponse,
+    ApiError, BalloonStats, BalloonStatsUpdate, BalloonUpdate, DriveUpdate, HintingStatus,
+    InstanceInfo, InstanceState, MachineConfigUpdate, MemBackend, MemBackendType,
+    NetworkInterfaceUpdate, NetworkOverride, SnapshotCreateParams, SnapshotHugePages,
+    SnapshotLoadParams, SnapshotType, StartHintingCmd, VmmAction, VmmData, VmmResponse,
     VsockOverride, APP_NAME, EMBER_VERSION, FIRECRACKER_API_VERSION,
 };
 pub use http::{error_to_http, response_to_http, HttpResponse};
@@ -78,7 +79,7 @@ pub use request::{
     allowed_methods, parse_request, payload_too_large, Route, DEFAULT_MAX_PAYLOAD, NOT_IMPLEMENTED,
     ROUTES,
 };
-pub use runtime::{RuntimeApiController, RuntimeVm, VmActionError};
+pub use runtime::{BalloonAnswer, BalloonRequest, RuntimeApiController, RuntimeVm, VmActionError};
 pub use server::{
     start_api_server, start_api_server_with, ApiServerError, ApiServerHandle, Responder,
     ServerOptions, ThreadHook, IDLE_EVICTION_GRACE, THREAD_NAME,

@@ -89,6 +89,7 @@ impl<'a> PrebootApiController<'a> {
                 | VmmAction::PutDrive(_)
                 | VmmAction::PutNetworkInterface(_)
                 | VmmAction::PutVsock(_)
+                | VmmAction::PutBalloon(_)
                 | VmmAction::InstanceStart
         ) {
             self.boot_path = true;
@@ -151,6 +152,12 @@ pub fn check_allowed(action: &VmmAction, state: InstanceState) -> Result<(), Api
             | Pause
             | Resume
             | CreateSnapshot(_)
+            | PatchBalloon(_)
+            | GetBalloonStats
+            | PatchBalloonStats(_)
+            | StartBalloonHinting(_)
+            | GetBalloonHintingStatus
+            | StopBalloonHinting
     );
     // The metadata store may be read and written at any time.
     let any_time = matches!(action, GetMmds | PutMmds(_) | PatchMmds(_));
@@ -185,6 +192,19 @@ fn config_error(prefix: &str, e: ConfigError) -> ApiError {
         other => other.to_string(),
     };
     ApiError::bad_request(format!("{prefix}: {detail}"))
+}
+
+/// Firecracker's refusal of guest memory smaller than the balloon target
+/// set before.
+fn check_balloon_fits(c: &VmConfig) -> Result<(), ApiError> {
+    match &c.balloon {
+        Some(b) if (b.amount_mib as usize) > c.machine_config.mem_size_mib => {
+            Err(ApiError::bad_request(
+                "Machine config error: The memory size (MiB) is smaller than the previously set balloon device target size.",
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn check_openable(path: &Path, writable: bool) -> std::io::Result<File> {
@@ -376,7 +396,7 @@ impl ActionHandler for PreBootResources {
                     None => keep,
                     Some(t) => Some(t).filter(|t| *t != StaticCpuTemplate::None),
                 };
-                Ok(())
+                check_balloon_fits(c)
             }),
             VmmAction::PatchMachineConfig(u) => {
                 if u.is_empty() {
@@ -388,7 +408,7 @@ impl ActionHandler for PreBootResources {
                         c.cpu_config = None;
                     }
                     c.machine_config = u.apply(&c.machine_config);
-                    Ok(())
+                    check_balloon_fits(c)
                 })
             }
             VmmAction::PutDrive(d) => {
@@ -426,6 +446,16 @@ impl ActionHandler for PreBootResources {
                 c.cpu_config = Some(t);
                 Ok(())
             }),
+            VmmAction::PutBalloon(b) => self.update("Balloon config error", |c| {
+                c.balloon = Some(b);
+                Ok(())
+            }),
+            VmmAction::GetBalloon => match &self.config.balloon {
+                Some(b) => Ok(VmmData::Balloon(b.clone())),
+                None => Err(ApiError::bad_request(
+                    "Balloon config error: No balloon device found.",
+                )),
+            },
             VmmAction::PutSerial(serial) => self.update("Serial config error", |c| {
                 c.serial = Some(serial);
                 Ok(())
@@ -456,7 +486,13 @@ impl ActionHandler for PreBootResources {
             | VmmAction::FlushMetrics
             | VmmAction::Pause
             | VmmAction::Resume
-            | VmmAction::CreateSnapshot(_) => Err(ApiError::not_supported_pre_boot()),
+            | VmmAction::CreateSnapshot(_)
+            | VmmAction::PatchBalloon(_)
+            | VmmAction::GetBalloonStats
+            | VmmAction::PatchBalloonStats(_)
+            | VmmAction::StartBalloonHinting(_)
+            | VmmAction::GetBalloonHintingStatus
+            | VmmAction::StopBalloonHinting => Err(ApiError::not_supported_pre_boot()),
         }
     }
 }
@@ -1058,6 +1094,67 @@ mod tests {
             4096
         );
         let e = check_allowed(&VmmAction::PutEntropy(limited), InstanceState::Running).unwrap_err();
+        assert_eq!(
+            e.message,
+            "The requested operation is not supported after starting the microVM."
+        );
+    }
+
+    #[test]
+    fn balloon_is_set_before_boot_and_fits_guest_memory() {
+        let mut r = PreBootResources::new("vm");
+        let e = r.handle(VmmAction::GetBalloon).unwrap_err();
+        assert_eq!(e.message, "Balloon config error: No balloon device found.");
+        let b = ember_config::Balloon {
+            amount_mib: 64,
+            deflate_on_oom: true,
+            stats_polling_interval_s: 1,
+            ..Default::default()
+        };
+        r.handle(VmmAction::PutBalloon(b.clone())).unwrap();
+        assert_eq!(
+            r.handle(VmmAction::GetBalloon).unwrap(),
+            VmmData::Balloon(b.clone())
+        );
+        assert_eq!(r.config().to_api_json()["balloon"]["amount_mib"], 64);
+        // 128 MiB of guest memory by default.
+        let too_big = ember_config::Balloon {
+            amount_mib: 129,
+            ..b.clone()
+        };
+        let e = r.handle(VmmAction::PutBalloon(too_big)).unwrap_err();
+        assert_eq!(
+            e.message,
+            "Balloon config error: Amount of pages requested is too large."
+        );
+        let e = r
+            .handle(VmmAction::PatchMachineConfig(MachineConfigUpdate {
+                mem_size_mib: Some(32),
+                ..Default::default()
+            }))
+            .unwrap_err();
+        assert_eq!(
+            e.message,
+            "Machine config error: The memory size (MiB) is smaller than the previously set balloon device target size."
+        );
+        assert_eq!(r.config().machine_config.mem_size_mib, 128);
+        for runtime in [
+            VmmAction::PatchBalloon(crate::BalloonUpdate { amount_mib: 1 }),
+            VmmAction::GetBalloonStats,
+            VmmAction::PatchBalloonStats(crate::BalloonStatsUpdate {
+                stats_polling_interval_s: 2,
+            }),
+            VmmAction::StartBalloonHinting(crate::StartHintingCmd::default()),
+            VmmAction::GetBalloonHintingStatus,
+            VmmAction::StopBalloonHinting,
+        ] {
+            let e = r.handle(runtime).unwrap_err();
+            assert_eq!(
+                e.message,
+                "The requested operation is not supported before starting the microVM."
+            );
+        }
+        let e = check_allowed(&VmmAction::PutBalloon(b), InstanceState::Running).unwrap_err();
         assert_eq!(
             e.message,
             "The requested operation is not supported after starting the microVM."

@@ -6,13 +6,13 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::action::{
-    ApiError, DriveUpdate, MachineConfigUpdate, MemBackend, MemBackendType, NetworkInterfaceUpdate,
-    NetworkOverride, SnapshotCreateParams, SnapshotHugePages, SnapshotLoadParams, VmmAction,
-    VsockOverride,
+    ApiError, BalloonStatsUpdate, BalloonUpdate, DriveUpdate, MachineConfigUpdate, MemBackend,
+    MemBackendType, NetworkInterfaceUpdate, NetworkOverride, SnapshotCreateParams,
+    SnapshotHugePages, SnapshotLoadParams, StartHintingCmd, VmmAction, VsockOverride,
 };
 use ember_config::{
-    BootSource, CustomCpuTemplate, Drive, Entropy, Logger, MachineConfig, Metrics, MmdsConfig,
-    NetworkInterface, Serial, Vsock,
+    Balloon, BootSource, CustomCpuTemplate, Drive, Entropy, Logger, MachineConfig, Metrics,
+    MmdsConfig, NetworkInterface, Serial, Vsock,
 };
 use ember_logger::metrics::{ApiRequestMetrics, Counter};
 
@@ -52,6 +52,14 @@ pub const ROUTES: &[Route] = &[
     route("PUT", "/mmds"),
     route("PATCH", "/mmds"),
     route("PUT", "/mmds/config"),
+    route("GET", "/balloon"),
+    route("PUT", "/balloon"),
+    route("PATCH", "/balloon"),
+    route("GET", "/balloon/statistics"),
+    route("PATCH", "/balloon/statistics"),
+    route("PATCH", "/balloon/hinting/start"),
+    route("GET", "/balloon/hinting/status"),
+    route("PATCH", "/balloon/hinting/stop"),
     route("PUT", "/actions"),
     route("PATCH", "/vm"),
     route("GET", "/vm/config"),
@@ -64,15 +72,7 @@ pub const ROUTES: &[Route] = &[
 
 /// Firecracker endpoints Ember does not implement: they answer 400 with a
 /// message saying so, not 404, because a Firecracker client may call them.
-pub const NOT_IMPLEMENTED: &[&str] = &[
-    "/balloon",
-    "/balloon/statistics",
-    "/balloon/hinting/start",
-    "/balloon/hinting/status",
-    "/balloon/hinting/stop",
-    "/hotplug/memory",
-    "/pmem/{id}",
-];
+pub const NOT_IMPLEMENTED: &[&str] = &["/hotplug/memory", "/pmem/{id}"];
 
 /// The resource a path names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +90,11 @@ enum Resource<'a> {
     CpuConfig,
     Mmds,
     MmdsConfig,
+    Balloon,
+    BalloonStatistics,
+    BalloonHintingStart,
+    BalloonHintingStatus,
+    BalloonHintingStop,
     Actions,
     Vm,
     VmConfig,
@@ -119,7 +124,12 @@ impl Resource<'_> {
             | Resource::Serial
             | Resource::SnapshotCreate
             | Resource::SnapshotLoad => &["PUT"],
-            Resource::Vm => &["PATCH"],
+            Resource::Vm | Resource::BalloonHintingStart | Resource::BalloonHintingStop => {
+                &["PATCH"]
+            }
+            Resource::Balloon => &["GET", "PUT", "PATCH"],
+            Resource::BalloonStatistics => &["GET", "PATCH"],
+            Resource::BalloonHintingStatus => &["GET"],
             Resource::NotImplemented => &[],
         }
     }
@@ -173,11 +183,12 @@ fn resolve(path: &str) -> Option<Resource<'_>> {
         ("serial", None, None) => Resource::Serial,
         ("mmds", None, None) => Resource::Mmds,
         ("mmds", Some("config"), None) => Resource::MmdsConfig,
-        ("balloon", None, None)
-        | ("balloon", Some("statistics"), None)
-        | ("balloon", Some("hinting"), Some("start" | "status" | "stop"))
-        | ("hotplug", Some("memory"), None)
-        | ("pmem", Some(_), None) => Resource::NotImplemented,
+        ("balloon", None, None) => Resource::Balloon,
+        ("balloon", Some("statistics"), None) => Resource::BalloonStatistics,
+        ("balloon", Some("hinting"), Some("start")) => Resource::BalloonHintingStart,
+        ("balloon", Some("hinting"), Some("status")) => Resource::BalloonHintingStatus,
+        ("balloon", Some("hinting"), Some("stop")) => Resource::BalloonHintingStop,
+        ("hotplug", Some("memory"), None) | ("pmem", Some(_), None) => Resource::NotImplemented,
         ("snapshot", Some("create"), None) => Resource::SnapshotCreate,
         ("snapshot", Some("load"), None) => Resource::SnapshotLoad,
         _ => return None,
@@ -390,7 +401,16 @@ pub fn parse_request(
             return Err(ApiError::bad_request("GET request cannot have a body."))
         }
         "PUT" if body.is_empty() => return Err(ApiError::bad_request("Empty PUT request.")),
-        "PATCH" if body.is_empty() => return Err(ApiError::bad_request("Empty PATCH request.")),
+        // A hinting run starts with the defaults and stops without a body.
+        "PATCH"
+            if body.is_empty()
+                && !matches!(
+                    resource,
+                    Resource::BalloonHintingStart | Resource::BalloonHintingStop
+                ) =>
+        {
+            return Err(ApiError::bad_request("Empty PATCH request."))
+        }
         _ => {}
     }
 
@@ -449,6 +469,22 @@ pub fn parse_request(
         ("PUT", Resource::Mmds) => VmmAction::PutMmds(json_body(body)?),
         ("PATCH", Resource::Mmds) => VmmAction::PatchMmds(json_body(body)?),
         ("PUT", Resource::MmdsConfig) => VmmAction::PutMmdsConfig(from_body::<MmdsConfig>(body)?),
+        ("GET", Resource::Balloon) => VmmAction::GetBalloon,
+        ("PUT", Resource::Balloon) => VmmAction::PutBalloon(from_body::<Balloon>(body)?),
+        ("PATCH", Resource::Balloon) => VmmAction::PatchBalloon(from_body::<BalloonUpdate>(body)?),
+        ("GET", Resource::BalloonStatistics) => VmmAction::GetBalloonStats,
+        ("PATCH", Resource::BalloonStatistics) => {
+            VmmAction::PatchBalloonStats(from_body::<BalloonStatsUpdate>(body)?)
+        }
+        ("PATCH", Resource::BalloonHintingStart) => {
+            VmmAction::StartBalloonHinting(if body.is_empty() {
+                StartHintingCmd::default()
+            } else {
+                from_body::<StartHintingCmd>(body)?
+            })
+        }
+        ("GET", Resource::BalloonHintingStatus) => VmmAction::GetBalloonHintingStatus,
+        ("PATCH", Resource::BalloonHintingStop) => VmmAction::StopBalloonHinting,
         ("PUT", Resource::Actions) => match from_body::<ActionBody>(body)?.action_type {
             ActionType::InstanceStart => VmmAction::InstanceStart,
             ActionType::SendCtrlAltDel => VmmAction::SendCtrlAltDel,
@@ -1095,12 +1131,76 @@ mod tests {
     }
 
     #[test]
+    fn balloon_requests() {
+        let body = r#"{"amount_mib": 64, "deflate_on_oom": true, "stats_polling_interval_s": 1}"#;
+        let VmmAction::PutBalloon(b) = ok("PUT", "/balloon", body) else {
+            panic!("not PutBalloon");
+        };
+        assert_eq!((b.amount_mib, b.deflate_on_oom), (64, true));
+        assert_eq!(b.stats_polling_interval_s, 1);
+        assert!(!b.free_page_hinting && !b.free_page_reporting);
+        let e = err("PUT", "/balloon", r#"{"amount_mib": 64}"#);
+        assert!(e.message.contains("deflate_on_oom"), "{}", e.message);
+        assert_eq!(ok("GET", "/balloon", ""), VmmAction::GetBalloon);
+        assert_eq!(
+            ok("PATCH", "/balloon", r#"{"amount_mib": 8}"#),
+            VmmAction::PatchBalloon(BalloonUpdate { amount_mib: 8 })
+        );
+        let e = err(
+            "PATCH",
+            "/balloon",
+            r#"{"amount_mib": 8, "deflate_on_oom": true}"#,
+        );
+        assert!(e.message.contains("unknown field"), "{}", e.message);
+        assert_eq!(err("PATCH", "/balloon", "").message, "Empty PATCH request.");
+        assert_eq!(
+            ok("GET", "/balloon/statistics", ""),
+            VmmAction::GetBalloonStats
+        );
+        assert_eq!(
+            ok(
+                "PATCH",
+                "/balloon/statistics",
+                r#"{"stats_polling_interval_s": 5}"#
+            ),
+            VmmAction::PatchBalloonStats(BalloonStatsUpdate {
+                stats_polling_interval_s: 5
+            })
+        );
+        assert_eq!(
+            ok("PATCH", "/balloon/hinting/start", ""),
+            VmmAction::StartBalloonHinting(StartHintingCmd {
+                acknowledge_on_stop: true
+            })
+        );
+        assert_eq!(
+            ok(
+                "PATCH",
+                "/balloon/hinting/start",
+                r#"{"acknowledge_on_stop": false}"#
+            ),
+            VmmAction::StartBalloonHinting(StartHintingCmd {
+                acknowledge_on_stop: false
+            })
+        );
+        assert_eq!(
+            ok("GET", "/balloon/hinting/status", ""),
+            VmmAction::GetBalloonHintingStatus
+        );
+        assert_eq!(
+            ok("PATCH", "/balloon/hinting/stop", ""),
+            VmmAction::StopBalloonHinting
+        );
+        assert_eq!(err("PUT", "/balloon/statistics", "{}").status, 405);
+        assert_eq!(
+            allowed_methods("/balloon"),
+            Some(&["GET", "PUT", "PATCH"][..])
+        );
+    }
+
+    #[test]
     fn firecracker_endpoints_ember_lacks_say_so() {
-        for (m, p) in [
-            ("GET", "/balloon"),
-            ("PATCH", "/balloon/hinting/start"),
-            ("PUT", "/pmem/p0"),
-        ] {
+        for (m, p) in [("PUT", "/pmem/p0"), ("PUT", "/hotplug/memory")] {
             let e = err(m, p, "{}");
             assert_eq!(e.status, 400, "{m} {p}");
             assert!(
@@ -1121,10 +1221,11 @@ mod tests {
             // Firecracker counts every route except PATCH /vm, GET /vm/config
             // the snapshot calls and PUT /entropy (its metrics have no entropy
             // request counter).
+            // Nor the balloon's.
             let uncounted = matches!(
                 r.path,
                 "/vm" | "/vm/config" | "/snapshot/create" | "/snapshot/load" | "/entropy"
-            );
+            ) || r.path.starts_with("/balloon");
             assert_eq!(counted, !uncounted, "{r:?}");
         }
         for p in NOT_IMPLEMENTED {

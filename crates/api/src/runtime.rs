@@ -9,12 +9,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ember_config::{RateLimiter, VmConfig};
+use ember_config::{Balloon, RateLimiter, VmConfig};
 use ember_logger::metrics::Metrics;
 
 use crate::action::{
-    ApiError, DriveUpdate, InstanceInfo, InstanceState, NetworkInterfaceUpdate,
-    SnapshotCreateParams, SnapshotType, VmmAction, VmmData, VmmResponse, FIRECRACKER_API_VERSION,
+    ApiError, BalloonStats, DriveUpdate, HintingStatus, InstanceInfo, InstanceState,
+    NetworkInterfaceUpdate, SnapshotCreateParams, SnapshotType, StartHintingCmd, VmmAction,
+    VmmData, VmmResponse, FIRECRACKER_API_VERSION,
 };
 use crate::mmds::SharedMmds;
 use crate::preboot::{check_allowed, patch_drive, ActionHandler};
@@ -29,9 +30,47 @@ pub enum VmActionError {
     /// for.
     #[error("network interface `{0}` is configured but has no device")]
     NoSuchNetworkInterface(String),
+    /// The VM has no balloon (Firecracker's words).
+    #[error("Failed perform action on device: Device not found")]
+    NoBalloon,
     /// The vCPUs or a device failed; the message is theirs.
     #[error(transparent)]
     Failed(Box<dyn Error + Send + Sync>),
+}
+
+/// What the API asks of a running VM's balloon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BalloonRequest {
+    /// Its configuration, with the current target.
+    Config,
+    /// The guest's latest statistics.
+    Stats,
+    /// A new target in MiB.
+    SetTarget(u32),
+    /// A new statistics polling interval in seconds.
+    SetStatsInterval(u16),
+    /// Start a free page hinting run.
+    StartHinting(StartHintingCmd),
+    /// The hinting run's state.
+    HintingStatus,
+    /// End the hinting run.
+    StopHinting,
+}
+
+/// The balloon's answer to a [`BalloonRequest`].
+// One value per API request: boxing the statistics would only add an
+// allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BalloonAnswer {
+    /// Done; nothing to return.
+    Done,
+    /// For [`BalloonRequest::Config`].
+    Config(Balloon),
+    /// For [`BalloonRequest::Stats`].
+    Stats(BalloonStats),
+    /// For [`BalloonRequest::HintingStatus`].
+    Hinting(HintingStatus),
 }
 
 /// What the runtime controller asks of the running VM.
@@ -63,6 +102,9 @@ pub trait RuntimeVm {
         drive_id: &str,
         update: &RateLimiter,
     ) -> Result<(), VmActionError>;
+    /// Carries out `request` on the balloon: [`VmActionError::NoBalloon`]
+    /// without one, [`VmActionError::Failed`] with the device's reason.
+    fn balloon(&mut self, request: BalloonRequest) -> Result<BalloonAnswer, VmActionError>;
     /// Writes a full snapshot of the paused VM, which runs with `config`:
     /// its state to `params.snapshot_path`, its memory to
     /// `params.mem_file_path`. Only called on a paused VM, with a Full
@@ -73,6 +115,11 @@ pub trait RuntimeVm {
         params: &SnapshotCreateParams,
     ) -> Result<(), VmActionError>;
 }
+
+/// Firecracker's prefix for a failed runtime GET of the balloon.
+const INTERNAL: &str = "Internal VMM error";
+/// Firecracker's prefix for a failed balloon change.
+const BALLOON_UPDATE: &str = "Balloon update error";
 
 /// Answers API requests once the VM runs.
 pub struct RuntimeApiController<V> {
@@ -215,7 +262,7 @@ impl<V: RuntimeVm> RuntimeApiController<V> {
         if let Some(path) = &update.path_on_host {
             match self.vm.replace_drive_file(&update.drive_id, path) {
                 Ok(()) => {}
-                Err(e @ (VmActionError::NoSuchDrive(_) | VmActionError::NoSuchNetworkInterface(_))) => {
+                Err(e @ (VmActionError::NoSuchDrive(_) | VmActionError::NoSuchNetworkInterface(_) | VmActionError::NoBalloon)) => {
                     return Err(ApiError::internal(e.to_string()))
                 }
                 Err(VmActionError::Failed(e)) => {
@@ -233,7 +280,7 @@ impl<V: RuntimeVm> RuntimeApiController<V> {
         if let Some(rl) = &update.rate_limiter {
             match self.vm.update_drive_rate_limiter(&update.drive_id, rl) {
                 Ok(()) => {}
-                Err(e @ (VmActionError::NoSuchDrive(_) | VmActionError::NoSuchNetworkInterface(_))) => {
+                Err(e @ (VmActionError::NoSuchDrive(_) | VmActionError::NoSuchNetworkInterface(_) | VmActionError::NoBalloon)) => {
                     return Err(ApiError::internal(e.to_string()))
                 }
                 Err(VmActionError::Failed(e)) => {
@@ -246,6 +293,31 @@ impl<V: RuntimeVm> RuntimeApiController<V> {
         }
         self.config.drives[index] = drive;
         Ok(VmmData::Empty)
+    }
+}
+
+impl<V: RuntimeVm> RuntimeApiController<V> {
+    /// One balloon request; a failure is answered with `prefix`, as
+    /// Firecracker prefixes its VMM errors.
+    fn balloon(&mut self, request: BalloonRequest, prefix: &str) -> VmmResponse {
+        let answer = self
+            .vm
+            .balloon(request)
+            .map_err(|e| ApiError::bad_request(format!("{prefix}: {e}")))?;
+        // GET /vm/config follows the live balloon.
+        if let Some(b) = &mut self.config.balloon {
+            match request {
+                BalloonRequest::SetTarget(mib) => b.amount_mib = mib,
+                BalloonRequest::SetStatsInterval(s) => b.stats_polling_interval_s = s,
+                _ => {}
+            }
+        }
+        Ok(match answer {
+            BalloonAnswer::Done => VmmData::Empty,
+            BalloonAnswer::Config(b) => VmmData::Balloon(b),
+            BalloonAnswer::Stats(s) => VmmData::BalloonStats(s),
+            BalloonAnswer::Hinting(h) => VmmData::HintingStatus(h),
+        })
     }
 }
 
@@ -353,6 +425,24 @@ impl<V: RuntimeVm> ActionHandler for RuntimeApiController<V> {
             VmmAction::PatchDrive(update) => self.patch_drive(&update),
             VmmAction::PatchNetworkInterface(update) => self.patch_network_interface(&update),
             VmmAction::CreateSnapshot(params) => self.create_snapshot(&params),
+            VmmAction::GetBalloon => self.balloon(BalloonRequest::Config, INTERNAL),
+            VmmAction::GetBalloonStats => self.balloon(BalloonRequest::Stats, INTERNAL),
+            VmmAction::GetBalloonHintingStatus => {
+                self.balloon(BalloonRequest::HintingStatus, BALLOON_UPDATE)
+            }
+            VmmAction::PatchBalloon(u) => {
+                self.balloon(BalloonRequest::SetTarget(u.amount_mib), BALLOON_UPDATE)
+            }
+            VmmAction::PatchBalloonStats(u) => self.balloon(
+                BalloonRequest::SetStatsInterval(u.stats_polling_interval_s),
+                BALLOON_UPDATE,
+            ),
+            VmmAction::StartBalloonHinting(cmd) => {
+                self.balloon(BalloonRequest::StartHinting(cmd), BALLOON_UPDATE)
+            }
+            VmmAction::StopBalloonHinting => {
+                self.balloon(BalloonRequest::StopHinting, BALLOON_UPDATE)
+            }
             // Configuration calls: `check_allowed` refused them above.
             VmmAction::PutBootSource(_)
             | VmmAction::PutMachineConfig(_)
@@ -363,6 +453,7 @@ impl<V: RuntimeVm> ActionHandler for RuntimeApiController<V> {
             | VmmAction::PutEntropy(_)
             | VmmAction::PutCpuConfig(_)
             | VmmAction::PutMmdsConfig(_)
+            | VmmAction::PutBalloon(_)
             | VmmAction::PutLogger(_)
             | VmmAction::PutMetrics(_)
             | VmmAction::PutSerial(_)
@@ -396,6 +487,8 @@ mod tests {
         drives: Vec<String>,
         /// The snapshot requests that reached the VM.
         snapshots: Vec<SnapshotCreateParams>,
+        /// The balloon, if the VM has one.
+        balloon: Option<Balloon>,
     }
 
     impl RuntimeVm for FakeVm {
@@ -469,6 +562,102 @@ mod tests {
             self.snapshots.push(params.clone());
             Ok(())
         }
+
+        fn balloon(&mut self, request: BalloonRequest) -> Result<BalloonAnswer, VmActionError> {
+            self.calls.push(format!("balloon {request:?}"));
+            let b = self.balloon.as_mut().ok_or(VmActionError::NoBalloon)?;
+            match request {
+                BalloonRequest::Config => Ok(BalloonAnswer::Config(b.clone())),
+                BalloonRequest::SetTarget(mib) if mib > 128 => Err(VmActionError::Failed(
+                    format!("Balloon: Requested memory should be less than {mib}MiB").into(),
+                )),
+                BalloonRequest::SetTarget(mib) => {
+                    b.amount_mib = mib;
+                    Ok(BalloonAnswer::Done)
+                }
+                BalloonRequest::SetStatsInterval(s) => {
+                    b.stats_polling_interval_s = s;
+                    Ok(BalloonAnswer::Done)
+                }
+                BalloonRequest::Stats => Ok(BalloonAnswer::Stats(BalloonStats {
+                    target_mib: b.amount_mib,
+                    ..Default::default()
+                })),
+                BalloonRequest::HintingStatus => {
+                    Ok(BalloonAnswer::Hinting(HintingStatus::default()))
+                }
+                BalloonRequest::StartHinting(_) | BalloonRequest::StopHinting => {
+                    Ok(BalloonAnswer::Done)
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn balloon_requests_reach_the_device_and_the_configuration_follows() {
+        let b = Balloon {
+            amount_mib: 16,
+            deflate_on_oom: false,
+            stats_polling_interval_s: 1,
+            ..Default::default()
+        };
+        let config = VmConfig {
+            balloon: Some(b.clone()),
+            ..Default::default()
+        };
+        let vm = FakeVm {
+            balloon: Some(b.clone()),
+            ..Default::default()
+        };
+        let mut c = RuntimeApiController::new("vm", config, vm, None);
+        assert_eq!(
+            c.handle(VmmAction::GetBalloon).unwrap(),
+            VmmData::Balloon(b)
+        );
+        c.handle(VmmAction::PatchBalloon(crate::BalloonUpdate {
+            amount_mib: 32,
+        }))
+        .unwrap();
+        c.handle(VmmAction::PatchBalloonStats(crate::BalloonStatsUpdate {
+            stats_polling_interval_s: 4,
+        }))
+        .unwrap();
+        let live = c.config().balloon.clone().unwrap();
+        assert_eq!((live.amount_mib, live.stats_polling_interval_s), (32, 4));
+        let VmmData::BalloonStats(s) = c.handle(VmmAction::GetBalloonStats).unwrap() else {
+            panic!("no statistics");
+        };
+        assert_eq!(s.target_mib, 32);
+        let e = c
+            .handle(VmmAction::PatchBalloon(crate::BalloonUpdate {
+                amount_mib: 200,
+            }))
+            .unwrap_err();
+        assert_eq!(
+            e.message,
+            "Balloon update error: Balloon: Requested memory should be less than 200MiB"
+        );
+        assert_eq!(c.config().balloon.as_ref().unwrap().amount_mib, 32);
+        let e = c
+            .handle(VmmAction::PutBalloon(Balloon::default()))
+            .unwrap_err();
+        assert_eq!(
+            e.message,
+            "The requested operation is not supported after starting the microVM."
+        );
+
+        let mut none =
+            RuntimeApiController::new("vm", VmConfig::default(), FakeVm::default(), None);
+        let e = none.handle(VmmAction::GetBalloon).unwrap_err();
+        assert_eq!(
+            e.message,
+            "Internal VMM error: Failed perform action on device: Device not found"
+        );
+        let e = none.handle(VmmAction::StopBalloonHinting).unwrap_err();
+        assert_eq!(
+            e.message,
+            "Balloon update error: Failed perform action on device: Device not found"
+        );
     }
 
     struct Setup {

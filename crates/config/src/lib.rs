@@ -12,7 +12,8 @@
 //! Each device section converts itself into the configuration its device
 //! crate builds from (`BlockConfig::from(&drive)`,
 //! `NetConfig::try_from(&iface)`, `VsockConfig::from(&vsock)`,
-//! `EntropyConfig::from(&entropy)`), so the VMM
+//! `EntropyConfig::from(&entropy)`, `BalloonConfig::from(&balloon)`), so
+//! the VMM
 //! maps nothing by hand.
 //!
 //! # Example
@@ -41,6 +42,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 pub use ember_mmds::MmdsVersion;
+use ember_virtio_balloon::BalloonConfig;
 use ember_virtio_blk::{BlockConfig, BucketSpec, RateLimiterConfig};
 use ember_virtio_net::NetConfig;
 use ember_virtio_rng::EntropyConfig;
@@ -326,6 +328,55 @@ pub struct Entropy {
     pub rate_limiter: Option<RateLimiter>,
 }
 
+/// `balloon`: the virtio-balloon device (Firecracker's
+/// `BalloonDeviceConfig`, also the body of `PUT /balloon` and what
+/// `GET /balloon` answers).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Balloon {
+    /// Target balloon size in MiB.
+    pub amount_mib: u32,
+    /// Let the guest take pages back from the balloon when it runs out of
+    /// memory (VIRTIO_BALLOON_F_DEFLATE_ON_OOM).
+    pub deflate_on_oom: bool,
+    /// Seconds between statistics updates; 0 disables statistics.
+    #[serde(default)]
+    pub stats_polling_interval_s: u16,
+    /// Free page hinting.
+    #[serde(default)]
+    pub free_page_hinting: bool,
+    /// Free page reporting.
+    #[serde(default)]
+    pub free_page_reporting: bool,
+}
+
+impl From<&Balloon> for BalloonConfig {
+    fn from(b: &Balloon) -> Self {
+        BalloonConfig {
+            amount_mib: b.amount_mib,
+            deflate_on_oom: b.deflate_on_oom,
+            stats_polling_interval_s: b.stats_polling_interval_s,
+            free_page_hinting: b.free_page_hinting,
+            free_page_reporting: b.free_page_reporting,
+        }
+    }
+}
+
+impl From<BalloonConfig> for Balloon {
+    fn from(b: BalloonConfig) -> Self {
+        Balloon {
+            amount_mib: b.amount_mib,
+            deflate_on_oom: b.deflate_on_oom,
+            stats_polling_interval_s: b.stats_polling_interval_s,
+            free_page_hinting: b.free_page_hinting,
+            free_page_reporting: b.free_page_reporting,
+        }
+    }
+}
+
+/// Firecracker's refusal of a balloon target above guest memory.
+pub const BALLOON_TOO_LARGE: &str = "Amount of pages requested is too large.";
+
 /// Log levels, Firecracker's names (case-insensitive on input).
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
 pub enum LogLevel {
@@ -536,9 +587,9 @@ pub const SECTIONS: &[&str] = &[
 /// refused by name otherwise.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 pub struct VmConfig {
-    /// `balloon` (not supported).
+    /// `balloon`.
     #[serde(default)]
-    pub balloon: Option<serde_json::Value>,
+    pub balloon: Option<Balloon>,
     /// `drives`.
     #[serde(default, deserialize_with = "null_as_default")]
     pub drives: Vec<Drive>,
@@ -759,8 +810,13 @@ impl VmConfig {
         if let Some(mmds) = &self.mmds_config {
             mmds.validate(&self.network_interfaces)?;
         }
-        let unsupported: [(&'static str, bool); 3] = [
-            ("balloon", self.balloon.is_some()),
+        if let Some(b) = &self.balloon {
+            // The balloon cannot be larger than guest memory.
+            if b.amount_mib as usize > self.machine_config.mem_size_mib {
+                return Err(ConfigError::Invalid(BALLOON_TOO_LARGE.into()));
+            }
+        }
+        let unsupported: [(&'static str, bool); 2] = [
             ("memory-hotplug", self.memory_hotplug.is_some()),
             ("pmem", !self.pmem.is_empty()),
         ];
@@ -1505,9 +1561,55 @@ mod tests {
     }
 
     #[test]
+    fn balloon_section() {
+        let c = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "balloon": {"amount_mib": 16, "deflate_on_oom": true, "stats_polling_interval_s": 2}}"#,
+        )
+        .unwrap();
+        let b = c.balloon.as_ref().unwrap();
+        assert_eq!(
+            BalloonConfig::from(b),
+            BalloonConfig {
+                amount_mib: 16,
+                deflate_on_oom: true,
+                stats_polling_interval_s: 2,
+                free_page_hinting: false,
+                free_page_reporting: false,
+            }
+        );
+        // GET /vm/config shows every field, as Firecracker does.
+        assert_eq!(
+            c.to_api_json()["balloon"],
+            serde_json::json!({"amount_mib": 16, "deflate_on_oom": true,
+                "stats_polling_interval_s": 2, "free_page_hinting": false,
+                "free_page_reporting": false})
+        );
+        // deflate_on_oom is required, unknown fields are refused.
+        for body in [
+            r#"{"amount_mib": 1}"#,
+            r#"{"amount_mib": 1, "deflate_on_oom": false, "size": 2}"#,
+        ] {
+            assert!(VmConfig::from_json(&format!(
+                r#"{{"boot-source": {{"kernel_image_path": "/k"}}, "balloon": {body}}}"#
+            ))
+            .is_err());
+        }
+        // Not larger than guest memory.
+        let e = VmConfig::from_json(
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+                "balloon": {"amount_mib": 65, "deflate_on_oom": false}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("invalid config file: {BALLOON_TOO_LARGE}")
+        );
+    }
+
+    #[test]
     fn later_sections_parse_but_are_not_supported_yet() {
         for (section, body) in [
-            ("balloon", r#"{"amount_mib": 1, "deflate_on_oom": true}"#),
             ("memory-hotplug", r#"{"total_size_mib": 1024}"#),
             ("pmem", r#"[{"id": "p", "path_on_host": "/p"}]"#),
         ] {

@@ -9,7 +9,7 @@
 //! | COM1 16550A ([`Devices::attach_serial`]) | ports 0x3f8-0x3ff | GSI 4 |
 //! | i8042 ([`Devices::attach_i8042`]) | ports 0x60-0x64 | GSI 1 |
 //! | boot timer ([`Devices::attach_boot_timer`]) | MMIO 0xc000_0000, 4 KiB | none |
-//! | virtio-mmio slots, in attach order: drives ([`Devices::attach_block`], root first), network interfaces ([`Devices::attach_net`]), vsock ([`Devices::attach_vsock`]), the entropy device ([`Devices::attach_entropy`]) | MMIO from 0xc000_1000, 4 KiB each | GSI 5, 6, ... 23 |
+//! | virtio-mmio slots, in attach order: the balloon ([`Devices::attach_balloon`]), drives ([`Devices::attach_block`], root first), network interfaces ([`Devices::attach_net`]), vsock ([`Devices::attach_vsock`]), the entropy device ([`Devices::attach_entropy`]) | MMIO from 0xc000_1000, 4 KiB each | GSI 5, 6, ... 23 |
 //!
 //! Interrupts reach KVM's in-kernel irqchip through irqfds and queue kicks
 //! arrive on ioeventfds, so neither passes through the VMM thread. What the
@@ -59,7 +59,10 @@ use std::time::Instant;
 use ember_boot::layout::MMIO32_START;
 use ember_boot::VirtioMmioDeviceInfo;
 use ember_bus::{Bus, BusDeviceSync, BusKind, BusRange};
-use ember_config::{Drive, Entropy as EntropySection, NetworkInterface, Vsock as VsockSection};
+use ember_config::{
+    Balloon as BalloonSection, Drive, Entropy as EntropySection, NetworkInterface,
+    Vsock as VsockSection,
+};
 use ember_legacy_devices::i8042::{I8042Device, I8042_BASE, I8042_KBD_GSI, I8042_LEN};
 use ember_legacy_devices::serial::{
     SerialDevice, SerialDeviceState, COM1_BASE, COM1_GSI, COM1_LEN,
@@ -67,6 +70,7 @@ use ember_legacy_devices::serial::{
 use ember_legacy_devices::EventFdTrigger;
 use ember_logger::metrics::Metrics;
 use ember_vcpu::{ExitReason, VmControl};
+use ember_virtio_balloon::{Balloon, BalloonConfig};
 use ember_virtio_blk::{Block, BlockConfig};
 use ember_virtio_mmio::MmioTransport;
 use ember_virtio_net::{Net, NetConfig};
@@ -121,6 +125,9 @@ pub enum Error {
     /// The vsock device could not be set up.
     #[error("vsock: {0}")]
     Vsock(#[source] ember_vsock::Error),
+    /// The balloon could not be set up.
+    #[error("balloon device: {0}")]
+    Balloon(#[source] ember_virtio_balloon::Error),
     /// The entropy device could not be set up.
     #[error("entropy device: {0}")]
     Entropy(#[source] ember_virtio_rng::Error),
@@ -211,6 +218,7 @@ pub struct Devices {
     vsock_transport: Option<Arc<Mutex<MmioTransport>>>,
     entropy: Option<Arc<Mutex<Entropy>>>,
     entropy_transport: Option<Arc<Mutex<MmioTransport>>>,
+    balloon: Option<Arc<Mutex<Balloon>>>,
 }
 
 impl Devices {
@@ -232,6 +240,7 @@ impl Devices {
             vsock_transport: None,
             entropy: None,
             entropy_transport: None,
+            balloon: None,
         }
     }
 
@@ -441,6 +450,30 @@ impl Devices {
         Ok(())
     }
 
+    /// The virtio-balloon device in the next slot; Firecracker attaches it
+    /// before every other virtio device.
+    ///
+    /// # Errors
+    ///
+    /// The statistics timer cannot be created, or the slot cannot be set up.
+    pub fn attach_balloon(&mut self, vm: &VmFd, balloon: &BalloonSection) -> Result<(), Error> {
+        let device = Balloon::new(&BalloonConfig::from(balloon)).map_err(Error::Balloon)?;
+        let device = Arc::new(Mutex::new(device));
+        let attached = attach_virtio_device(
+            vm,
+            &self.mem,
+            bus_mut(&mut self.mmio, "a virtio device")?,
+            &mut self.slots,
+            device.clone(),
+            "the balloon device",
+        )?;
+        // The device registers its queues and statistics timer itself.
+        self.subscribers.push(device.clone());
+        self.placed(attached.slot);
+        self.balloon = Some(device);
+        Ok(())
+    }
+
     /// Records a virtio slot: its command line entry and its ACPI entry.
     fn placed(&mut self, slot: MmioSlot) {
         self.kernel_args.push(slot.cmdline_entry());
@@ -528,9 +561,15 @@ impl Devices {
         self.entropy_transport.as_ref()
     }
 
+    /// The balloon, if attached.
+    pub fn balloon(&self) -> Option<&Arc<Mutex<Balloon>>> {
+        self.balloon.as_ref()
+    }
+
     /// Registers the counters of every device with `metrics`, in
     /// Firecracker's groups: `uart`, `i8042`, `block` and
-    /// `block_<drive_id>`, `net` and `net_<iface_id>`, `vsock`, `entropy`.
+    /// `block_<drive_id>`, `net` and `net_<iface_id>`, `vsock`, `entropy`,
+    /// `balloon`.
     pub fn register_metrics(&self, metrics: &Metrics) {
         if let Some((serial, _)) = &self.serial {
             metrics.register("uart", lock(serial).metrics());
@@ -553,6 +592,9 @@ impl Devices {
         }
         if let Some(e) = &self.entropy {
             metrics.register("entropy", lock(e).metrics().clone());
+        }
+        if let Some(b) = &self.balloon {
+            metrics.register("balloon", lock(b).metrics().clone());
         }
     }
 }

@@ -11,7 +11,7 @@
 //!
 //! Groups and fields carry Firecracker's names for what Ember has
 //! (`api_server`, `get_api_requests`, `put_api_requests`,
-//! `patch_api_requests`, `vcpu`, `uart`, `i8042`, `block`, `net`, `vsock`, `entropy`,
+//! `patch_api_requests`, `vcpu`, `uart`, `i8042`, `block`, `net`, `vsock`, `entropy`, `balloon`,
 //! `latencies_us`, `vmm`, `logger`, and `seccomp` and `mmds`, which `main` registers).
 //! Counters report the change since the
 //! previous line, as Firecracker's `SharedIncMetric` does; gauges (times,

@@ -325,6 +325,13 @@ impl MicrovmState {
             });
         }
 
+        // Snapshots do not hold a balloon's state: one in the configuration
+        // was not written by Ember.
+        if config.balloon.is_some() {
+            return Err(SnapshotError::Devices(
+                "a balloon configuration, whose device state snapshots do not hold".into(),
+            ));
+        }
         let drive_ids: Vec<&str> = drives_in_attach_order(&config.drives)
             .into_iter()
             .map(|d| d.drive_id.as_str())
