@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ember_virtio::{
     drain_eventfd, needs_interrupt, pop_or_enable_notification, ActivateError, ActiveQueue,
-    InterruptKind, VirtioConfig, VirtioDevice, VirtioInterrupt,
+    InterruptKind, Registrations, VirtioConfig, VirtioDevice, VirtioInterrupt,
 };
 use log::{debug, error, warn};
 use serde::{Deserialize, Serialize};
@@ -125,11 +125,9 @@ pub struct Balloon {
     pub(crate) control_evt: EventFd,
     /// Whether the device was added to an event loop.
     pub(crate) subscribed: bool,
-    /// The queue descriptors registered with the event loop.
-    pub(crate) registered: Vec<RawFd>,
-    /// Notify EventFds of a previous activation, kept open until the event
-    /// loop has unregistered them.
-    pub(crate) retired: Vec<EventFd>,
+    /// What the event loop watches for the current activation, and the
+    /// notify EventFds of a previous one until it has stopped watching them.
+    pub(crate) registrations: Registrations,
 }
 
 impl std::fmt::Debug for Balloon {
@@ -208,8 +206,7 @@ impl Balloon {
             active: None,
             control_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?,
             subscribed: false,
-            registered: Vec::new(),
-            retired: Vec::new(),
+            registrations: Registrations::new(),
         })
     }
 
@@ -854,7 +851,9 @@ impl VirtioDevice for Balloon {
             if self.subscribed {
                 // The event loop may be watching them: they stay open until
                 // it has unregistered them.
-                self.retired.extend(active.notify);
+                for evt in active.notify {
+                    self.registrations.retire(evt);
+                }
                 if let Err(e) = self.control_evt.write(1) {
                     self.metrics.event_fails.inc();
                     error!("virtio-balloon: cannot signal the reset to the event loop: {e}");

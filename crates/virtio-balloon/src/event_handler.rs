@@ -30,31 +30,13 @@ impl Balloon {
     /// the queues of a previous activation, then, when active, watches the
     /// current ones.
     fn sync_registrations(&mut self, ops: &mut EventOps) {
-        for fd in std::mem::take(&mut self.registered) {
-            if let Err(e) = ops.remove(Events::empty_raw(fd)) {
-                self.metrics().event_fails.inc();
-                error!(
-                    "virtio-balloon: cannot unregister descriptor {fd} from the event loop: {e}"
-                );
-            }
-        }
-        // Unregistered: they can be closed now.
-        self.retired.clear();
-
-        let fds: Vec<(u32, i32)> = self
+        let wanted: Vec<_> = self
             .queue_events()
-            .map(|(i, evt)| (QUEUE_BASE + i as u32, evt.as_raw_fd()))
+            .map(|(i, evt)| (evt.as_raw_fd(), QUEUE_BASE + i as u32, EventSet::IN))
             .collect();
-        for (data, fd) in fds {
-            match ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
-                Ok(()) => self.registered.push(fd),
-                Err(e) => {
-                    self.metrics().event_fails.inc();
-                    error!(
-                        "virtio-balloon: cannot register descriptor {fd} with the event loop: {e}"
-                    );
-                }
-            }
+        for e in self.registrations.sync(ops, &wanted) {
+            self.metrics().event_fails.inc();
+            error!("virtio-balloon: {e}");
         }
     }
 

@@ -12,7 +12,7 @@ use ember_mmds::MmdsNetworkStack;
 use ember_rate_limiter::{BucketUpdate, RateLimiter, RateLimiterConfig, TokenType};
 use ember_virtio::{
     drain_eventfd, needs_interrupt, pop_or_enable_notification, take_queues, ActivateError,
-    ActiveQueue, InterruptKind, VirtioConfig, VirtioDevice, VirtioInterrupt,
+    ActiveQueue, InterruptKind, Registrations, VirtioConfig, VirtioDevice, VirtioInterrupt,
 };
 use log::{error, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -314,11 +314,10 @@ pub struct Net {
     pub(crate) control_evt: EventFd,
     /// Whether the device was added to an event loop.
     pub(crate) subscribed: bool,
-    /// Descriptors registered with the event loop besides `control_evt`.
-    pub(crate) registered: Vec<RawFd>,
-    /// Notification EventFds of a previous activation, kept open until the
-    /// event loop has unregistered them.
-    pub(crate) retired: Vec<EventFd>,
+    /// What the event loop watches for the current activation (both
+    /// queues and the TAP), and the notify EventFds of a previous one until
+    /// it has stopped watching them.
+    pub(crate) registrations: Registrations,
     rx_buf: Box<[u8]>,
     /// Length of a frame read into `rx_buf` and not yet delivered: with
     /// VIRTIO_NET_F_MRG_RXBUF a frame is read before the device knows how
@@ -437,8 +436,7 @@ impl Net {
             active: None,
             control_evt,
             subscribed: false,
-            registered: Vec::new(),
-            retired: Vec::new(),
+            registrations: Registrations::new(),
             rx_buf: vec![0u8; MAX_BUFFER_SIZE].into_boxed_slice(),
             rx_pending: None,
             rx_segments: Vec::new(),
@@ -1094,8 +1092,8 @@ impl VirtioDevice for Net {
             if self.subscribed {
                 // The event loop may be watching these: they stay open
                 // until it has unregistered them.
-                self.retired.push(active.rx_notify);
-                self.retired.push(active.tx_notify);
+                self.registrations.retire(active.rx_notify);
+                self.registrations.retire(active.tx_notify);
                 if let Err(e) = self.control_evt.write(1) {
                     self.metrics.event_fails.inc();
                     error!("virtio-net: cannot signal the reset to the event loop: {e}");

@@ -36,36 +36,22 @@ impl Net {
     /// those of a previous activation, then, when active, watches both
     /// queues and the TAP.
     fn sync_registrations(&mut self, ops: &mut EventOps) {
-        for fd in std::mem::take(&mut self.registered) {
-            if let Err(e) = ops.remove(Events::empty_raw(fd)) {
-                self.metrics().event_fails.inc();
-                error!("virtio-net: cannot unregister descriptor {fd} from the event loop: {e}");
-            }
-        }
-        // Unregistered: they can be closed now.
-        self.retired.clear();
-
-        let Some(active) = &self.active else {
-            return;
-        };
         // The TAP is edge-triggered: the device reads it until it is empty
         // or the guest runs out of buffers, and a receive queue notification
         // resumes reading in the second case. Readiness that predates the
         // registration is reported once, so frames that arrived before
         // activation are not forgotten.
-        let wanted = [
-            (active.rx_notify.as_raw_fd(), RX_QUEUE, EventSet::IN),
-            (active.tx_notify.as_raw_fd(), TX_QUEUE, EventSet::IN),
-            (self.tap_fd(), TAP, EventSet::IN | EventSet::EDGE_TRIGGERED),
-        ];
-        for (fd, data, set) in wanted {
-            match ops.add(Events::with_data_raw(fd, data, set)) {
-                Ok(()) => self.registered.push(fd),
-                Err(e) => {
-                    self.metrics().event_fails.inc();
-                    error!("virtio-net: cannot register descriptor {fd} with the event loop: {e}");
-                }
-            }
+        let wanted: Vec<_> = match &self.active {
+            Some(active) => vec![
+                (active.rx_notify.as_raw_fd(), RX_QUEUE, EventSet::IN),
+                (active.tx_notify.as_raw_fd(), TX_QUEUE, EventSet::IN),
+                (self.tap_fd(), TAP, EventSet::IN | EventSet::EDGE_TRIGGERED),
+            ],
+            None => Vec::new(),
+        };
+        for e in self.registrations.sync(ops, &wanted) {
+            self.metrics().event_fails.inc();
+            error!("virtio-net: {e}");
         }
     }
 
