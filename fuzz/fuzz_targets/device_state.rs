@@ -2,10 +2,11 @@
 
 //! Fuzzes the restore of device states (a snapshot file is untrusted):
 //! the UART's `SerialDevice::from_state`, `Block::restore`,
-//! `Vsock::restore` and `Entropy::restore`. The first byte picks the device.
+//! `Vsock::restore`, `Entropy::restore` and `Balloon::restore`. The first
+//! byte picks the device.
 //!
 //! Checked: no panic; a refused UART state raises no interrupt, a refused
-//! block, vsock or entropy state changes nothing; an accepted state saves back
+//! block, vsock, entropy or balloon state changes nothing; an accepted state saves back
 //! unchanged, and the restored UART hands the guest exactly its FIFO
 //! bytes, oldest first, with LSR's data-ready bit following.
 
@@ -20,6 +21,7 @@ use ember_bus::BusDevice;
 use ember_legacy_devices::serial::{SerialDevice, SerialDeviceState, COM1_BASE};
 use ember_legacy_devices::EventFdTrigger;
 use ember_virtio::VirtioDevice;
+use ember_virtio_balloon::{Balloon, BalloonConfig};
 use ember_virtio_blk::{Block, BlockConfig, BlockState, CacheType, IoEngine};
 use ember_virtio_rng::{Entropy, EntropyConfig, EntropyState};
 use ember_vsock::{Vsock, VsockConfig, VsockState};
@@ -69,6 +71,16 @@ thread_local! {
     };
     static ENTROPY: RefCell<Entropy> =
         RefCell::new(Entropy::new(&EntropyConfig::default()).unwrap());
+    static BALLOON: RefCell<Balloon> = RefCell::new(
+        Balloon::new(&BalloonConfig {
+            amount_mib: 4,
+            deflate_on_oom: true,
+            stats_polling_interval_s: 1,
+            free_page_hinting: true,
+            free_page_reporting: true,
+        })
+        .unwrap(),
+    );
 }
 
 fn uart(u: &mut Unstructured) -> arbitrary::Result<()> {
@@ -176,15 +188,43 @@ fn entropy(u: &mut Unstructured) -> arbitrary::Result<()> {
     Ok(())
 }
 
+fn balloon(u: &mut Unstructured) -> arbitrary::Result<()> {
+    BALLOON.with_borrow_mut(|dev| {
+        let before = dev.save();
+        let mut state = before.clone();
+        state.acked_features = u64::arbitrary(u)?;
+        state.num_pages = u32::arbitrary(u)?;
+        state.actual_pages = u32::arbitrary(u)?;
+        state.hint_cmd_id = u32::arbitrary(u)?;
+        state.stats_polling_interval_s = u16::arbitrary(u)?;
+        state.stats_desc = Option::<u16>::arbitrary(u)?;
+        state.hinting.host_cmd = u32::arbitrary(u)?;
+        if dev.restore(&state).is_err() {
+            assert_eq!(dev.save(), before, "a refused state changed the device");
+            return Ok(());
+        }
+        let after = dev.save();
+        assert_eq!(after.acked_features, state.acked_features);
+        assert_eq!(after.acked_features & !dev.features(), 0, "not offered");
+        assert_eq!(
+            (after.num_pages, after.actual_pages, after.stats_desc),
+            (state.num_pages, state.actual_pages, state.stats_desc)
+        );
+        assert!(dev.reset());
+        Ok(())
+    })
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
     let Ok(which) = u8::arbitrary(&mut u) else {
         return;
     };
-    let _ = match which % 4 {
+    let _ = match which % 5 {
         0 => uart(&mut u),
         1 => block(&mut u),
         2 => vsock(&mut u),
-        _ => entropy(&mut u),
+        3 => entropy(&mut u),
+        _ => balloon(&mut u),
     };
 });

@@ -265,3 +265,77 @@ fn a_balloon_larger_than_guest_memory_is_refused() {
         "{out}"
     );
 }
+
+/// A snapshot of a VM whose guest has inflated its balloon loads into a
+/// new process that knows the target and the guest's statistics, and the
+/// restored guest follows a new target: it deflates, and the pages it
+/// takes back read as zero pages.
+#[test]
+fn an_inflated_balloon_goes_on_across_a_snapshot() {
+    const MIB: u64 = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = ApiVm::spawn(&["--id", "balloon-snap"]).unwrap();
+    let mut api = vm.client().unwrap();
+    put(
+        &mut api,
+        "/boot-source",
+        json!({"kernel_image_path": guest_path("virtio_balloon"),
+               "boot_args": format!("console=ttyS0 balloon.touch={MIB}")}),
+    );
+    put(
+        &mut api,
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 64}),
+    );
+    put(
+        &mut api,
+        "/balloon",
+        json!({"amount_mib": 0, "deflate_on_oom": true, "stats_polling_interval_s": 1}),
+    );
+    put(
+        &mut api,
+        "/actions",
+        json!({"action_type": "InstanceStart"}),
+    );
+    line(&mut vm, &format!("balloon: touched {MIB} MiB"));
+    let r = patch(&mut api, "/balloon", json!({"amount_mib": MIB}));
+    assert_eq!(r.status, 204, "{r:?}");
+    line(&mut vm, &format!("balloon: inflated {}", MIB * 256));
+    stats_until(&mut api, "the inflated balloon", |s| {
+        s["actual_pages"] == MIB * 256
+    });
+    let r = patch(&mut api, "/vm", json!({"state": "Paused"}));
+    assert_eq!(r.status, 204, "{r:?}");
+    let (state, mem) = (dir.path().join("vm.state"), dir.path().join("vm.mem"));
+    put(
+        &mut api,
+        "/snapshot/create",
+        json!({"snapshot_path": state, "mem_file_path": mem}),
+    );
+    drop(vm);
+
+    let mut vm = ApiVm::spawn(&["--id", "balloon-snap-2"]).unwrap();
+    let mut api = vm.client().unwrap();
+    put(
+        &mut api,
+        "/snapshot/load",
+        json!({"snapshot_path": state,
+               "mem_backend": {"backend_type": "File", "backend_path": mem},
+               "resume_vm": true}),
+    );
+    assert_eq!(api.get("/balloon").unwrap().json()["amount_mib"], MIB);
+    // The restored device still polls the guest's statistics.
+    let s = stats_until(&mut api, "the restored balloon", |s| {
+        s["actual_pages"] == MIB * 256 && s["free_memory"] == 0x1234000
+    });
+    assert_eq!(s["target_mib"], MIB, "{s}");
+    let r = patch(&mut api, "/balloon", json!({"amount_mib": 0}));
+    assert_eq!(r.status, 204, "{r:?}");
+    let pages = MIB * 256;
+    line(
+        &mut vm,
+        &format!("balloon: deflated to 0 zero {pages} of {pages}"),
+    );
+    let exit = vm.wait(WAIT).unwrap();
+    assert!(exit.status.success(), "{}\n{}", exit.stdout, exit.stderr);
+}

@@ -19,6 +19,7 @@ use ember_devices::{Devices, Serial, I8042};
 use ember_irqchip::IrqChipState;
 use ember_snapshot::{MemoryRegion, MicrovmState, SnapshotError, VirtioDeviceState};
 use ember_vcpu::VmControl;
+use ember_virtio_balloon::Balloon;
 use ember_virtio_blk::Block;
 use ember_virtio_mmio::MmioTransport;
 use ember_virtio_net::Net;
@@ -36,9 +37,6 @@ use crate::uffd::UffdBackend;
 /// Why a snapshot could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum CreateError {
-    /// The VM has a balloon, whose state snapshots do not hold yet.
-    #[error("snapshots of a VM with a balloon device are not supported by Ember yet")]
-    BalloonDevice,
     /// The vCPUs could not save their state.
     #[error("Cannot save the microVM state: {0}")]
     Vcpus(#[source] ember_vcpu::Error),
@@ -155,6 +153,7 @@ pub struct SnapshotSource {
     nets: Vec<VirtioHandle<Net>>,
     vsock: Option<VirtioHandle<Vsock>>,
     entropy: Option<VirtioHandle<Entropy>>,
+    balloon: Option<VirtioHandle<Balloon>>,
 }
 
 impl SnapshotSource {
@@ -165,8 +164,8 @@ impl SnapshotSource {
         control: Arc<VmControl>,
         devices: &Devices,
     ) -> Self {
-        // Slots are recorded in attach order: drives, network interfaces,
-        // vsock, entropy. Every virtio device has one; were one missing, its zero
+        // Slots are recorded in attach order: the balloon, drives, network
+        // interfaces, vsock, entropy. Every virtio device has one; were one missing, its zero
         // slot would be refused when the state is loaded.
         let slots = devices.virtio_slots();
         let mut slot = slots.iter().copied();
@@ -176,6 +175,10 @@ impl SnapshotSource {
                 len: 0,
                 gsi: 0,
             })
+        };
+        let balloon = match (devices.balloon(), devices.balloon_transport()) {
+            (Some(b), Some(t)) => Some(("balloon".to_string(), b.clone(), t.clone(), next())),
+            _ => None,
         };
         let drives = devices
             .drives()
@@ -205,6 +208,7 @@ impl SnapshotSource {
             nets,
             vsock,
             entropy,
+            balloon,
         }
     }
 
@@ -237,6 +241,7 @@ impl SnapshotSource {
         let nets = self.nets.iter().map(|h| virtio(h, Net::save)).collect();
         let vsock = self.vsock.as_ref().map(|h| virtio(h, Vsock::save));
         let entropy = self.entropy.as_ref().map(|h| virtio(h, Entropy::save));
+        let balloon = self.balloon.as_ref().map(|h| virtio(h, Balloon::save));
         let vcpus = self
             .control
             .save_vcpu_states()
@@ -267,6 +272,7 @@ impl SnapshotSource {
             nets,
             vsock,
             entropy,
+            balloon,
         })
     }
 
@@ -281,9 +287,6 @@ impl SnapshotSource {
         config: &VmConfig,
         params: &SnapshotCreateParams,
     ) -> Result<(), CreateError> {
-        if config.balloon.is_some() {
-            return Err(CreateError::BalloonDevice);
-        }
         let state = self.save(config)?;
         let bytes = ember_snapshot::encode(&state).map_err(CreateError::Encode)?;
         let snap_err = |op, source| CreateError::SnapshotFile {
@@ -502,6 +505,21 @@ fn notify_queues(transport: &MmioTransport) {
 /// The first device state refused.
 pub fn restore_devices(devices: &Devices, state: &MicrovmState) -> Result<(), LoadError> {
     let refused = |what: String, detail: String| LoadError::Restore { what, detail };
+    if let (Some(saved), Some(balloon), Some(transport)) = (
+        &state.balloon,
+        devices.balloon(),
+        devices.balloon_transport(),
+    ) {
+        let what = || "the balloon".to_string();
+        lock(balloon)
+            .restore(&saved.device)
+            .map_err(|e| refused(what(), e.to_string()))?;
+        let mut transport = lock(transport);
+        transport
+            .restore(&saved.transport)
+            .map_err(|e| refused(what(), e.to_string()))?;
+        notify_queues(&transport);
+    }
     if let Some(i8042) = devices.i8042() {
         lock(i8042)
             .restore(&state.i8042)

@@ -219,6 +219,7 @@ pub struct Devices {
     entropy: Option<Arc<Mutex<Entropy>>>,
     entropy_transport: Option<Arc<Mutex<MmioTransport>>>,
     balloon: Option<Arc<Mutex<Balloon>>>,
+    balloon_transport: Option<Arc<Mutex<MmioTransport>>>,
 }
 
 impl Devices {
@@ -241,6 +242,7 @@ impl Devices {
             entropy: None,
             entropy_transport: None,
             balloon: None,
+            balloon_transport: None,
         }
     }
 
@@ -471,6 +473,7 @@ impl Devices {
         self.subscribers.push(device.clone());
         self.placed(attached.slot);
         self.balloon = Some(device);
+        self.balloon_transport = Some(attached.transport);
         Ok(())
     }
 
@@ -564,6 +567,11 @@ impl Devices {
     /// The balloon, if attached.
     pub fn balloon(&self) -> Option<&Arc<Mutex<Balloon>>> {
         self.balloon.as_ref()
+    }
+
+    /// The balloon's transport, if attached.
+    pub fn balloon_transport(&self) -> Option<&Arc<Mutex<MmioTransport>>> {
+        self.balloon_transport.as_ref()
     }
 
     /// Registers the counters of every device with `metrics`, in

@@ -47,6 +47,7 @@ use ember_irqchip::IrqChipState;
 use ember_legacy_devices::i8042::I8042State;
 use ember_legacy_devices::serial::SerialDeviceState;
 use ember_vcpu::VcpuState;
+use ember_virtio_balloon::BalloonState;
 use ember_virtio_blk::BlockState;
 use ember_virtio_mmio::MmioTransportState;
 use ember_virtio_net::NetState;
@@ -236,6 +237,8 @@ pub struct MicrovmState {
     pub vsock: Option<VirtioDeviceState<VsockState>>,
     /// The entropy device.
     pub entropy: Option<VirtioDeviceState<EntropyState>>,
+    /// The balloon.
+    pub balloon: Option<VirtioDeviceState<BalloonState>>,
 }
 
 /// The memory layout Ember gives `mem_size_mib` MiB: (guest address, size,
@@ -300,8 +303,8 @@ impl MicrovmState {
     /// Checks that the state describes a VM Ember builds: a valid
     /// configuration, one vCPU state per configured vCPU, the memory layout
     /// of the configured size, and the configured devices, each in the
-    /// slot and on the GSI Ember gives it (drives root first, then network
-    /// interfaces, then vsock, then the entropy device, from 0xc000_1000
+    /// slot and on the GSI Ember gives it (the balloon, drives root first,
+    /// network interfaces, vsock, then the entropy device, from 0xc000_1000
     /// and GSI 5).
     ///
     /// # Errors
@@ -325,13 +328,6 @@ impl MicrovmState {
             });
         }
 
-        // Snapshots do not hold a balloon's state: one in the configuration
-        // was not written by Ember.
-        if config.balloon.is_some() {
-            return Err(SnapshotError::Devices(
-                "a balloon configuration, whose device state snapshots do not hold".into(),
-            ));
-        }
         let drive_ids: Vec<&str> = drives_in_attach_order(&config.drives)
             .into_iter()
             .map(|d| d.drive_id.as_str())
@@ -354,6 +350,35 @@ impl MicrovmState {
             }
             Ok(())
         };
+        let optional = |check: &mut SlotCheck<'_>,
+                        kind: &str,
+                        saved: Option<(&str, u64, u32)>,
+                        configured: bool| {
+            let a = if kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                "an"
+            } else {
+                "a"
+            };
+            match (saved, configured) {
+                (Some((id, addr, gsi)), true) => check(kind, id, addr, gsi),
+                (None, false) => Ok(()),
+                (Some(_), false) => Err(SnapshotError::Devices(format!(
+                    "{a} {kind} state without {a} {kind} configuration"
+                ))),
+                (None, true) => Err(SnapshotError::Devices(format!(
+                    "{a} {kind} configuration without {a} {kind} state"
+                ))),
+            }
+        };
+        // Firecracker attaches the balloon first.
+        optional(
+            &mut check,
+            "balloon device",
+            self.balloon
+                .as_ref()
+                .map(|d| (d.id.as_str(), d.addr, d.gsi)),
+            config.balloon.is_some(),
+        )?;
         let saved: Vec<&str> = self.drives.iter().map(|d| d.id.as_str()).collect();
         if saved != drive_ids {
             return Err(SnapshotError::Devices(format!(
@@ -372,29 +397,14 @@ impl MicrovmState {
         for n in &self.nets {
             check("network interface", &n.id, n.addr, n.gsi)?;
         }
-        let mut optional = |kind: &str, saved: Option<(&str, u64, u32)>, configured: bool| {
-            let a = if kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
-                "an"
-            } else {
-                "a"
-            };
-            match (saved, configured) {
-                (Some((id, addr, gsi)), true) => check(kind, id, addr, gsi),
-                (None, false) => Ok(()),
-                (Some(_), false) => Err(SnapshotError::Devices(format!(
-                    "{a} {kind} state without {a} {kind} configuration"
-                ))),
-                (None, true) => Err(SnapshotError::Devices(format!(
-                    "{a} {kind} configuration without {a} {kind} state"
-                ))),
-            }
-        };
         optional(
+            &mut check,
             "vsock device",
             self.vsock.as_ref().map(|d| (d.id.as_str(), d.addr, d.gsi)),
             config.vsock.is_some(),
         )?;
         optional(
+            &mut check,
             "entropy device",
             self.entropy
                 .as_ref()
@@ -404,6 +414,9 @@ impl MicrovmState {
         Ok(config)
     }
 }
+
+/// Checks that device `kind` `id` sits at `addr` on `gsi`, the next slot.
+type SlotCheck<'a> = dyn FnMut(&str, &str, u64, u32) -> Result<(), SnapshotError> + 'a;
 
 /// Encodes `state` as a state file's bytes.
 ///

@@ -133,6 +133,7 @@ fn state() -> MicrovmState {
                 acked_features: 1 << 32,
             },
         }),
+        balloon: None,
     }
 }
 
@@ -329,6 +330,62 @@ fn device_set_must_match() {
     );
     let err = refused(|s| s.entropy.as_mut().unwrap().gsi = 6);
     assert!(err.to_string().contains("on GSI 6"), "{err}");
+    // A balloon state without a balloon in the configuration.
+    let err = refused(|s| {
+        s.balloon = Some(VirtioDeviceState {
+            id: "balloon".into(),
+            addr: 0xc000_1000,
+            gsi: 5,
+            transport: transport(),
+            device: balloon_state(),
+        })
+    });
+    assert!(
+        err.to_string().contains("a balloon device state without"),
+        "{err}"
+    );
+}
+
+fn balloon_state() -> ember_virtio_balloon::BalloonState {
+    let config = ember_virtio_balloon::BalloonConfig {
+        amount_mib: 4,
+        deflate_on_oom: true,
+        stats_polling_interval_s: 1,
+        free_page_hinting: false,
+        free_page_reporting: false,
+    };
+    ember_virtio_balloon::Balloon::new(&config).unwrap().save()
+}
+
+#[test]
+fn the_balloon_takes_the_first_slot() {
+    let mut s = state();
+    let mut config: serde_json::Value = serde_json::from_str(CONFIG).unwrap();
+    config["balloon"] = serde_json::json!({"amount_mib": 4, "deflate_on_oom": true});
+    s.config_json = config.to_string();
+    // Everything else moves down one slot.
+    s.drives[0].addr = 0xc000_2000;
+    s.drives[0].gsi = 6;
+    let v = s.vsock.as_mut().unwrap();
+    (v.addr, v.gsi) = (0xc000_3000, 7);
+    let e = s.entropy.as_mut().unwrap();
+    (e.addr, e.gsi) = (0xc000_4000, 8);
+    let err = s.validate().unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("a balloon device configuration without"),
+        "{err}"
+    );
+    s.balloon = Some(VirtioDeviceState {
+        id: "balloon".into(),
+        addr: 0xc000_1000,
+        gsi: 5,
+        transport: transport(),
+        device: balloon_state(),
+    });
+    s.validate().unwrap();
+    let back = decode(&encode(&s).unwrap()).unwrap();
+    assert_eq!(back.balloon, s.balloon);
 }
 
 #[test]

@@ -32,9 +32,72 @@ pub struct BalloonState {
     /// Head of the statistics chain the device holds, if any.
     pub stats_desc: Option<u16>,
     /// The last statistics the driver sent.
+    #[serde(with = "stats_fields")]
     pub latest_stats: BalloonStats,
     /// Free page hinting state.
     pub hinting: HintingState,
+}
+
+/// [`BalloonStats`] as a plain tuple of every field: its own
+/// serialization leaves absent statistics out (for the API), which formats
+/// without field names (the snapshot file's) cannot read back.
+mod stats_fields {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::BalloonStats;
+
+    type Fields = ([u32; 4], [Option<u64>; 16]);
+
+    pub fn serialize<S: Serializer>(s: &BalloonStats, ser: S) -> Result<S::Ok, S::Error> {
+        let fields: Fields = (
+            [s.target_pages, s.actual_pages, s.target_mib, s.actual_mib],
+            [
+                s.swap_in,
+                s.swap_out,
+                s.major_faults,
+                s.minor_faults,
+                s.free_memory,
+                s.total_memory,
+                s.available_memory,
+                s.disk_caches,
+                s.hugetlb_allocations,
+                s.hugetlb_failures,
+                s.oom_kill,
+                s.alloc_stall,
+                s.async_scan,
+                s.direct_scan,
+                s.async_reclaim,
+                s.direct_reclaim,
+            ],
+        );
+        fields.serialize(ser)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<BalloonStats, D::Error> {
+        let ([target_pages, actual_pages, target_mib, actual_mib], o) = Fields::deserialize(de)?;
+        Ok(BalloonStats {
+            target_pages,
+            actual_pages,
+            target_mib,
+            actual_mib,
+            swap_in: o[0],
+            swap_out: o[1],
+            major_faults: o[2],
+            minor_faults: o[3],
+            free_memory: o[4],
+            total_memory: o[5],
+            available_memory: o[6],
+            disk_caches: o[7],
+            hugetlb_allocations: o[8],
+            hugetlb_failures: o[9],
+            oom_kill: o[10],
+            alloc_stall: o[11],
+            async_scan: o[12],
+            direct_scan: o[13],
+            async_reclaim: o[14],
+            direct_reclaim: o[15],
+        })
+    }
 }
 
 /// Why a [`BalloonState`] was refused.
