@@ -145,6 +145,9 @@ pub enum Error {
 /// A subscriber of the VMM thread's event loop.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
+/// A virtio device's MMIO transport, shared with the MMIO bus.
+pub type Transport = Arc<Mutex<MmioTransport>>;
+
 /// The VM's UART, writing the guest's console to a host stream.
 pub type Serial = Arc<Mutex<SerialDevice<Box<dyn Write + Send>>>>;
 
@@ -410,19 +413,9 @@ impl Devices {
     /// The socket cannot be created, or the slot cannot be set up.
     pub fn attach_vsock(&mut self, vm: &VmFd, vsock: &VsockSection) -> Result<(), Error> {
         let device = Vsock::new(VsockConfig::from(vsock)).map_err(Error::Vsock)?;
-        let device = Arc::new(Mutex::new(device));
-        let attached = attach_virtio_device(
-            vm,
-            &self.mem,
-            bus_mut(&mut self.mmio, "a virtio device")?,
-            &mut self.slots,
-            device.clone(),
-            "the vsock device",
-        )?;
-        self.subscribers.push(device.clone());
-        self.placed(attached.slot);
+        let (device, transport) = self.attach_subscribed(vm, device, "the vsock device")?;
         self.vsock = Some(device);
-        self.vsock_transport = Some(attached.transport);
+        self.vsock_transport = Some(transport);
         Ok(())
     }
 
@@ -435,20 +428,9 @@ impl Devices {
     /// up.
     pub fn attach_entropy(&mut self, vm: &VmFd, entropy: &EntropySection) -> Result<(), Error> {
         let device = Entropy::new(&EntropyConfig::from(entropy)).map_err(Error::Entropy)?;
-        let device = Arc::new(Mutex::new(device));
-        let attached = attach_virtio_device(
-            vm,
-            &self.mem,
-            bus_mut(&mut self.mmio, "a virtio device")?,
-            &mut self.slots,
-            device.clone(),
-            "the entropy device",
-        )?;
-        // The device registers its queue and rate limiter fds itself.
-        self.subscribers.push(device.clone());
-        self.placed(attached.slot);
+        let (device, transport) = self.attach_subscribed(vm, device, "the entropy device")?;
         self.entropy = Some(device);
-        self.entropy_transport = Some(attached.transport);
+        self.entropy_transport = Some(transport);
         Ok(())
     }
 
@@ -460,6 +442,24 @@ impl Devices {
     /// The statistics timer cannot be created, or the slot cannot be set up.
     pub fn attach_balloon(&mut self, vm: &VmFd, balloon: &BalloonSection) -> Result<(), Error> {
         let device = Balloon::new(&BalloonConfig::from(balloon)).map_err(Error::Balloon)?;
+        let (device, transport) = self.attach_subscribed(vm, device, "the balloon device")?;
+        self.balloon = Some(device);
+        self.balloon_transport = Some(transport);
+        Ok(())
+    }
+
+    /// Puts `device` in the next virtio slot, as `what`, and hands it to the
+    /// event loop, where it registers its own descriptors (queues, timers,
+    /// sockets). Returns the device and its transport.
+    fn attach_subscribed<D>(
+        &mut self,
+        vm: &VmFd,
+        device: D,
+        what: &str,
+    ) -> Result<(Arc<Mutex<D>>, Transport), Error>
+    where
+        D: ember_virtio_mmio::VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
         let device = Arc::new(Mutex::new(device));
         let attached = attach_virtio_device(
             vm,
@@ -467,14 +467,11 @@ impl Devices {
             bus_mut(&mut self.mmio, "a virtio device")?,
             &mut self.slots,
             device.clone(),
-            "the balloon device",
+            what,
         )?;
-        // The device registers its queues and statistics timer itself.
         self.subscribers.push(device.clone());
         self.placed(attached.slot);
-        self.balloon = Some(device);
-        self.balloon_transport = Some(attached.transport);
-        Ok(())
+        Ok((device, attached.transport))
     }
 
     /// Records a virtio slot: its command line entry and its ACPI entry.
