@@ -956,12 +956,15 @@ impl Block {
                 break;
             }
             // Re-enable notifications, then check again for requests that
-            // arrived meanwhile (virtio-queue's documented loop).
+            // arrived meanwhile (virtio-queue's documented loop). Those must
+            // be popped even when this pass popped nothing: the driver may
+            // have read the flags while they were off and skipped its kick
+            // (virtio 1.2 §2.7.10), so no other notification will come.
             let more = active
                 .queue
                 .enable_notification(&active.mem)
                 .map_err(Error::Queue)?;
-            if !more || popped == 0 {
+            if !more {
                 break;
             }
         }
