@@ -18,7 +18,10 @@
 //! kvm:kvm_mmio` over two runs of different sizes (the difference cancels
 //! boot and console output); the guest counts its own QueueNotify writes.
 //!
-//! Run with `cargo bench -p ember-tests --bench blk`.
+//! Run with `cargo bench -p ember-tests --bench blk`. `EMBER_BIN` picks
+//! another binary; `EMBER_BENCH_BLK_RATE_LIMITER`, when set, is the JSON
+//! `rate_limiter` object given to the drive (for instance one so large it
+//! never throttles, to measure what a configured limiter costs).
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -162,8 +165,26 @@ fn host_rand_read(path: &Path) -> f64 {
     RAND_OPS as f64 / start.elapsed().as_secs_f64()
 }
 
+/// The drive's `rate_limiter` from `EMBER_BENCH_BLK_RATE_LIMITER`, if set.
+fn rate_limiter() -> Option<serde_json::Value> {
+    let text = std::env::var("EMBER_BENCH_BLK_RATE_LIMITER").ok()?;
+    Some(
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("EMBER_BENCH_BLK_RATE_LIMITER is not JSON ({e}): {text}")),
+    )
+}
+
 fn bench_config(image: &Path, engine: &str, mib: u64, ops: u64) -> serde_json::Value {
     let mut config = default_config(&guest_path("virtio_blk"));
+    let mut drive = json!({
+        "drive_id": "bench",
+        "path_on_host": image,
+        "is_root_device": false,
+        "io_engine": engine,
+    });
+    if let Some(limiter) = rate_limiter() {
+        drive["rate_limiter"] = limiter;
+    }
     merge_patch(
         &mut config,
         &json!({
@@ -171,12 +192,7 @@ fn bench_config(image: &Path, engine: &str, mib: u64, ops: u64) -> serde_json::V
                 "console=ttyS0 blk.test=bench blk.mib={mib} blk.bs={SEQ_BS} blk.qd={QUEUE_DEPTH} \
                  blk.ops={ops} blk.rbs={RAND_BS} blk.seed=1"
             )},
-            "drives": [{
-                "drive_id": "bench",
-                "path_on_host": image,
-                "is_root_device": false,
-                "io_engine": engine,
-            }],
+            "drives": [drive],
         }),
     );
     config
@@ -271,6 +287,9 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let image: PathBuf = dir.path().join("bench.img");
     println!("ember: {}", ember_binary().display());
+    if let Some(limiter) = rate_limiter() {
+        println!("drive rate_limiter: {limiter}");
+    }
     make_image(&image);
     host_seq_read(&image); // warm the page cache
     let tsc_khz = tsc_khz();
