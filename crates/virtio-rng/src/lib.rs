@@ -7,8 +7,8 @@
 //! request queue of [`QUEUE_SIZE`] entries, no configuration space, and the
 //! features VIRTIO_F_VERSION_1 and VIRTIO_RING_F_EVENT_IDX. Every chain the
 //! driver posts is a request for random bytes: its device-writable buffers
-//! are filled from the host's `getrandom(2)`, up to [`MAX_REQUEST_BYTES`]
-//! per chain (Firecracker's cap), and the chain is returned with the number
+//! are filled from the host's `getrandom(2)` (see [`random_bytes`]), up to
+//! [`MAX_REQUEST_BYTES`] per chain (Firecracker's cap), and the chain is returned with the number
 //! of bytes written as its used length.
 //!
 //! Guest input is untrusted: a chain with a device-readable descriptor, or
@@ -83,7 +83,7 @@ use std::io;
 
 pub use ember_rate_limiter::{BucketSpec, BucketUpdate, RateLimiterConfig};
 
-pub use device::{fill_chain, ChainError, Entropy, Request};
+pub use device::{fill_chain, random_bytes, ChainError, Entropy, Request, DIRECT_MAX_BYTES};
 pub use metrics::EntropyMetrics;
 pub use state::{EntropyState, EntropyStateError};
 

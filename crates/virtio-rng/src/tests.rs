@@ -616,3 +616,35 @@ fn event_idx_suppresses_interrupts_and_publishes_avail_event() {
     assert_eq!(h.q.take_used().len(), 2);
     assert_eq!(h.interrupt.vring_count(), 1);
 }
+
+/// Bytes of `buf` equal to zero.
+fn zeros(buf: &[u8]) -> usize {
+    buf.iter().filter(|&&b| b == 0).count()
+}
+
+#[test]
+fn random_bytes_small_and_large_are_random_and_never_repeat() {
+    use crate::{random_bytes, DIRECT_MAX_BYTES, MAX_REQUEST_BYTES};
+    for len in [
+        1,
+        32,
+        DIRECT_MAX_BYTES,
+        DIRECT_MAX_BYTES + 1,
+        4096,
+        MAX_REQUEST_BYTES as usize,
+    ] {
+        let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+        random_bytes(&mut a).unwrap();
+        random_bytes(&mut b).unwrap();
+        if len >= 32 {
+            // Each large request has its own key: no two share a keystream.
+            assert_ne!(a, b, "{len} bytes");
+            // About len/256 zero bytes; an unfilled buffer is all zeros.
+            assert!(zeros(&a) < len / 64 + 8, "{len} bytes: {} zeros", zeros(&a));
+        }
+    }
+    // The second half of a large request is not the first half again.
+    let mut big = vec![0u8; 8192];
+    random_bytes(&mut big).unwrap();
+    assert_ne!(big[..4096], big[4096..]);
+}
