@@ -43,7 +43,7 @@ if [ -e /etc/ember-initrd ]; then
 	[ "$scenario" = bench ] && reboot -f
 	for m in virtio_ring virtio virtio_mmio virtio_blk failover net_failover \
 		virtio_net vsock vmw_vsock_virtio_transport_common \
-		vmw_vsock_virtio_transport; do
+		vmw_vsock_virtio_transport virtio_balloon virtio-rng; do
 		insmod /lib/modules/$m.ko || say "insmod-failed=$m"
 	done
 	if [ -n "$root" ]; then
@@ -97,6 +97,9 @@ devices)
 		say "ping=failed"
 		cat /tmp/ping
 	fi
+	# MMDS V1 (no token): the address is on-link through eth0.
+	ip route add 169.254.169.254 dev eth0
+	say "mmds-v1-instance-id=$(timeout 30 wget -q -O- http://169.254.169.254/latest/meta-data/instance-id)"
 	dd if=/dev/urandom of=/tmp/net-out bs=65536 count=64 2>/dev/null
 	say "net-out-md5=$(md5sum /tmp/net-out | cut -d' ' -f1)"
 	socat -u FILE:/tmp/net-out TCP:172.30.0.1:5555,connect-timeout=30
@@ -113,6 +116,60 @@ devices)
 	say "vsock-out-md5=$(md5sum /tmp/vsock-out | cut -d' ' -f1)"
 	socat -u FILE:/tmp/vsock-out VSOCK-CONNECT:2:5001
 	say "vsock-out-rc=$?"
+	finish
+	;;
+services)
+	# MMDS V2 through Linux's own stack: the address is on-link through
+	# eth0, where ember's stack answers ARP and TCP for it. Each step is
+	# marked in the kernel log too, which reaches the console without the
+	# tty: a step that hangs is named even if the shell's output stops.
+	mark "step mmds"
+	ip link set eth0 up
+	ip addr add 172.30.0.2/24 dev eth0
+	ip route add 169.254.169.254 dev eth0
+	mmds=http://169.254.169.254/latest/meta-data
+	token=$(printf 'PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\nX-metadata-token-ttl-seconds: 60\r\nConnection: close\r\n\r\n' |
+		timeout 60 socat -t 5 - TCP:169.254.169.254:80,connect-timeout=30 | tail -n1 | tr -d '\r')
+	say "mmds-token-length=${#token}"
+	say "mmds-v2-instance-id=$(timeout 30 wget -q -O- --header "X-metadata-token: $token" $mmds/instance-id)"
+	say "mmds-v2-keys=$(timeout 30 wget -q -O- --header "X-metadata-token: $token" $mmds/ | tr '\n' ,)"
+	if timeout 30 wget -O- $mmds/instance-id >/dev/null 2>/tmp/no-token; then
+		say "mmds-v2-without-token=served"
+	else
+		say "mmds-v2-without-token=refused:$(grep -o '40[0-9]' /tmp/no-token | head -n1)"
+	fi
+
+	# virtio-rng: the kernel's hw_random core picks it up.
+	mark "step hwrng"
+	say "hwrng-current=$(cat /sys/class/misc/hw_random/rng_current)"
+	timeout 60 dd if=/dev/hwrng of=/tmp/rng1 bs=1024 count=4 2>/dev/null
+	timeout 60 dd if=/dev/hwrng of=/tmp/rng2 bs=1024 count=4 2>/dev/null
+	say "hwrng-bytes=$(wc -c </tmp/rng1)"
+	if cmp -s /tmp/rng1 /tmp/rng2; then say "hwrng-reads=equal"; else say "hwrng-reads=distinct"; fi
+	say "hwrng-zero-bytes=$(od -An -v -tx1 /tmp/rng1 | tr ' ' '\n' | grep -c '^00$')"
+
+	# virtio-balloon: touch memory and free it, so that the host backs
+	# it, then follow the target the host sets with PATCH /balloon. Without
+	# deflate-on-oom Linux takes inflated pages out of MemTotal.
+	mark "step balloon"
+	memtotal() { awk '/^MemTotal:/ { print $2 }' /proc/meminfo; }
+	dd if=/dev/zero of=/tmp/fill bs=1M count=96 2>/dev/null
+	rm -f /tmp/fill
+	before=$(memtotal)
+	say "memtotal-before=$before"
+	say "balloon-ready"
+	i=0
+	while [ "$(memtotal)" -gt $((before - 64 * 1024)) ] && [ $i -lt 1200 ]; do
+		sleep 0.2
+		i=$((i + 1))
+	done
+	say "memtotal-inflated=$(memtotal)"
+	i=0
+	while [ "$(memtotal)" -lt $((before - 1024)) ] && [ $i -lt 1200 ]; do
+		sleep 0.2
+		i=$((i + 1))
+	done
+	say "memtotal-deflated=$(memtotal)"
 	finish
 	;;
 bench-idle | bench-blk | bench-net)

@@ -74,12 +74,15 @@ tap_up() {
 	ip link set $1 up
 }
 
-# Runs ember on scenario $1 until it exits or $2 seconds pass; stdin from $3.
+# Runs ember on scenario $1 until it exits or $2 seconds pass; stdin from
+# $3; further arguments go to ember.
 run_ember() {
+	name=$1 limit=$2 input=$3
+	shift 3
 	start=$(now)
-	timeout "$2" ember --no-api --config-file /tmp/$1.json <"$3" >/tmp/$1.out 2>/tmp/$1.err
-	fact "$1" ember-rc $?
-	fact "$1" ember-seconds "$(awk "BEGIN{print $(now) - $start}")"
+	timeout "$limit" ember --no-api --config-file /tmp/$name.json "$@" <"$input" >/tmp/$name.out 2>/tmp/$name.err
+	fact "$name" ember-rc $?
+	fact "$name" ember-seconds "$(awk "BEGIN{print $(now) - $start}")"
 }
 
 scenario_boot() {
@@ -105,7 +108,9 @@ scenario_devices() {
   "network-interfaces": [
     {"iface_id": "eth0", "guest_mac": "06:00:ac:1e:00:02", "host_dev_name": "embertap0"}
   ],
-  "vsock": {"guest_cid": 3, "uds_path": "/tmp/v.sock"}'
+  "vsock": {"guest_cid": 3, "uds_path": "/tmp/v.sock"},
+  "mmds-config": {"version": "V1", "network_interfaces": ["eth0"]}'
+	echo '{"latest": {"meta-data": {"instance-id": "i-ember-v1"}}}' >/tmp/metadata-v1.json
 
 	tap_up embertap0 &
 	dd if=/dev/urandom of=/tmp/net-send bs=65536 count=64 2>/dev/null
@@ -128,7 +133,7 @@ scenario_devices() {
 		done
 		fact devices vsock-connect-reply "$(head -n1 /tmp/vsock-reply | tr ' ' _)"
 	) &
-	run_ember devices 600 /dev/null
+	run_ember devices 600 /dev/null --metadata /tmp/metadata-v1.json
 
 	debugfs -R 'cat /written.bin' /tmp/root.ext4 2>/dev/null >/tmp/written.bin
 	fact devices written-md5 "$(md5sum /tmp/written.bin | cut -d' ' -f1)"
@@ -189,6 +194,68 @@ scenario_console() {
 	fact console ember-rc $?
 	fact console ember-seconds "$(awk "BEGIN{print $(now) - $start}")"
 	exec 3>&-
+}
+
+# Prints ember's resident set in KiB.
+rss() {
+	for p in /proc/[0-9]*; do
+		[ "$(cat $p/comm 2>/dev/null)" = ember ] && awk '/^VmRSS:/ { print $2 }' $p/status
+	done
+}
+
+# Sends a request like `api` and prints the response body.
+api_body() {
+	printf '%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n' "$1" "$2" |
+		socat -t 2 - UNIX-CONNECT:/tmp/api.sock | sed '1,/^\r$/d'
+}
+
+# The balloon's actual size in MiB, from GET /balloon/statistics.
+balloon_actual() {
+	api_body GET /balloon/statistics | grep -o '"actual_mib":[0-9]*' | cut -d: -f2
+}
+
+# MMDS V2, the entropy device and the balloon, under Linux's own drivers:
+# the guest reads metadata and /dev/hwrng, then its balloon driver follows
+# a PATCH to 64 MiB and one back to 0.
+scenario_services() {
+	echo '{"latest": {"meta-data": {"instance-id": "i-ember-v2", "local-ipv4": "172.30.0.2"}}}' >/tmp/metadata-v2.json
+	config services 1 ',
+  "network-interfaces": [
+    {"iface_id": "eth0", "guest_mac": "06:00:ac:1e:00:02", "host_dev_name": "embertap0"}
+  ],
+  "mmds-config": {"version": "V2", "network_interfaces": ["eth0"]},
+  "entropy": {},
+  "balloon": {"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1},
+  "metrics": {"metrics_path": "/tmp/services.metrics"}'
+	rm -f /tmp/api.sock
+	: >/tmp/services.metrics
+	tap_up embertap0 &
+	start=$(now)
+	timeout 600 ember --api-sock /tmp/api.sock --config-file /tmp/services.json \
+		--metadata /tmp/metadata-v2.json </dev/null >/tmp/services.out 2>/tmp/services.err &
+	pid=$!
+	if wait_for /tmp/services.out "ember-guest: balloon-ready" 300; then
+		fact services rss-before-kib "$(rss)"
+		fact services inflate "$(api PATCH /balloon '{"amount_mib": 64}' | tr ' ' _)"
+		i=0
+		while [ "$(balloon_actual)" != 64 ] && [ $i -lt 600 ]; do
+			sleep 0.2
+			i=$((i + 1))
+		done
+		fact services actual-mib-inflated "$(balloon_actual)"
+		sleep 1
+		fact services rss-after-kib "$(rss)"
+		fact services stats-keys "$(api_body GET /balloon/statistics | grep -o '"[a-z_]*":' | tr -d '":' | sort | tr '\n' ,)"
+		fact services deflate "$(api PATCH /balloon '{"amount_mib": 0}' | tr ' ' _)"
+	else
+		# Where it stopped: ember's counters, as its stderr.
+		api PUT /actions '{"action_type": "FlushMetrics"}' >/dev/null
+		sed 's/^/metrics: /' /tmp/services.metrics >>/tmp/services.err
+		kill $pid
+	fi
+	wait $pid
+	fact services ember-rc $?
+	fact services ember-seconds "$(awk "BEGIN{print $(now) - $start}")"
 }
 
 # Benchmark: ember and, where /usr/bin/firecracker is present, Firecracker

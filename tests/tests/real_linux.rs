@@ -394,3 +394,88 @@ fn kernel_log_has_no_unexplained_warnings_or_errors() {
         unexplained.join("\n")
     );
 }
+
+/// MMDS V1 through Linux's own network stack: busybox `wget` reads a value
+/// of the store loaded with `--metadata`, with no token.
+#[test]
+fn mmds_v1_answers_linux_wget() {
+    let s = scenario("devices");
+    assert_eq!(s.guest("mmds-v1-instance-id"), Some("i-ember-v1"), "{s}");
+}
+
+/// MMDS V2: Linux gets a session token with `PUT /latest/api/token`,
+/// reads values and a listing with it, and is refused without it.
+#[test]
+fn mmds_v2_gives_linux_a_token_and_refuses_gets_without_one() {
+    let s = scenario("services");
+    let length: usize = s
+        .guest("mmds-token-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default();
+    assert!(length > 0, "no token\n{s}");
+    assert_eq!(s.guest("mmds-v2-instance-id"), Some("i-ember-v2"), "{s}");
+    assert_eq!(
+        s.guest("mmds-v2-keys"),
+        Some("instance-id,local-ipv4"),
+        "the IMDS listing of meta-data/\n{s}"
+    );
+    assert_eq!(s.guest("mmds-v2-without-token"), Some("refused:401"), "{s}");
+    assert_exit_0(s);
+}
+
+/// virtio-rng under Linux's `virtio_rng` driver: the hw_random core selects
+/// it and `/dev/hwrng` reads random bytes.
+#[test]
+fn linux_hwrng_reads_from_virtio_rng() {
+    let s = scenario("services");
+    let current = s.guest("hwrng-current").unwrap_or_default();
+    assert!(
+        current.starts_with("virtio_rng"),
+        "rng_current {current:?}\n{s}"
+    );
+    assert_eq!(s.guest("hwrng-bytes"), Some("4096"), "{s}");
+    assert_eq!(s.guest("hwrng-reads"), Some("distinct"), "{s}");
+    // 4096 random bytes hold about 16 zeros; a buffer left unfilled holds
+    // thousands.
+    let zeros: u32 = s
+        .guest("hwrng-zero-bytes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u32::MAX);
+    assert!(zeros < 100, "{zeros} zero bytes in 4096\n{s}");
+}
+
+/// Linux's `virtio_balloon` driver follows a live `PATCH /balloon`: it
+/// takes 64 MiB out of the guest's MemTotal, Ember gives the pages back to
+/// the host (its RSS falls), statistics arrive, and a PATCH back to 0
+/// returns the memory to the guest.
+#[test]
+fn linux_balloon_driver_follows_patches_and_host_rss_follows() {
+    let s = scenario("services");
+    let kib = |v: Option<&str>, what: &str| -> i64 {
+        v.and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {what}\n{s}"))
+    };
+    assert_eq!(s.fact("inflate"), Some("HTTP/1.1_204_No_Content"), "{s}");
+    assert_eq!(s.fact("actual-mib-inflated"), Some("64"), "{s}");
+    let before = kib(s.guest("memtotal-before"), "memtotal-before");
+    let inflated = kib(s.guest("memtotal-inflated"), "memtotal-inflated");
+    let deflated = kib(s.guest("memtotal-deflated"), "memtotal-deflated");
+    assert_eq!(before - inflated, 64 * 1024, "guest MemTotal\n{s}");
+    assert_eq!(deflated, before, "guest MemTotal after deflating\n{s}");
+    let rss_before = kib(s.fact("rss-before-kib"), "rss-before-kib");
+    let rss_after = kib(s.fact("rss-after-kib"), "rss-after-kib");
+    eprintln!("ember RSS {rss_before} KiB -> {rss_after} KiB with 64 MiB in the balloon");
+    assert!(
+        rss_before - rss_after >= 40 * 1024,
+        "host RSS {rss_before} KiB -> {rss_after} KiB\n{s}"
+    );
+    let keys = s.fact("stats-keys").unwrap_or_default();
+    for key in ["actual_mib", "target_mib", "free_memory", "total_memory"] {
+        assert!(
+            keys.split(',').any(|k| k == key),
+            "no {key} in statistics: {keys}\n{s}"
+        );
+    }
+    assert_eq!(s.fact("deflate"), Some("HTTP/1.1_204_No_Content"), "{s}");
+    assert_exit_0(s);
+}
