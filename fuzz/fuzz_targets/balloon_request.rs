@@ -44,14 +44,17 @@ use ember_virtio_balloon::{
 };
 use ember_virtio_mmio::test_utils::MockInterrupt;
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::QueueOwnedT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-const DESC: u64 = 0x0;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x1400;
-const DATA1: u64 = 0x2000;
+#[path = "common/virtq.rs"]
+#[allow(dead_code)]
+mod virtq;
+use virtq::{
+    make_queue, snapshot, Ranges, Reader, AVAIL, DATA1, DESC, USED, VRING_DESC_F_INDIRECT,
+};
+
 const REGION1_LEN: u64 = 0x1_0000;
 const DATA1_LEN: u64 = REGION1_LEN - DATA1;
 const REGION2: u64 = 0x2_0000;
@@ -61,30 +64,7 @@ const REGIONS: [(u64, u64); 2] = [(0, REGION1_LEN), (REGION2, REGION2_LEN)];
 /// the second region.
 const IDLE: u64 = REGION2 + REGION2_LEN - 0x4000;
 
-const VRING_DESC_F_INDIRECT: u16 = 4;
 const PAGE: u64 = 4096;
-
-/// Reads the input format described at the top; missing bytes are zeroes.
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn bytes<const N: usize>(&mut self) -> [u8; N] {
-        let mut out = [0u8; N];
-        let n = N.min(self.0.len());
-        out[..n].copy_from_slice(&self.0[..n]);
-        self.0 = &self.0[n..];
-        out
-    }
-    fn u8(&mut self) -> u8 {
-        self.bytes::<1>()[0]
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes(self.bytes())
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.bytes())
-    }
-}
 
 /// Whether `[addr, addr + len)` is whole pages inside one region.
 fn guest_pages(addr: u64, len: u64) -> bool {
@@ -94,45 +74,6 @@ fn guest_pages(addr: u64, len: u64) -> bool {
         && REGIONS.iter().any(|&(base, size)| {
             addr >= base && addr.checked_add(len).is_some_and(|e| e <= base + size)
         })
-}
-
-#[derive(Default)]
-struct Ranges(Vec<(u64, u64)>);
-
-impl Ranges {
-    fn add(&mut self, addr: u64, len: u64) {
-        if len > 0 {
-            self.0.push((addr, addr.saturating_add(len)));
-        }
-    }
-    fn contains(&self, addr: u64) -> bool {
-        self.0.iter().any(|&(a, b)| addr >= a && addr < b)
-    }
-    fn meets(&self, other: &Ranges) -> bool {
-        self.0
-            .iter()
-            .any(|a| other.0.iter().any(|b| a.0 < b.1 && b.0 < a.1))
-    }
-}
-
-fn make_queue(size: u16, base: u64) -> Queue {
-    let mut q = Queue::new(size).expect("queue size");
-    q.set_desc_table_address(Some((base + DESC) as u32), Some(0));
-    q.set_avail_ring_address(Some((base + AVAIL) as u32), Some(0));
-    q.set_used_ring_address(Some((base + USED) as u32), Some(0));
-    q.set_ready(true);
-    q
-}
-
-fn snapshot(mem: &GuestMemoryMmap) -> Vec<Vec<u8>> {
-    REGIONS
-        .iter()
-        .map(|&(base, len)| {
-            let mut buf = vec![0u8; len as usize];
-            mem.read_slice(&mut buf, GuestAddress(base)).unwrap();
-            buf
-        })
-        .collect()
 }
 
 /// Guest memory, mapped once and cleared for every input.
@@ -274,8 +215,8 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    let predictable = !released.meets(&reads);
-    let before = snapshot(mem);
+    let predictable = !released.meets(&mut reads);
+    let before = snapshot(mem, &REGIONS);
 
     // The device, with the queue the input drives.
     let config = BalloonConfig {
@@ -323,7 +264,7 @@ fuzz_target!(|data: &[u8]| {
     if !predictable {
         return;
     }
-    let after = snapshot(mem);
+    let after = snapshot(mem, &REGIONS);
     let used = Ranges(vec![(USED, USED + 6 + 8 * u64::from(size))]);
     for (r, &(base, _)) in REGIONS.iter().enumerate() {
         if before[r] == after[r] {

@@ -53,10 +53,10 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use ember_virtio::{ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
+use ember_virtio::{ActiveQueue, VirtioDevice};
 use ember_virtio_blk::{
     Block, BlockConfig, CacheType, IoEngine, Request, RequestError, RequestErrorKind, RequestType,
     SectorRange, Segment, MAX_DESCRIPTORS, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
@@ -64,26 +64,22 @@ use ember_virtio_blk::{
 };
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-/// Split ring layout (virtio 1.2 §2.7) for up to 256 entries: descriptor
-/// table 16 * N bytes, available ring 6 + 2 * N (2-byte aligned), used ring
-/// 6 + 8 * N (4-byte aligned).
-const DESC: u64 = 0x0;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x1400;
-/// Buffers: the rest of the first region, and the second region after a
-/// hole.
-const DATA1: u64 = 0x2000;
+#[path = "common/virtq.rs"]
+#[allow(dead_code)]
+mod virtq;
+use virtq::{
+    make_queue, CountingInterrupt, Ranges, Reader, AVAIL, DATA1, DESC, USED, VRING_DESC_F_INDIRECT,
+};
+
 const REGION1_LEN: u64 = 0x1_0000;
 const DATA1_LEN: u64 = REGION1_LEN - DATA1;
 const REGION2: u64 = 0x2_0000;
 const REGION2_LEN: u64 = 0x1_0000;
 const REGIONS: [(u64, u64); 2] = [(0, REGION1_LEN), (REGION2, REGION2_LEN)];
-
-const VRING_DESC_F_INDIRECT: u16 = 4;
 
 /// Backing files: 64 sectors and a partial one, which the guest never sees.
 const SECTORS: u64 = 64;
@@ -105,21 +101,6 @@ const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 const ID_BYTES: usize = 20;
-
-#[derive(Default)]
-struct CountingInterrupt(AtomicUsize);
-
-impl VirtioInterrupt for CountingInterrupt {
-    fn trigger(&self, kind: InterruptKind) -> std::io::Result<()> {
-        assert_eq!(
-            kind,
-            InterruptKind::Vring,
-            "config interrupt from a block device"
-        );
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-}
 
 /// Contents of both backing files at the start of every input.
 fn pattern() -> Vec<u8> {
@@ -197,28 +178,6 @@ fn set_up() -> Disks {
         ro_file,
         pattern: pattern(),
         discard_zeroes: punch_hole_works(),
-    }
-}
-
-/// Reads the input format described at the top; missing bytes are zeroes.
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn bytes<const N: usize>(&mut self) -> [u8; N] {
-        let mut out = [0u8; N];
-        let n = N.min(self.0.len());
-        out[..n].copy_from_slice(&self.0[..n]);
-        self.0 = &self.0[n..];
-        out
-    }
-    fn u8(&mut self) -> u8 {
-        self.bytes::<1>()[0]
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes(self.bytes())
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.bytes())
     }
 }
 
@@ -596,36 +555,6 @@ fn check_parse(
     got
 }
 
-/// Half-open byte ranges, to tell whether two sets meet.
-#[derive(Default)]
-struct Ranges(Vec<(u64, u64)>);
-
-impl Ranges {
-    fn add(&mut self, addr: u64, len: u64) {
-        if len > 0 {
-            self.0.push((addr, addr.saturating_add(len)));
-        }
-    }
-
-    fn meets(&mut self, other: &mut Ranges) -> bool {
-        self.0.sort_unstable();
-        other.0.sort_unstable();
-        let (a, b) = (&self.0, &other.0);
-        let (mut i, mut j) = (0, 0);
-        while i < a.len() && j < b.len() {
-            if a[i].0 < b[j].1 && b[j].0 < a[i].1 {
-                return true;
-            }
-            if a[i].1 <= b[j].1 {
-                i += 1;
-            } else {
-                j += 1;
-            }
-        }
-        false
-    }
-}
-
 /// A copy of guest memory the model writes to.
 struct Shadow(Vec<Vec<u8>>);
 
@@ -706,15 +635,6 @@ fn set_up_host() -> Host {
         file: vec![0u8; FILE_LEN],
         contents: vec![0u8; FILE_LEN + 1],
     }
-}
-
-fn make_queue(size: u16) -> Queue {
-    let mut q = Queue::new(size).expect("queue size");
-    q.set_desc_table_address(Some(DESC as u32), Some(0));
-    q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-    q.set_used_ring_address(Some(USED as u32), Some(0));
-    q.set_ready(true);
-    q
 }
 
 fn read_desc(mem: &GuestMemoryMmap, index: u16) -> (u64, u32, u16) {
@@ -821,7 +741,7 @@ fuzz_target!(|data: &[u8]| {
     // the input's disk size and with the device's. A head posted twice is
     // the same chain: parse it once.
     let mut parsed: HashMap<u16, Result<Request, RequestError>> = HashMap::new();
-    let mut pre = make_queue(size);
+    let mut pre = make_queue(size, 0);
     let heads: Option<Vec<u16>> = pre.iter(mem).ok().map(|iter| {
         iter.map(|chain| {
             let head = chain.head_index();
@@ -944,7 +864,7 @@ fuzz_target!(|data: &[u8]| {
     let irq = Arc::new(CountingInterrupt::default());
     let queue = ActiveQueue {
         index: 0,
-        queue: make_queue(size),
+        queue: make_queue(size, 0),
         notify: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
     };
     block
