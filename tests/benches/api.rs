@@ -21,23 +21,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ember_tests::api::ApiVm;
-use ember_tests::{ember_binary, guest_path};
+use ember_tests::{ember_binary, guest_path, median};
 use serde_json::json;
 
 const RUNS: usize = 20;
 const GUEST_MIB: u64 = 128;
 const FIRECRACKER_API_READY_CPU_MS: f64 = 8.0;
 const FIRECRACKER_OVERHEAD_MIB: f64 = 5.0;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3

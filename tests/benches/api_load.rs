@@ -23,7 +23,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ember_tests::api::Client;
-use ember_tests::{ember_binary, guest_path};
+use ember_tests::{ember_binary, guest_path, median};
 use serde_json::json;
 
 const RUNS: usize = 3;
@@ -34,11 +34,6 @@ fn env(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Requests answered, refused with 503, and lost (no answer or another

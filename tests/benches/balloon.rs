@@ -24,23 +24,13 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use ember_tests::api::Client;
-use ember_tests::{ember_binary, guest_path};
+use ember_tests::{ember_binary, guest_path, median};
 use serde_json::{json, Value};
 
 const RUNS: usize = 5;
 const GUEST_MIB: u64 = 1152;
 const TOUCH_MIB: u64 = 960;
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 /// A VMM process with its API socket and a thread collecting its stdout.
 struct Vmm {

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ember_tests::{default_config, ember_binary, guest_path, merge_patch, Launch, Output};
+use ember_tests::{default_config, ember_binary, guest_path, median, merge_patch, Launch, Output};
 use kvm_ioctls::Kvm;
 use serde_json::json;
 
@@ -64,15 +64,6 @@ impl Phase {
     }
     fn iops(&self, tsc_khz: f64) -> f64 {
         self.reqs as f64 / self.secs(tsc_khz)
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 

@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use ember_tests::elf::{Elf64, PT_LOAD};
-use ember_tests::{guest_path, run_guest, Output};
+use ember_tests::{guest_path, median, run_guest, Output};
 use kvm_bindings::{
     kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
@@ -34,16 +34,6 @@ const GOAL: f64 = 0.05;
 const FIRECRACKER_HELLO_WALL_MS: f64 = 29.0;
 const FIRECRACKER_HELLO_CPU_MS: f64 = 6.0;
 const FIRECRACKER_EXIT_US: f64 = 14.5;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3

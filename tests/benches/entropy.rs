@@ -26,7 +26,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ember_tests::{default_config, ember_binary, guest_path, merge_patch, Launch};
+use ember_tests::{default_config, ember_binary, guest_path, median, merge_patch, Launch};
 use kvm_ioctls::Kvm;
 use serde_json::{json, Value};
 
@@ -42,15 +42,6 @@ const LIMITED_TOTAL: u64 = 3 * MIB;
 /// 128 KiB per 125 ms: 1 MiB/s.
 const LIMIT_SIZE: u64 = 128 << 10;
 const LIMIT_REFILL_MS: u64 = 125;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
 
 /// The guest's TSC rate: the host's, as KVM reports it for a new vCPU.
 fn tsc_khz() -> f64 {

@@ -18,22 +18,13 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use ember_tests::netns::NetNs;
-use ember_tests::{default_config, ember_binary, guest_path, merge_patch, Launch};
+use ember_tests::{default_config, ember_binary, guest_path, median, merge_patch, Launch};
 use kvm_ioctls::Kvm;
 use serde_json::json;
 
 const TAP: &str = "embmb0";
 const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
 const RUNS: usize = 5;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
 
 /// The guest's TSC rate: the host's, as KVM reports it for a new vCPU.
 fn tsc_khz() -> f64 {

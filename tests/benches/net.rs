@@ -34,7 +34,9 @@ use std::time::{Duration, Instant};
 
 use ember_tests::netns::{recv_datagram, NetNs};
 use ember_tests::perf::PerfStat;
-use ember_tests::{default_config, ember_binary, guest_path, merge_patch, Launch, RunningVm};
+use ember_tests::{
+    default_config, ember_binary, guest_path, median, merge_patch, Launch, RunningVm,
+};
 use kvm_ioctls::Kvm;
 use serde_json::json;
 
@@ -57,15 +59,6 @@ const EVENTS: [&str; 4] = [
     "kvm:kvm_userspace_exit",
     "kvm:kvm_pio",
 ];
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
 
 /// The guest's TSC rate: the host's, as KVM reports it for a new vCPU.
 fn tsc_khz() -> f64 {

@@ -32,22 +32,12 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use ember_tests::api::Client;
-use ember_tests::{ember_binary, guest_path};
+use ember_tests::{ember_binary, guest_path, median};
 use serde_json::{json, Value};
 
 const RUNS: usize = 20;
 const GUEST_MIB: u64 = 128;
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3

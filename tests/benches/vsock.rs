@@ -39,7 +39,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ember_tests::perf::PerfStat;
-use ember_tests::{default_config, ember_binary, guest_path, merge_patch, Launch, RunningVm};
+use ember_tests::{
+    default_config, ember_binary, guest_path, median, merge_patch, Launch, RunningVm,
+};
 use kvm_ioctls::Kvm;
 use serde_json::json;
 
@@ -62,15 +64,6 @@ const CONFIGS: [(&str, u32, u32, u32); 2] = [
     ("4 KiB buffers, 256 KiB window", 4096, 4096, 256 << 10),
     ("64 KiB buffers, 4 MiB window", 65536, 65536, 4 << 20),
 ];
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
 
 fn tsc_khz() -> f64 {
     let kvm = Kvm::new().expect("open /dev/kvm");

@@ -44,6 +44,17 @@ use std::sync::OnceLock;
 
 pub use vm::{default_config, merge_patch, run_guest, Error, Launch, Output, RunningVm};
 
+/// The median of `v` (the mean of the two middle values for an even
+/// count; NaN for none), as every benchmark reports it.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 /// Default limit on one VM run: tiny guests finish in well under a second,
 /// so hitting this means ember hung.
 pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -163,6 +174,13 @@ fn profile_dir(exe: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_no_values() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(Vec::new()).is_nan());
+    }
 
     #[test]
     fn every_guest_is_a_static_elf64_linked_at_16_mib() {
