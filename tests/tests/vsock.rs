@@ -533,3 +533,106 @@ fn the_device_waits_for_receive_buffers_without_losing_bytes() {
     assert!(counter(&out, "tx_pkts") >= (BYTES / 64) as u64, "{out}");
     assert_ok(&out);
 }
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in\n{status}"))
+}
+
+/// Writes into a non-blocking `s` until no byte has gone for `quiet`, or
+/// `cap` bytes went; returns the bytes written.
+fn write_until_full(s: &mut UnixStream, cap: usize, quiet: Duration) -> usize {
+    let chunk = random_bytes(64 * 1024, 7);
+    s.set_nonblocking(true).expect("non-blocking stream");
+    let mut written = 0;
+    let mut last = Instant::now();
+    while written < cap && last.elapsed() < quiet {
+        match s.write(&chunk) {
+            Ok(n) => {
+                written += n;
+                last = Instant::now();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("write to the guest: {e}"),
+        }
+    }
+    s.set_nonblocking(false).expect("blocking stream");
+    written
+}
+
+/// Room for what a stalled connection may legitimately hold: the guest's
+/// echo ring (256 KiB), the device's 64 KiB of credit and both host
+/// sockets' buffers. Unbounded buffering would take everything offered.
+const STALL_BOUND: usize = 4 << 20;
+
+/// A host peer that writes to an echo port and never reads the echo: the
+/// guest's replies stop at the credit the device advertises, the guest's
+/// ring fills, and the host's writes stop being taken. Meanwhile ember's
+/// memory stays flat, a second connection echoes every byte, and the VM
+/// ends normally.
+#[test]
+fn a_host_peer_that_never_reads_stalls_only_its_own_connection() {
+    const OTHER_BYTES: usize = 256 * 1024;
+    // Stalled connections make no progress for seconds: a long idle limit.
+    let (vm, _listeners) = boot("vsock.accepts=2 vsock.idle=200", &[]);
+    let pid = vm.vm.pid();
+    let (mut deaf, deaf_port) = vm.connect(ECHO_PORT).expect("the guest accepts");
+    let rss_before = rss_kib(pid);
+    let written = write_until_full(&mut deaf, 64 << 20, Duration::from_secs(2));
+    assert!(
+        written < STALL_BOUND,
+        "{written} bytes were taken from a peer that never reads"
+    );
+
+    // The guest keeps polling; its echo waits for credit. Another
+    // connection meanwhile carries its bytes both ways intact.
+    let (mut other, other_port) = vm.connect(ECHO_PORT).expect("a second connection");
+    let data = random_bytes(OTHER_BYTES, 11);
+    assert!(
+        echo_round_trip(&mut other, &data) == data,
+        "the second connection's echo differs"
+    );
+    drop(other);
+    thread::sleep(Duration::from_secs(3));
+    let rss_after = rss_kib(pid);
+    assert!(
+        rss_after < rss_before + 4096,
+        "ember's RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    // Nothing more got through while the echo went unread.
+    assert_eq!(
+        write_until_full(&mut deaf, 64 << 20, Duration::from_millis(500)),
+        0,
+        "the stalled connection took more bytes"
+    );
+    drop(deaf);
+
+    let out = vm.finish();
+    let line = closed(&out, &format!("echo port {ECHO_PORT} peer {deaf_port} "));
+    let words: Vec<&str> = line.split(' ').collect();
+    let count = |key: &str| -> usize {
+        let i = words.iter().position(|w| *w == key).expect(key);
+        words[i + 1].parse().expect("a number")
+    };
+    // The guest took at most what was written and sent back less: the
+    // rest waited in its ring for credit that never came. The peer left
+    // with the device still holding bytes for it: the device resets.
+    assert!(count("rx") <= written, "{out}");
+    assert!(count("tx") < count("rx"), "{out}");
+    assert!(line.contains(" closed (reset) "), "{out}");
+    assert!(
+        closed(&out, &format!("echo port {ECHO_PORT} peer {other_port} ")).contains(&format!(
+            " closed (shutdown by peer) rx {OTHER_BYTES} tx {OTHER_BYTES} "
+        )),
+        "{out}"
+    );
+    assert_ok(&out);
+}
