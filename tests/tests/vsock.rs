@@ -636,3 +636,103 @@ fn a_host_peer_that_never_reads_stalls_only_its_own_connection() {
     );
     assert_ok(&out);
 }
+
+/// A host peer that floods a connection to a guest that takes 4 KiB at a
+/// time and, its echo unread, stops taking any: the host's blocking writes
+/// stall once the guest's window and the sockets' buffers are full, ember
+/// takes no more than that and its memory stays flat, a sink connection
+/// meanwhile gets all its bytes, and once the host reads again the flood
+/// arrives whole.
+#[test]
+fn a_flooding_host_peer_is_held_back_by_the_guests_credit() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const FLOOD_BYTES: usize = 2 << 20;
+    const SINK_BYTES: usize = 1 << 20;
+    let (mut vm, _listeners) = boot("vsock.accepts=2 vsock.buf_alloc=4096 vsock.idle=200", &[]);
+    let pid = vm.vm.pid();
+    let (mut flooded, flooded_port) = vm.connect(ECHO_PORT).expect("the guest accepts");
+    let rss_before = rss_kib(pid);
+    let sent = Arc::new(AtomicUsize::new(0));
+    let data = random_bytes(FLOOD_BYTES, 21);
+    let writer = {
+        let mut s = flooded.try_clone().expect("clone the stream");
+        let (sent, data) = (sent.clone(), data.clone());
+        thread::spawn(move || {
+            for chunk in data.chunks(16 * 1024) {
+                s.write_all(chunk)?;
+                sent.fetch_add(chunk.len(), Ordering::SeqCst);
+            }
+            io::Result::Ok(())
+        })
+    };
+    // Wait until the writer makes no progress for two seconds.
+    let mut last = (sent.load(Ordering::SeqCst), Instant::now());
+    while last.1.elapsed() < Duration::from_secs(2) {
+        thread::sleep(Duration::from_millis(20));
+        let now = sent.load(Ordering::SeqCst);
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+    }
+    let stalled_at = last.0;
+    assert!(
+        stalled_at < STALL_BOUND.min(FLOOD_BYTES),
+        "{stalled_at} bytes were taken for a guest that stopped reading"
+    );
+
+    let (mut sink, sink_port) = vm.connect(SINK_PORT).expect("a sink connection");
+    sink.write_all(&random_bytes(SINK_BYTES, 22))
+        .expect("write to the sink");
+    drop(sink);
+    // The sink connection ends while the flooded one is still stalled.
+    let sink_closed = vm
+        .vm
+        .wait_for_line(
+            |l| l.starts_with("vsock: sink port") && l.contains(" closed ("),
+            WAIT,
+        )
+        .expect("the sink connection closes");
+    assert!(
+        sink_closed.contains(&format!(" closed (shutdown by peer) rx {SINK_BYTES} tx 0 ")),
+        "{sink_closed}"
+    );
+    thread::sleep(Duration::from_secs(1));
+    let rss_after = rss_kib(pid);
+    assert!(
+        rss_after < rss_before + 4096,
+        "ember's RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    assert_eq!(
+        sent.load(Ordering::SeqCst),
+        stalled_at,
+        "the stalled writer moved on without a reader"
+    );
+
+    // The host reads again: every byte of the flood comes back in order.
+    let mut back = vec![0u8; FLOOD_BYTES];
+    flooded.read_exact(&mut back).expect("read the echo");
+    writer
+        .join()
+        .expect("writer thread")
+        .expect("write the flood");
+    assert_eq!(
+        (0..FLOOD_BYTES).find(|i| back[*i] != data[*i]),
+        None,
+        "first bad byte of the echo"
+    );
+    drop(flooded);
+
+    let out = vm.finish();
+    assert!(
+        closed(&out, "sink").starts_with(&format!("sink port {SINK_PORT} peer {sink_port} ")),
+        "{out}"
+    );
+    assert!(
+        closed(&out, "echo port").starts_with(&format!(
+            "echo port {ECHO_PORT} peer {flooded_port} closed (shutdown by peer) rx {FLOOD_BYTES} tx {FLOOD_BYTES}"
+        )),
+        "{out}"
+    );
+    assert_ok(&out);
+}
