@@ -16,6 +16,10 @@
  * Every connection is reported when it closes, as "vsock: <mode> port P
  * peer Q closed (<why>) rx N tx M tsc T" (T: TSC ticks from the first to
  * the last byte it moved).
+ * Every SHUTDOWN received is reported as "vsock: port P peer Q shutdown
+ * flags F". When the host will send no more (SHUTDOWN with SEND) and the
+ * echo is all sent, the guest shuts down both ways itself and closes on
+ * the device's RST ("closed after peer's shutdown").
  * Then it connects to the host (CID 2):
  *   - vsock.echo_out=BYTES: to port vsock.echo_port (default 53); sends
  *     BYTES of the stream pattern (see put_pattern) while reading the
@@ -544,7 +548,11 @@ static void handle_packet(struct vsock *v, const struct hdr *h, const u8 *payloa
 		break;
 	case OP_RST:
 		c->reset_by_peer = 1;
-		close_conn(v, c, c->state == CONNECTING ? "refused" : "reset");
+		close_conn(v, c,
+			   c->state == CONNECTING ? "refused" :
+			   c->state == CLOSING && (c->mode == ECHO || c->mode == SINK) ?
+						      "closed after peer's shutdown" :
+						      "reset");
 		break;
 	case OP_RW:
 		if (c->state == ESTABLISHED)
@@ -559,6 +567,13 @@ static void handle_packet(struct vsock *v, const struct hdr *h, const u8 *payloa
 		send_pkt(v, c, OP_CREDIT_UPDATE, 0, 0, 0);
 		break;
 	case OP_SHUTDOWN:
+		say("port ");
+		put_dec(c->local_port);
+		puts(" peer ");
+		put_dec(c->peer_port);
+		puts(" shutdown flags ");
+		put_dec(h->flags);
+		putc('\n');
 		c->peer_shutdown |= h->flags & (SHUTDOWN_RCV | SHUTDOWN_SEND);
 		if (c->peer_shutdown == (SHUTDOWN_RCV | SHUTDOWN_SEND)) {
 			/* Both directions are done: reset, as Linux does. */
@@ -628,6 +643,15 @@ static int poll(struct vsock *v)
 			continue;
 		if (c->mode == ECHO)
 			pump_echo(v, c);
+		if ((c->mode == ECHO || c->mode == SINK) && c->state == ESTABLISHED &&
+		    (c->peer_shutdown & SHUTDOWN_SEND) && !c->ring_len) {
+			/*
+			 * The peer sends no more and everything is echoed: close
+			 * as a server does on end of stream; the peer answers RST.
+			 */
+			c->state = CLOSING;
+			send_pkt(v, c, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0, 0);
+		}
 		else if (c->mode == OUT_ECHO || c->mode == OUT_SOURCE)
 			pump_out(v, c);
 		maybe_credit_update(v, c);

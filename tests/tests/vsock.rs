@@ -533,3 +533,260 @@ fn the_device_waits_for_receive_buffers_without_losing_bytes() {
     assert!(counter(&out, "tx_pkts") >= (BYTES / 64) as u64, "{out}");
     assert_ok(&out);
 }
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in\n{status}"))
+}
+
+/// Writes into a non-blocking `s` until no byte has gone for `quiet`, or
+/// `cap` bytes went; returns the bytes written.
+fn write_until_full(s: &mut UnixStream, cap: usize, quiet: Duration) -> usize {
+    let chunk = random_bytes(64 * 1024, 7);
+    s.set_nonblocking(true).expect("non-blocking stream");
+    let mut written = 0;
+    let mut last = Instant::now();
+    while written < cap && last.elapsed() < quiet {
+        match s.write(&chunk) {
+            Ok(n) => {
+                written += n;
+                last = Instant::now();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("write to the guest: {e}"),
+        }
+    }
+    s.set_nonblocking(false).expect("blocking stream");
+    written
+}
+
+/// Room for what a stalled connection may legitimately hold: the guest's
+/// echo ring (256 KiB), the device's 64 KiB of credit and both host
+/// sockets' buffers. Unbounded buffering would take everything offered.
+const STALL_BOUND: usize = 4 << 20;
+
+/// A host peer that writes to an echo port and never reads the echo: the
+/// guest's replies stop at the credit the device advertises, the guest's
+/// ring fills, and the host's writes stop being taken. Meanwhile ember's
+/// memory stays flat, a second connection echoes every byte, and the VM
+/// ends normally.
+#[test]
+fn a_host_peer_that_never_reads_stalls_only_its_own_connection() {
+    const OTHER_BYTES: usize = 256 * 1024;
+    // Stalled connections make no progress for seconds: a long idle limit.
+    let (vm, _listeners) = boot("vsock.accepts=2 vsock.idle=200", &[]);
+    let pid = vm.vm.pid();
+    let (mut deaf, deaf_port) = vm.connect(ECHO_PORT).expect("the guest accepts");
+    let rss_before = rss_kib(pid);
+    let written = write_until_full(&mut deaf, 64 << 20, Duration::from_secs(2));
+    assert!(
+        written < STALL_BOUND,
+        "{written} bytes were taken from a peer that never reads"
+    );
+
+    // The guest keeps polling; its echo waits for credit. Another
+    // connection meanwhile carries its bytes both ways intact.
+    let (mut other, other_port) = vm.connect(ECHO_PORT).expect("a second connection");
+    let data = random_bytes(OTHER_BYTES, 11);
+    assert!(
+        echo_round_trip(&mut other, &data) == data,
+        "the second connection's echo differs"
+    );
+    drop(other);
+    thread::sleep(Duration::from_secs(3));
+    let rss_after = rss_kib(pid);
+    assert!(
+        rss_after < rss_before + 4096,
+        "ember's RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    // Nothing more got through while the echo went unread.
+    assert_eq!(
+        write_until_full(&mut deaf, 64 << 20, Duration::from_millis(500)),
+        0,
+        "the stalled connection took more bytes"
+    );
+    drop(deaf);
+
+    let out = vm.finish();
+    let line = closed(&out, &format!("echo port {ECHO_PORT} peer {deaf_port} "));
+    let words: Vec<&str> = line.split(' ').collect();
+    let count = |key: &str| -> usize {
+        let i = words.iter().position(|w| *w == key).expect(key);
+        words[i + 1].parse().expect("a number")
+    };
+    // The guest took at most what was written and sent back less: the
+    // rest waited in its ring for credit that never came. The peer left
+    // with the device still holding bytes for it: the device resets.
+    assert!(count("rx") <= written, "{out}");
+    assert!(count("tx") < count("rx"), "{out}");
+    assert!(line.contains(" closed (reset) "), "{out}");
+    assert!(
+        closed(&out, &format!("echo port {ECHO_PORT} peer {other_port} ")).contains(&format!(
+            " closed (shutdown by peer) rx {OTHER_BYTES} tx {OTHER_BYTES} "
+        )),
+        "{out}"
+    );
+    assert_ok(&out);
+}
+
+/// A host peer that floods a connection to a guest that takes 4 KiB at a
+/// time and, its echo unread, stops taking any: the host's blocking writes
+/// stall once the guest's window and the sockets' buffers are full, ember
+/// takes no more than that and its memory stays flat, a sink connection
+/// meanwhile gets all its bytes, and once the host reads again the flood
+/// arrives whole.
+#[test]
+fn a_flooding_host_peer_is_held_back_by_the_guests_credit() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const FLOOD_BYTES: usize = 2 << 20;
+    const SINK_BYTES: usize = 1 << 20;
+    let (mut vm, _listeners) = boot("vsock.accepts=2 vsock.buf_alloc=4096 vsock.idle=200", &[]);
+    let pid = vm.vm.pid();
+    let (mut flooded, flooded_port) = vm.connect(ECHO_PORT).expect("the guest accepts");
+    let rss_before = rss_kib(pid);
+    let sent = Arc::new(AtomicUsize::new(0));
+    let data = random_bytes(FLOOD_BYTES, 21);
+    let writer = {
+        let mut s = flooded.try_clone().expect("clone the stream");
+        let (sent, data) = (sent.clone(), data.clone());
+        thread::spawn(move || {
+            for chunk in data.chunks(16 * 1024) {
+                s.write_all(chunk)?;
+                sent.fetch_add(chunk.len(), Ordering::SeqCst);
+            }
+            io::Result::Ok(())
+        })
+    };
+    // Wait until the writer makes no progress for two seconds.
+    let mut last = (sent.load(Ordering::SeqCst), Instant::now());
+    while last.1.elapsed() < Duration::from_secs(2) {
+        thread::sleep(Duration::from_millis(20));
+        let now = sent.load(Ordering::SeqCst);
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+    }
+    let stalled_at = last.0;
+    assert!(
+        stalled_at < STALL_BOUND.min(FLOOD_BYTES),
+        "{stalled_at} bytes were taken for a guest that stopped reading"
+    );
+
+    let (mut sink, sink_port) = vm.connect(SINK_PORT).expect("a sink connection");
+    sink.write_all(&random_bytes(SINK_BYTES, 22))
+        .expect("write to the sink");
+    drop(sink);
+    // The sink connection ends while the flooded one is still stalled.
+    let sink_closed = vm
+        .vm
+        .wait_for_line(
+            |l| l.starts_with("vsock: sink port") && l.contains(" closed ("),
+            WAIT,
+        )
+        .expect("the sink connection closes");
+    assert!(
+        sink_closed.contains(&format!(" closed (shutdown by peer) rx {SINK_BYTES} tx 0 ")),
+        "{sink_closed}"
+    );
+    thread::sleep(Duration::from_secs(1));
+    let rss_after = rss_kib(pid);
+    assert!(
+        rss_after < rss_before + 4096,
+        "ember's RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    assert_eq!(
+        sent.load(Ordering::SeqCst),
+        stalled_at,
+        "the stalled writer moved on without a reader"
+    );
+
+    // The host reads again: every byte of the flood comes back in order.
+    let mut back = vec![0u8; FLOOD_BYTES];
+    flooded.read_exact(&mut back).expect("read the echo");
+    writer
+        .join()
+        .expect("writer thread")
+        .expect("write the flood");
+    assert_eq!(
+        (0..FLOOD_BYTES).find(|i| back[*i] != data[*i]),
+        None,
+        "first bad byte of the echo"
+    );
+    drop(flooded);
+
+    let out = vm.finish();
+    assert!(
+        closed(&out, "sink").starts_with(&format!("sink port {SINK_PORT} peer {sink_port} ")),
+        "{out}"
+    );
+    assert!(
+        closed(&out, "echo port").starts_with(&format!(
+            "echo port {ECHO_PORT} peer {flooded_port} closed (shutdown by peer) rx {FLOOD_BYTES} tx {FLOOD_BYTES}"
+        )),
+        "{out}"
+    );
+    assert_ok(&out);
+}
+
+/// A host peer that sends and then shuts down only its write side, waiting
+/// for the reply: the guest is told SHUTDOWN(SEND) after every byte the
+/// host sent and goes on sending; once its echo is all sent it shuts down
+/// both ways, the device answers RST, and the host reads the whole echo,
+/// in order, up to end of stream.
+#[test]
+fn a_host_half_close_still_gets_the_guests_reply() {
+    const BYTES: usize = 1 << 20;
+    let (vm, _listeners) = boot("vsock.accepts=1", &[]);
+    let (mut stream, port) = vm.connect(ECHO_PORT).expect("the guest accepts");
+    let data = random_bytes(BYTES, 31);
+    let writer = {
+        let mut s = stream.try_clone().expect("clone the stream");
+        let data = data.clone();
+        thread::spawn(move || {
+            s.write_all(&data)?;
+            s.shutdown(Shutdown::Write)
+        })
+    };
+    let mut back = Vec::new();
+    stream
+        .read_to_end(&mut back)
+        .expect("read the echo to its end");
+    writer
+        .join()
+        .expect("writer thread")
+        .expect("write, then shut down the write side");
+    assert_eq!(back.len(), BYTES, "the echo is short");
+    assert_eq!(
+        (0..BYTES).find(|i| back[*i] != data[*i]),
+        None,
+        "first bad byte of the echo"
+    );
+    drop(stream);
+
+    let out = vm.finish();
+    // The device's SHUTDOWN(SEND) at the half-close, and no other.
+    let prefix = format!("port {ECHO_PORT} peer {port} shutdown flags ");
+    let shutdowns: Vec<&str> = lines(&out)
+        .into_iter()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .collect();
+    assert_eq!(shutdowns, ["2"], "{out}");
+    assert!(
+        closed(&out, &format!("echo port {ECHO_PORT} peer {port} ")).contains(&format!(
+            " closed (closed after peer's shutdown) rx {BYTES} tx {BYTES} "
+        )),
+        "{out}"
+    );
+    // The RST came from the device.
+    assert_eq!(counter(&out, "rsts"), 0, "{out}");
+    assert_ok(&out);
+}

@@ -67,6 +67,10 @@ pub(crate) enum ConnState {
     PeerInit,
     /// Handshake done: data flows both ways.
     Established,
+    /// The host shut down only its write side: the guest was told
+    /// SHUTDOWN(SEND) and may still send; the host closing its socket ends
+    /// the connection.
+    LocalHalfClosed,
     /// The host socket reached end of stream; the guest was asked to shut
     /// down.
     LocalClosed,
@@ -330,6 +334,10 @@ impl Connection {
     /// has no room. `None` when the socket had nothing after all, or the
     /// guest no longer receives.
     fn read_stream(&mut self, buf: &RxBuffer<'_>, now: Instant) -> Option<VsockHeader> {
+        if self.state == ConnState::LocalHalfClosed {
+            // The host closed the socket after its half-close.
+            return Some(self.local_close(now));
+        }
         match self.state {
             ConnState::Established | ConnState::PeerClosed { no_recv: false, .. } => {}
             // The guest will not receive any more (or the connection is
@@ -349,16 +357,16 @@ impl Connection {
             return Some(self.header(OP_CREDIT_UPDATE));
         }
         match read_into(&self.stream, &buf.payload(max)) {
-            Ok(0) => {
-                // End of stream: the host side is gone, in both directions
-                // (Firecracker's semantics). Ask the guest to shut down and
-                // give it a while to answer with RST.
-                self.state = ConnState::LocalClosed;
-                self.expiry = Some(now + self.timeouts.shutdown);
+            Ok(0) if self.state == ConnState::Established && !hung_up(&self.stream) => {
+                // End of stream with the socket still open: the host shut
+                // down its write side and may wait for a reply. The guest
+                // learns it will receive no more, and may still send.
+                self.state = ConnState::LocalHalfClosed;
                 let mut hdr = self.header(OP_SHUTDOWN);
-                hdr.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+                hdr.flags = SHUTDOWN_SEND;
                 Some(hdr)
             }
+            Ok(0) => Some(self.local_close(now)),
             Ok(n) => {
                 // More may be waiting: stay scheduled.
                 self.pending |= pending::RW;
@@ -382,6 +390,16 @@ impl Connection {
         }
     }
 
+    /// The host side is gone, in both directions (Firecracker's semantics):
+    /// asks the guest to shut down, and gives it a while to answer with RST.
+    fn local_close(&mut self, now: Instant) -> VsockHeader {
+        self.state = ConnState::LocalClosed;
+        self.expiry = Some(now + self.timeouts.shutdown);
+        let mut hdr = self.header(OP_SHUTDOWN);
+        hdr.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        hdr
+    }
+
     /// Takes a packet from the guest for this connection (anything but RST,
     /// which the muxer handles).
     pub(crate) fn send_pkt(&mut self, pkt: &TxPacket<'_>) {
@@ -391,7 +409,12 @@ impl Connection {
         self.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
 
         match (self.state, hdr.op) {
-            (ConnState::Established | ConnState::PeerClosed { no_send: false, .. }, OP_RW) => {
+            (
+                ConnState::Established
+                | ConnState::LocalHalfClosed
+                | ConnState::PeerClosed { no_send: false, .. },
+                OP_RW,
+            ) => {
                 if hdr.len == 0 {
                     debug!(
                         "vsock: empty data packet (lp={}, pp={})",
@@ -408,9 +431,14 @@ impl Connection {
                 self.expiry = None;
                 self.state = ConnState::Established;
             }
-            (ConnState::Established | ConnState::PeerClosed { .. }, OP_SHUTDOWN) => {
+            (
+                ConnState::Established | ConnState::LocalHalfClosed | ConnState::PeerClosed { .. },
+                OP_SHUTDOWN,
+            ) => {
                 let (mut no_recv, mut no_send) = match self.state {
                     ConnState::PeerClosed { no_recv, no_send } => (no_recv, no_send),
+                    // The host sends no more: nothing is left to receive.
+                    ConnState::LocalHalfClosed => (true, false),
                     _ => (false, false),
                 };
                 no_recv |= hdr.flags & SHUTDOWN_RCV != 0;
@@ -437,6 +465,7 @@ impl Connection {
             (
                 ConnState::Established
                 | ConnState::PeerInit
+                | ConnState::LocalHalfClosed
                 | ConnState::PeerClosed { no_send: false, .. },
                 OP_CREDIT_REQUEST,
             ) => {
@@ -514,8 +543,13 @@ impl Connection {
         if !self.tx_buf.is_empty() {
             events |= EventSet::OUT;
         }
+        if self.state == ConnState::LocalHalfClosed && self.pending & pending::RW == 0 {
+            // Only the host closing its socket matters now.
+            events |= EventSet::HANG_UP;
+        }
         let wants_data = match self.state {
             ConnState::Killed
+            | ConnState::LocalHalfClosed
             | ConnState::LocalClosed
             | ConnState::PeerClosed { no_recv: true, .. } => false,
             // With no credit, leave the data in the socket: the host writer
@@ -537,6 +571,10 @@ impl Connection {
         let wanted = self.polled_events();
         let trouble = EventSet::ERROR | EventSet::HANG_UP;
         if wanted.contains(EventSet::IN) && events.intersects(EventSet::IN | trouble) {
+            self.pending |= pending::RW;
+        }
+        if wanted.contains(EventSet::HANG_UP) && events.intersects(trouble) {
+            // After a half-close: read_stream turns it into the full close.
             self.pending |= pending::RW;
         }
         if events.intersects(EventSet::OUT | trouble) {
@@ -591,6 +629,13 @@ impl AsRawFd for Connection {
     fn as_raw_fd(&self) -> RawFd {
         self.stream.as_raw_fd()
     }
+}
+
+/// Whether the other end of `stream` is closed (not merely shut down for
+/// writing): closing marks this end shut for sending too, so even an empty
+/// send fails with EPIPE.
+fn hung_up(stream: &UnixStream) -> bool {
+    send_bytes(stream.as_raw_fd(), &[]).is_err()
 }
 
 /// `slices` without their first `n` bytes.

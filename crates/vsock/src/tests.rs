@@ -876,6 +876,36 @@ fn host_close_is_a_shutdown_answered_by_rst() {
 }
 
 #[test]
+fn host_half_close_is_a_send_shutdown_and_the_guest_may_still_reply() {
+    let mut ctx = Ctx::new();
+    let (mut host, mut conn) = ctx.host_connect(99, 65536);
+    host.write_all(b"request").unwrap();
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    let (rw, data) = ctx.next_packet();
+    assert_eq!((rw.op, data.as_slice()), (OP_RW, &b"request"[..]));
+    conn.absorb(&rw);
+    // End of stream with the socket still open: SHUTDOWN(SEND) alone.
+    let (shut, _) = ctx.next_packet();
+    assert_eq!((shut.op, shut.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
+    ctx.no_packet();
+    let mut sent = 0;
+    conn.send_data(&mut ctx, b"reply", &mut sent, 4096);
+    let mut got = Vec::new();
+    assert_eq!(read_available(&mut host, &mut got), Some(5));
+    assert_eq!(got, b"reply");
+    // The host closing its socket ends the connection both ways.
+    drop(host);
+    let (shut, _) = ctx.next_packet();
+    assert_eq!(
+        (shut.op, shut.flags),
+        (OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND)
+    );
+    ctx.send(conn.hdr(OP_RST), &[]);
+    ctx.no_packet();
+    assert_eq!(ctx.dev().connection_count(), 0);
+}
+
+#[test]
 fn unanswered_shutdown_and_request_time_out() {
     let mut ctx = Ctx::new();
     ctx.dev()
