@@ -29,8 +29,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ember_tests::{default_config, ember_binary, guest_path, median, merge_patch, Launch, Output};
-use kvm_ioctls::Kvm;
+use ember_tests::{
+    default_config, ember_binary, guest_path, median, merge_patch, tsc_khz, Launch, Output,
+};
 use serde_json::json;
 
 const IMAGE_BYTES: u64 = 256 << 20;
@@ -65,14 +66,6 @@ impl Phase {
     fn iops(&self, tsc_khz: f64) -> f64 {
         self.reqs as f64 / self.secs(tsc_khz)
     }
-}
-
-/// The guest's TSC rate: the host's, as KVM reports it for a new vCPU.
-fn tsc_khz() -> f64 {
-    let kvm = Kvm::new().expect("open /dev/kvm");
-    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
-    let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
-    f64::from(vcpu.get_tsc_khz().expect("KVM_GET_TSC_KHZ"))
 }
 
 /// The guest's LCG (virtio_blk.c `next_sector`), as byte offsets.

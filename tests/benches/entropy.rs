@@ -26,8 +26,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ember_tests::{default_config, ember_binary, guest_path, median, merge_patch, Launch};
-use kvm_ioctls::Kvm;
+use ember_tests::{default_config, ember_binary, guest_path, median, merge_patch, tsc_khz, Launch};
 use serde_json::{json, Value};
 
 const RUNS: usize = 5;
@@ -42,14 +41,6 @@ const LIMITED_TOTAL: u64 = 3 * MIB;
 /// 128 KiB per 125 ms: 1 MiB/s.
 const LIMIT_SIZE: u64 = 128 << 10;
 const LIMIT_REFILL_MS: u64 = 125;
-
-/// The guest's TSC rate: the host's, as KVM reports it for a new vCPU.
-fn tsc_khz() -> f64 {
-    let kvm = Kvm::new().expect("open /dev/kvm");
-    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
-    let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
-    f64::from(vcpu.get_tsc_khz().expect("KVM_GET_TSC_KHZ"))
-}
 
 /// `getrandom(2)` into a `chunk`-byte buffer until `total` bytes: MiB/s.
 fn host_getrandom(chunk: u64, total: u64) -> f64 {

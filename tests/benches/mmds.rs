@@ -18,21 +18,12 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use ember_tests::netns::NetNs;
-use ember_tests::{default_config, ember_binary, guest_path, median, merge_patch, Launch};
-use kvm_ioctls::Kvm;
+use ember_tests::{default_config, ember_binary, guest_path, median, merge_patch, tsc_khz, Launch};
 use serde_json::json;
 
 const TAP: &str = "embmb0";
 const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
 const RUNS: usize = 5;
-
-/// The guest's TSC rate: the host's, as KVM reports it for a new vCPU.
-fn tsc_khz() -> f64 {
-    let kvm = Kvm::new().expect("open /dev/kvm");
-    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
-    let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
-    f64::from(vcpu.get_tsc_khz().expect("KVM_GET_TSC_KHZ"))
-}
 
 /// One VM: (requests answered, seconds they took).
 fn run_once(binary: &Path, metadata: &Path, requests: u64) -> Option<(u64, f64)> {

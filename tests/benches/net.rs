@@ -35,9 +35,8 @@ use std::time::{Duration, Instant};
 use ember_tests::netns::{recv_datagram, NetNs};
 use ember_tests::perf::PerfStat;
 use ember_tests::{
-    default_config, ember_binary, guest_path, median, merge_patch, Launch, RunningVm,
+    default_config, ember_binary, guest_path, median, merge_patch, tsc_khz, Launch, RunningVm,
 };
-use kvm_ioctls::Kvm;
 use serde_json::json;
 
 const TAP: &str = "embt0";
@@ -59,14 +58,6 @@ const EVENTS: [&str; 4] = [
     "kvm:kvm_userspace_exit",
     "kvm:kvm_pio",
 ];
-
-/// The guest's TSC rate: the host's, as KVM reports it for a new vCPU.
-fn tsc_khz() -> f64 {
-    let kvm = Kvm::new().expect("open /dev/kvm");
-    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
-    let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
-    f64::from(vcpu.get_tsc_khz().expect("KVM_GET_TSC_KHZ"))
-}
 
 fn udp_socket() -> UdpSocket {
     let socket =

@@ -40,9 +40,8 @@ use std::time::{Duration, Instant};
 
 use ember_tests::perf::PerfStat;
 use ember_tests::{
-    default_config, ember_binary, guest_path, median, merge_patch, Launch, RunningVm,
+    default_config, ember_binary, guest_path, median, merge_patch, tsc_khz, Launch, RunningVm,
 };
-use kvm_ioctls::Kvm;
 use serde_json::json;
 
 const BYTES: u64 = 256 << 20;
@@ -64,13 +63,6 @@ const CONFIGS: [(&str, u32, u32, u32); 2] = [
     ("4 KiB buffers, 256 KiB window", 4096, 4096, 256 << 10),
     ("64 KiB buffers, 4 MiB window", 65536, 65536, 4 << 20),
 ];
-
-fn tsc_khz() -> f64 {
-    let kvm = Kvm::new().expect("open /dev/kvm");
-    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
-    let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
-    f64::from(vcpu.get_tsc_khz().expect("KVM_GET_TSC_KHZ"))
-}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Direction {

@@ -55,6 +55,15 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The guest's TSC rate in kHz: the host's, as KVM reports it for a new
+/// vCPU. Benchmarks convert the TSC readings guests report with it.
+pub fn tsc_khz() -> f64 {
+    let kvm = kvm_ioctls::Kvm::new().expect("open /dev/kvm");
+    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+    let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+    f64::from(vcpu.get_tsc_khz().expect("KVM_GET_TSC_KHZ"))
+}
+
 /// Default limit on one VM run: tiny guests finish in well under a second,
 /// so hitting this means ember hung.
 pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
